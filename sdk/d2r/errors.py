@@ -1,0 +1,31 @@
+"""Exception families of d2r.
+
+Every error the SDK raises on purpose derives from :class:`D2RError`, so an application can
+catch the whole family in one place. Each family also derives from the built-in exception a
+Python user would expect (``ValueError`` for bad arguments, ``OSError``-free for files, so that
+``except ValueError`` keeps working in code that does not know about d2r).
+"""
+
+
+class D2RError(Exception):
+    """Base class of every error raised by d2r."""
+
+
+class InputError(D2RError, ValueError):
+    """An argument has the wrong type, shape, dtype or value; the message names it."""
+
+
+class CodebookError(D2RError, ValueError):
+    """A codebook file or codebook argument is unusable (bad file, wrong dimension...)."""
+
+
+class IndexFormatError(D2RError, ValueError):
+    """An index file is corrupt, truncated, of an unknown version or does not match its use."""
+
+
+class ModelError(D2RError, RuntimeError):
+    """A model file or runtime cannot be loaded or run."""
+
+
+class ImageError(D2RError, ValueError):
+    """An image cannot be decoded or is unusable (corrupt, truncated, empty, too large)."""

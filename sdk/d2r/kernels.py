@@ -1,0 +1,321 @@
+"""Numba kernels: the hot loops of d2r, as pure functions over typed arrays.
+
+Nothing here validates its input: the Python wrappers in ``codebook``, ``aggregate`` and
+``index`` check shapes, dtypes and values first and raise :class:`d2r.D2RError` subclasses.
+Every kernel is compiled once and cached on disk (``cache=True``).
+
+Conventions: descriptors ``x`` are float32 ``[N, D]``, codewords ``c`` float32 ``[K, D]``;
+residual sums are accumulated in float64 so that binarisation (``value > 0``) and the
+``> 1e-6`` keep rule do not depend on summation order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Relative tolerance used to decide which codewords of a float32 GEMM block must be re-checked
+# with an exact float64 distance. float32 dot products of D <= 1024 terms are off by far less.
+ASSIGN_RTOL = 1e-4
+
+# An 8-bit popcount table; Numba has no portable popcount intrinsic for uint8.
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest-codeword assignment
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _exact_sqdist(x, c):
+    acc = 0.0
+    for j in range(x.shape[0]):
+        d = np.float64(x[j]) - np.float64(c[j])
+        acc += d * d
+    return acc
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def update_nearest(gram, cnorm, k0, x, xnorm, c, cmax, best_d, best_k):
+    """Fold one block of codewords into the running m-nearest lists of a block of descriptors.
+
+    gram: float32 [B, Kb] = x @ c[k0:k0+Kb].T (from BLAS); cnorm: float32 [Kb] squared norms
+    of those codewords; x: float32 [B, D]; xnorm: float64 [B]; c: float32 [K, D] all codewords;
+    cmax: max squared codeword norm. best_d: float64 [B, m] exact squared distances (ascending),
+    best_k: int32 [B, m] codeword ids; updated in place. Ties keep the lowest codeword id.
+
+    The float32 GEMM only shortlists: every codeword whose approximate distance is within a
+    tolerance of the current m-th best is re-scored with an exact float64 distance, so the
+    result equals a brute-force exact search, not just a GEMM approximation of it.
+    """
+    nb, kb = gram.shape
+    m = best_d.shape[1]
+    for i in prange(nb):
+        tol = ASSIGN_RTOL * (xnorm[i] + cmax) + 1e-30
+        # Pass 1: the m smallest approximate distances of this block give a shortlist bound.
+        small = np.full(m, np.inf)
+        for k in range(kb):
+            a = xnorm[i] + np.float64(cnorm[k]) - 2.0 * np.float64(gram[i, k])
+            if a < small[m - 1]:
+                p = m - 1
+                while p > 0 and small[p - 1] > a:
+                    small[p] = small[p - 1]
+                    p -= 1
+                small[p] = a
+        bound = min(small[m - 1], best_d[i, m - 1]) + tol
+        # Pass 2: exact distances for the shortlisted codewords, inserted in (distance, id) order.
+        for k in range(kb):
+            a = xnorm[i] + np.float64(cnorm[k]) - 2.0 * np.float64(gram[i, k])
+            if a > bound:
+                continue
+            kk = k0 + k
+            d = _exact_sqdist(x[i], c[kk])
+            if d < best_d[i, m - 1]:
+                p = m - 1
+                while p > 0 and best_d[i, p - 1] > d:
+                    best_d[i, p] = best_d[i, p - 1]
+                    best_k[i, p] = best_k[i, p - 1]
+                    p -= 1
+                best_d[i, p] = d
+                best_k[i, p] = kk
+
+
+@njit(cache=True, nogil=True)
+def row_sqnorms(a):
+    """float64 [N] squared L2 norms of the rows of a float32 [N, D] array."""
+    out = np.empty(a.shape[0])
+    for i in range(a.shape[0]):
+        acc = 0.0
+        for j in range(a.shape[1]):
+            v = np.float64(a[i, j])
+            acc += v * v
+        out[i] = acc
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Residual aggregation
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def residual_sums(x, c, assign, region_starts, regional):
+    """Per-visual-word residual sums of one image, optionally region-normalised (R-VLAD sum).
+
+    x: float32 [N, D]; c: float32 [K, D]; assign: int32 [N, m] (every assignment of a feature
+    adds its residual to that word); region_starts: int64 [R + 1] feature offsets of the
+    regions; regional: if True each region's residual vector (all its words together) is
+    L2-normalised before the regions are summed (eps: rsqrt(max(sum x^2, 1e-12))).
+    Returns (words int64 [n] ascending, sums float64 [n, D]) over the words that any feature
+    was assigned to (rows may be zero).
+    """
+    n, m = assign.shape
+    dim = x.shape[1]
+    k_total = c.shape[0]
+    # Dense word -> row map: O(K) ints per call, negligible next to the assignment itself.
+    slot = np.full(k_total, -1, dtype=np.int64)
+    words = np.empty(n * m, dtype=np.int64)
+    n_words = 0
+    for i in range(n):
+        for j in range(m):
+            w = assign[i, j]
+            if slot[w] < 0:
+                slot[w] = n_words
+                words[n_words] = w
+                n_words += 1
+    sums = np.zeros((n_words, dim))
+    region_sum = np.zeros((n_words, dim)) if regional else sums
+    touched = np.empty(n * m, dtype=np.int64)
+    last_region = np.full(n_words, -1, dtype=np.int64)
+    n_regions = region_starts.shape[0] - 1
+    for r in range(n_regions):
+        a, b = region_starts[r], region_starts[r + 1]
+        n_touched = 0
+        for i in range(a, b):
+            for j in range(m):
+                s = slot[assign[i, j]]
+                if regional and last_region[s] != r:
+                    # Remember the rows this region wrote so it can be normalised and cleared.
+                    last_region[s] = r
+                    touched[n_touched] = s
+                    n_touched += 1
+                w = assign[i, j]
+                for d in range(dim):
+                    region_sum[s, d] += np.float64(x[i, d]) - np.float64(c[w, d])
+        if regional:
+            norm2 = 0.0
+            for t in range(n_touched):
+                s = touched[t]
+                for d in range(dim):
+                    norm2 += region_sum[s, d] * region_sum[s, d]
+            scale = 1.0 / np.sqrt(max(norm2, 1e-12))
+            for t in range(n_touched):
+                s = touched[t]
+                for d in range(dim):
+                    sums[s, d] += region_sum[s, d] * scale
+                    region_sum[s, d] = 0.0
+    order = np.argsort(words[:n_words], kind="mergesort")
+    return words[:n_words][order], sums[order]
+
+
+@njit(cache=True, nogil=True)
+def normalize_words(sums, keep_eps):
+    """Per-word L2 normalisation with the strict keep rule ||V_k|| > keep_eps.
+
+    sums: float64 [n, D]. Returns (kept bool [n], normalised float64 [n, D]); rows not kept
+    are left zero.
+    """
+    n, dim = sums.shape
+    kept = np.zeros(n, dtype=np.bool_)
+    out = np.zeros((n, dim))
+    for i in range(n):
+        acc = 0.0
+        for d in range(dim):
+            acc += sums[i, d] * sums[i, d]
+        norm = np.sqrt(acc)
+        if norm > keep_eps:
+            kept[i] = True
+            for d in range(dim):
+                out[i, d] = sums[i, d] / norm
+    return kept, out
+
+
+@njit(cache=True, nogil=True)
+def pack_signs(v):
+    """Binarise float64 [n, D] by ``value > 0`` and pack MSB-first -> uint8 [n, ceil(D/8)].
+
+    Dimension 0 is the high bit of byte 0 (numpy ``packbits`` order); padding bits are 0.
+    """
+    n, dim = v.shape
+    nbytes = (dim + 7) // 8
+    out = np.zeros((n, nbytes), dtype=np.uint8)
+    for i in range(n):
+        for d in range(dim):
+            if v[i, d] > 0.0:
+                out[i, d >> 3] |= np.uint8(0x80 >> (d & 7))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Similarity
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def selectivity(s, alpha, tau):
+    """sigma(s) = sign(s) * |s|^alpha if s > tau (strict) else 0."""
+    if s > tau:
+        if s >= 0.0:
+            return s ** alpha
+        return -((-s) ** alpha)
+    return 0.0
+
+
+@njit(cache=True, nogil=True)
+def hamming_similarity(a, b, dim):
+    """s = 1 - 2 * popcount(a xor b) / D for two packed uint8 code rows."""
+    ones = 0
+    for j in range(a.shape[0]):
+        ones += _POPCOUNT8[a[j] ^ b[j]]
+    return 1.0 - 2.0 * ones / dim
+
+
+@njit(cache=True, nogil=True)
+def asmk_star_similarity(words_a, codes_a, words_b, codes_b, dim, alpha, tau):
+    """Un-normalised ASMK* similarity: merge-join of two ascending word lists."""
+    i = 0
+    j = 0
+    total = 0.0
+    while i < words_a.shape[0] and j < words_b.shape[0]:
+        wa = words_a[i]
+        wb = words_b[j]
+        if wa < wb:
+            i += 1
+        elif wb < wa:
+            j += 1
+        else:
+            total += selectivity(hamming_similarity(codes_a[i], codes_b[j], dim), alpha, tau)
+            i += 1
+            j += 1
+    return total
+
+
+@njit(cache=True, nogil=True)
+def asmk_similarity(words_a, vecs_a, words_b, vecs_b, alpha, tau):
+    """Un-normalised ASMK similarity: merge-join with dot products of normalised residuals."""
+    i = 0
+    j = 0
+    total = 0.0
+    while i < words_a.shape[0] and j < words_b.shape[0]:
+        wa = words_a[i]
+        wb = words_b[j]
+        if wa < wb:
+            i += 1
+        elif wb < wa:
+            j += 1
+        else:
+            s = 0.0
+            for d in range(vecs_a.shape[1]):
+                s += np.float64(vecs_a[i, d]) * np.float64(vecs_b[j, d])
+            total += selectivity(s, alpha, tau)
+            i += 1
+            j += 1
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# k-means
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def kmeanspp_seed(x, k, rng_uniform):
+    """k-means++ seeding (Arthur & Vassilvitskii, D^2 sampling) on float32 [N, D] samples.
+
+    rng_uniform: float64 [k] uniform draws in [0, 1) supplied by the caller (determinism).
+    Returns int64 [k] sample indices. O(N * k * D) work.
+    """
+    n = x.shape[0]
+    chosen = np.empty(k, dtype=np.int64)
+    chosen[0] = min(int(rng_uniform[0] * n), n - 1)
+    mind = np.empty(n)
+    for i in range(n):
+        mind[i] = _exact_sqdist(x[i], x[chosen[0]])
+    for t in range(1, k):
+        total = 0.0
+        for i in range(n):
+            total += mind[i]
+        if total <= 0.0:
+            # All remaining points coincide with a chosen one: take the next unused index.
+            chosen[t] = (chosen[t - 1] + 1) % n
+        else:
+            target = rng_uniform[t] * total
+            acc = 0.0
+            pick = n - 1
+            for i in range(n):
+                acc += mind[i]
+                if acc > target:
+                    pick = i
+                    break
+            chosen[t] = pick
+        c = x[chosen[t]]
+        for i in range(n):
+            d = _exact_sqdist(x[i], c)
+            if d < mind[i]:
+                mind[i] = d
+    return chosen
+
+
+@njit(cache=True, nogil=True)
+def accumulate_clusters(x, labels, k):
+    """Cluster sums float64 [k, D] and counts int64 [k] for one Lloyd update."""
+    dim = x.shape[1]
+    sums = np.zeros((k, dim))
+    counts = np.zeros(k, dtype=np.int64)
+    for i in range(x.shape[0]):
+        lab = labels[i]
+        counts[lab] += 1
+        for d in range(dim):
+            sums[lab, d] += x[i, d]
+    return sums, counts

@@ -12,7 +12,7 @@ residual sums are accumulated in float64 so that binarisation (``value > 0``) an
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 # Relative tolerance used to decide which codewords of a float32 GEMM block must be re-checked
 # with an exact float64 distance. float32 dot products of D <= 1024 terms are off by far less.
@@ -36,7 +36,23 @@ def _exact_sqdist(x, c):
     return acc
 
 
-@njit(cache=True, parallel=True, nogil=True)
+# Codewords are scanned in chunks of this many; a chunk whose vectorised minimum cannot beat
+# the current m-th best is skipped without a per-codeword branch.
+_CHUNK = 64
+
+
+# fastmath lets LLVM vectorise the min reduction; inputs are validated finite upstream.
+@njit(cache=True, nogil=True, fastmath=True)
+def _chunk_min(gram_row, cnorm, a, b):
+    best = np.float32(3.0e38)
+    for k in range(a, b):
+        v = cnorm[k] - np.float32(2.0) * gram_row[k]
+        if v < best:
+            best = v
+    return best
+
+
+@njit(cache=True, nogil=True)
 def update_nearest(gram, cnorm, k0, x, xnorm, c, cmax, best_d, best_k):
     """Fold one block of codewords into the running m-nearest lists of a block of descriptors.
 
@@ -46,39 +62,34 @@ def update_nearest(gram, cnorm, k0, x, xnorm, c, cmax, best_d, best_k):
     best_k: int32 [B, m] codeword ids; updated in place. Ties keep the lowest codeword id.
 
     The float32 GEMM only shortlists: every codeword whose approximate distance is within a
-    tolerance of the current m-th best is re-scored with an exact float64 distance, so the
-    result equals a brute-force exact search, not just a GEMM approximation of it.
+    tolerance (a bound on the float32 rounding error) of the current m-th best is re-scored
+    with an exact float64 distance, so the result equals a brute-force exact search.
     """
     nb, kb = gram.shape
     m = best_d.shape[1]
-    for i in prange(nb):
-        tol = ASSIGN_RTOL * (xnorm[i] + cmax) + 1e-30
-        # Pass 1: the m smallest approximate distances of this block give a shortlist bound.
-        small = np.full(m, np.inf)
-        for k in range(kb):
-            a = xnorm[i] + np.float64(cnorm[k]) - 2.0 * np.float64(gram[i, k])
-            if a < small[m - 1]:
-                p = m - 1
-                while p > 0 and small[p - 1] > a:
-                    small[p] = small[p - 1]
-                    p -= 1
-                small[p] = a
-        bound = min(small[m - 1], best_d[i, m - 1]) + tol
-        # Pass 2: exact distances for the shortlisted codewords, inserted in (distance, id) order.
-        for k in range(kb):
-            a = xnorm[i] + np.float64(cnorm[k]) - 2.0 * np.float64(gram[i, k])
-            if a > bound:
+    # Serial on purpose: the GEMM before it is multi-threaded BLAS, and BLAS threads that
+    # spin after a call would fight a Numba thread pool for the same cores.
+    for i in range(nb):
+        xn = xnorm[i]
+        tol = ASSIGN_RTOL * (xn + cmax) + 1e-30
+        for c0 in range(0, kb, _CHUNK):
+            c1 = min(c0 + _CHUNK, kb)
+            if xn + np.float64(_chunk_min(gram[i], cnorm, c0, c1)) > best_d[i, m - 1] + tol:
                 continue
-            kk = k0 + k
-            d = _exact_sqdist(x[i], c[kk])
-            if d < best_d[i, m - 1]:
-                p = m - 1
-                while p > 0 and best_d[i, p - 1] > d:
-                    best_d[i, p] = best_d[i, p - 1]
-                    best_k[i, p] = best_k[i, p - 1]
-                    p -= 1
-                best_d[i, p] = d
-                best_k[i, p] = kk
+            for k in range(c0, c1):
+                a = xn + np.float64(cnorm[k]) - 2.0 * np.float64(gram[i, k])
+                if a > best_d[i, m - 1] + tol:
+                    continue
+                kk = k0 + k
+                d = _exact_sqdist(x[i], c[kk])
+                if d < best_d[i, m - 1]:
+                    p = m - 1
+                    while p > 0 and best_d[i, p - 1] > d:
+                        best_d[i, p] = best_d[i, p - 1]
+                        best_k[i, p] = best_k[i, p - 1]
+                        p -= 1
+                    best_d[i, p] = d
+                    best_k[i, p] = kk
 
 
 @njit(cache=True, nogil=True)

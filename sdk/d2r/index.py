@@ -634,8 +634,8 @@ class Index:
             counts = []
             written = 0
             for low, codes, c in self._merged_chunks(item_map, n_blocks):
-                bl = memoryview(low.astype("<u2")).cast("B")
-                bc = memoryview(np.ascontiguousarray(codes)).cast("B")
+                bl = memoryview(low.astype("<u2").view(np.uint8))
+                bc = memoryview(np.ascontiguousarray(codes).reshape(-1))
                 fh.seek(p_low)
                 fh.write(bl)
                 fh.seek(p_codes)
@@ -824,15 +824,20 @@ def _parse_header(path, data: np.ndarray, codebook):
     table = {}
     sections = {}
     pos = _align(header_size)
+    gaps = [(header_size, pos)]
     for i, name in enumerate(_SECTIONS):
         off, length, digest = _SECTION.unpack_from(header, _HEADER.size + i * _SECTION.size)
         if off != pos or (name in expected and length != expected[name]) or off + length > size - 32:
             raise bad(f"section {name} at offset {off} with {length} bytes is out of place (truncated or corrupt file)")
         pos = _align(off + length)
+        gaps.append((off + length, pos))
         table[name] = (off, length, digest)
         sections[name] = data[off : off + length]
     if pos + 32 != size:
         raise bad(f"file is {size} bytes, its sections say {pos + 32}")
+    # Alignment padding is covered by no checksum: it must be zero.
+    if any(data[a:b].any() for a, b in gaps):
+        raise bad("non-zero bytes in the padding between sections (corrupt file)")
     for name in _SECTIONS:
         if name not in _LAZY_SECTIONS:
             if hashlib.sha256(memoryview(sections[name])).digest() != table[name][2]:

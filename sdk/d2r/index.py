@@ -251,6 +251,8 @@ class Index:
     def close(self) -> None:
         """Release the memory map (the index is unusable afterwards if it was mapped)."""
         self._base = _Postings.empty(self._payload)
+        empty = (np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.uint8))
+        self._b_ids = self._b_meta = empty
         self._mmap = None
         self._data = None
         self._closed = True

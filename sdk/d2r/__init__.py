@@ -5,12 +5,14 @@ Core API::
     cb = d2r.Codebook.train(descriptors, size=1024)
     agg = d2r.aggregate(descriptors, cb, kind="rasmk_star", region_sizes=[...])
     d2r.similarity(agg_a, agg_b)
+    idx = d2r.Index(cb, kind="rasmk_star"); idx.add("img", agg); idx.search(query_agg)
 """
 
 from ._version import __version__
 from .aggregate import KINDS, Aggregation, aggregate, similarity
 from .codebook import Codebook
 from .errors import CodebookError, D2RError, ImageError, IndexFormatError, InputError, ModelError
+from .index import Hit, Index
 
 __all__ = [
     "__version__",
@@ -19,7 +21,9 @@ __all__ = [
     "Codebook",
     "CodebookError",
     "D2RError",
+    "Hit",
     "ImageError",
+    "Index",
     "IndexFormatError",
     "InputError",
     "ModelError",

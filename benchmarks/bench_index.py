@@ -1,0 +1,277 @@
+"""Benchmark of the d2r index (issue 3) against the `asmk` package's inverted file.
+
+Synthetic databases with ASMK*-like word statistics at K = 65536, D = 128:
+
+- words per image: log-normal, median 300, sigma 0.4, clipped to [30, 1500] (mean ~325).
+  DELF gives up to 1000 features per image; at K = 65536 they fall into a few hundred distinct
+  words (the paper's 10.3 GB ASMK* index for 1M images is ~500 entries of ~20 bytes per
+  image; R-ASMK* more).
+- word popularity: Zipf-like, p(rank r) ~ r^-0.5 over the 65536 words (a random permutation
+  maps rank to word id). Its imbalance factor K * sum(p^2) is ~2.9: posting lists of popular
+  words are long, as with real k-means codebooks, and a query touches ~3x the entries it would
+  with uniform words (the pessimistic side of the range reported for k-means vocabularies).
+- codes: uniform random bits (16 bytes per word); queries: 500 distinct words drawn from the
+  same popularity, random codes.
+
+For every N it prints build time (add + save), file size, bytes per stored entry, open time
+(memory-mapped, verify=False: header, directory and offsets checked, file in the page
+cache), the time of the full check ``idx.verify()`` (sha256 of the inverted file + entry scan), query latency (median and p95 over the queries) with
+1 thread and with all cores, and RSS (anonymous and file-backed) before opening, after opening
+and after the queries. The `asmk` package (0.1.1) builds its IVF from the same entries (its
+Python loop over entries is slow: by default only up to N = 100k, --asmk-max), pickles its
+state and answers the same queries (binary kernel, alpha = 3, threshold 0).
+
+    python benchmarks/bench_index.py                 # N = 10k, 100k
+    python benchmarks/bench_index.py --sizes 10000 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import pickle
+import shutil
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numba
+import numpy as np
+from numba import njit
+
+import d2r
+
+K = 65536
+DIM = 128
+NBYTES = DIM // 8
+
+
+@njit(cache=True)
+def _draw_words(cdf, perm, counts, seed):
+    """Distinct words per image: inverse-CDF draws from the Zipf-like law, duplicates redrawn.
+    Returns (words uint32 [sum counts], each image's run ascending)."""
+    np.random.seed(seed)
+    total = counts.sum()
+    out = np.empty(total, dtype=np.uint32)
+    seen = np.zeros(cdf.shape[0], dtype=np.int64)
+    pos = 0
+    for i in range(counts.shape[0]):
+        n = counts[i]
+        j = 0
+        while j < n:
+            r = np.searchsorted(cdf, np.random.random(), side="right")
+            if r >= cdf.shape[0]:
+                r = cdf.shape[0] - 1
+            w = perm[r]
+            if seen[w] == i + 1:
+                continue
+            seen[w] = i + 1
+            out[pos + j] = w
+            j += 1
+        out[pos : pos + n].sort()
+        pos += n
+    return out
+
+
+class Synthetic:
+    def __init__(self, seed=0, zipf=0.5):
+        rng = np.random.default_rng(seed)
+        p = 1.0 / np.arange(1, K + 1) ** zipf
+        p /= p.sum()
+        self.imbalance = float(K * np.sum(p * p))
+        self.cdf = np.cumsum(p)
+        self.perm = rng.permutation(K).astype(np.uint32)
+        self.seed = seed
+
+    def images(self, start, n):
+        """(counts int64 [n], words uint32 [E], codes uint8 [E, 16]) for images start..start+n."""
+        rng = np.random.default_rng([self.seed, start])
+        counts = np.clip(np.round(rng.lognormal(np.log(300), 0.4, n)), 30, 1500).astype(np.int64)
+        words = _draw_words(self.cdf, self.perm, counts, (self.seed * 7919 + start) % (2**31))
+        codes = rng.integers(0, 256, (words.shape[0], NBYTES), dtype=np.uint8)
+        return counts, words, codes
+
+    def queries(self, n, n_words=500):
+        rng = np.random.default_rng([self.seed, 10**9])
+        counts = np.full(n, n_words, dtype=np.int64)
+        words = _draw_words(self.cdf, self.perm, counts, self.seed + 12345)
+        codes = rng.integers(0, 256, (words.shape[0], NBYTES), dtype=np.uint8)
+        return [d2r.Aggregation("asmk_star", DIM, words[i * n_words : (i + 1) * n_words],
+                                codes=codes[i * n_words : (i + 1) * n_words]) for i in range(n)]
+
+
+def rss():
+    """(VmRSS, RssAnon, RssFile) in MiB."""
+    out = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile"):
+                out[key] = int(rest.split()[0]) / 1024
+    return out.get("VmRSS", 0.0), out.get("RssAnon", 0.0), out.get("RssFile", 0.0)
+
+
+def add_images(idx, data, start, n, chunk=50_000):
+    for c0 in range(start, start + n, chunk):
+        m = min(chunk, start + n - c0)
+        counts, words, codes = data.images(c0, m)
+        ends = np.cumsum(counts)
+        begins = ends - counts
+        for i in range(m):
+            a, b = begins[i], ends[i]
+            idx.add(f"img{c0 + i:07d}", d2r.Aggregation("asmk_star", DIM, words[a:b], codes=codes[a:b]))
+
+
+def build_d2r(data, n, folder: Path, cb, round_size):
+    """Build an N-image index file: in memory up to round_size images, then incrementally
+    (open the file mapped, add the next round, save a new file)."""
+    t0 = time.perf_counter()
+    path = None
+    done = 0
+    r = 0
+    while done < n:
+        m = min(round_size, n - done)
+        idx = d2r.Index(cb, kind="asmk_star") if path is None else d2r.Index.open(path, codebook=cb)
+        add_images(idx, data, done, m)
+        new_path = folder / f"index_{n}_{r}.d2ri"
+        idx.save(new_path)
+        idx.close()
+        del idx
+        gc.collect()
+        if path is not None:
+            path.unlink()
+        path = new_path
+        done += m
+        r += 1
+    return path, time.perf_counter() - t0
+
+
+def time_queries(idx, queries, threads, top_k=100):
+    numba.set_num_threads(threads)
+    idx.search(queries[0], top_k=top_k)  # warm-up (JIT already compiled and cached)
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        idx.search(q, top_k=top_k)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return 1000 * statistics.median(times), 1000 * times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
+
+
+def bench_asmk(data, n, queries, folder):
+    try:
+        from asmk import inverted_file, kernel
+    except ImportError as exc:
+        return {"error": f"asmk not importable: {exc}"}
+    t0 = time.perf_counter()
+    ivf = inverted_file.IVF.initialize_empty(codebook_size=K, use_idf=False)
+    for c0 in range(0, n, 50_000):
+        m = min(50_000, n - c0)
+        counts, words, codes = data.images(c0, m)
+        imids = np.repeat(np.arange(c0, c0 + m), counts)
+        ivf.add(codes.view(np.uint32), words.astype(np.int64), imids)
+    build = time.perf_counter() - t0
+    path = folder / f"asmk_{n}.pkl"
+    with open(path, "wb") as fh:
+        pickle.dump(ivf.state_dict(), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    size = path.stat().st_size
+    path.unlink()
+    kern = kernel.ASMKKernel(None, binary=True)
+    sim = partial(kern.similarity, alpha=3.0, similarity_threshold=0.0)
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        ivf.search(q.codes.copy().view(np.uint32), q.words.astype(np.int64), similarity_func=sim, topk=100)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    del ivf
+    gc.collect()
+    return {"build": build, "size": size, "median": 1000 * statistics.median(times),
+            "p95": 1000 * times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--queries", type=int, default=50)
+    ap.add_argument("--asmk-max", type=int, default=100_000, help="largest N for the asmk comparison (0: none)")
+    ap.add_argument("--round", type=int, default=200_000, help="images added per incremental build round")
+    ap.add_argument("--folder", default="/tmp/d2r_bench_index")
+    ap.add_argument("--keep", action="store_true", help="keep the index files")
+    args = ap.parse_args(argv)
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    all_threads = numba.config.NUMBA_NUM_THREADS
+    data = Synthetic()
+    cb = d2r.Codebook(np.random.default_rng(1).standard_normal((K, DIM)).astype(np.float32))
+    queries = data.queries(args.queries)
+    print(f"# d2r {d2r.__version__}, numba {numba.__version__}, numpy {np.__version__}, python {sys.version.split()[0]}, "
+          f"{os.cpu_count()} cores; K={K} D={DIM}, Zipf 0.5 (imbalance {data.imbalance:.2f}), "
+          f"{args.queries} queries of 500 words, top 100", flush=True)
+    rows = []
+    for n in args.sizes:
+        path, build = build_d2r(data, n, folder, cb, args.round)
+        size = path.stat().st_size
+        gc.collect()
+        r0 = rss()
+        t = time.perf_counter()
+        idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=False)
+        t_open = time.perf_counter() - t
+        r1 = rss()
+        t = time.perf_counter()
+        idx.verify()
+        t_verify = time.perf_counter() - t
+        idx.close()  # drop the mapping the full check touched, so RSS below is the queries'
+        del idx
+        gc.collect()
+        idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=False)
+        entries = idx.n_entries
+        single = time_queries(idx, queries, 1)
+        multi = time_queries(idx, queries, all_threads)
+        r2 = rss()
+        row = {"N": n, "entries": entries, "build": build, "size": size, "bpe": size / entries, "open": t_open, "verify": t_verify,
+               "q1": single, "qall": multi, "rss": (r0, r1, r2)}
+        idx.close()
+        del idx
+        gc.collect()
+        if not args.keep:
+            path.unlink()
+        if args.asmk_max and n <= args.asmk_max:
+            row["asmk"] = bench_asmk(data, n, queries, folder)
+        rows.append(row)
+        print_row(row, all_threads)
+    print()
+    print_table(rows, all_threads)
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def print_row(r, threads):
+    print(f"N={r['N']}: {r['entries']} entries, build {r['build']:.1f} s, {r['size'] / 2**20:.1f} MiB "
+          f"({r['bpe']:.2f} B/entry), open {1000 * r['open']:.1f} ms, verify {r['verify']:.2f} s, query 1 thread {r['q1'][0]:.2f}/{r['q1'][1]:.2f} ms, "
+          f"{threads} threads {r['qall'][0]:.2f}/{r['qall'][1]:.2f} ms, RSS {r['rss']}; asmk {r.get('asmk')}", flush=True)
+
+
+def print_table(rows, threads):
+    print("| N | entries | d2r build (s) | d2r file (MiB) | bytes/entry | open (ms) | full verify (s) | query 1 thread med / p95 (ms) | "
+          f"query {threads} threads med / p95 (ms) | RSS MiB before open / after open / after queries (anon + file) | "
+          "asmk build (s) | asmk pickle (MiB) | asmk query med / p95 (ms) | speed-up (1 thread) | size ratio |")
+    print("|---" * 15 + "|")
+    for r in rows:
+        rs = " / ".join(f"{v[1]:.0f} + {v[2]:.0f}" for v in r["rss"])
+        a = r.get("asmk")
+        if a and "error" not in a:
+            asmk = (f"{a['build']:.1f} | {a['size'] / 2**20:.1f} | {a['median']:.1f} / {a['p95']:.1f} | "
+                    f"{a['median'] / r['q1'][0]:.1f}x | {r['size'] / a['size']:.2f} |")
+        else:
+            asmk = f"{(a or {}).get('error', 'not run')} | | | | |"
+        print(f"| {r['N']:,} | {r['entries']:,} | {r['build']:.1f} | {r['size'] / 2**20:.1f} | {r['bpe']:.2f} | "
+              f"{1000 * r['open']:.1f} | {r['verify']:.2f} | {r['q1'][0]:.2f} / {r['q1'][1]:.2f} | {r['qall'][0]:.2f} / {r['qall'][1]:.2f} | "
+              f"{rs} | {asmk}")
+
+
+if __name__ == "__main__":
+    main()

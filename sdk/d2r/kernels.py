@@ -12,7 +12,7 @@ residual sums are accumulated in float64 so that binarisation (``value > 0``) an
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # Relative tolerance used to decide which codewords of a float32 GEMM block must be re-checked
 # with an exact float64 distance. float32 dot products of D <= 1024 terms are off by far less.

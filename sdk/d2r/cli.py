@@ -20,6 +20,7 @@ from .errors import D2RError
 # and its commands are absent from --help; running them then says which extra to install.
 _SUBCOMMANDS: list[tuple[str, str]] = [
     ("d2r.codebook", "register_cli"),
+    ("d2r.commands", "register_cli"),
 ]
 
 

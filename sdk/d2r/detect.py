@@ -31,14 +31,24 @@ OIDV4_ANCHORS = {
 }
 
 
+def _anchor_params(params: dict | None) -> dict:
+    """Normalise anchor parameters: this module's keys, or the manifest's (MediaPipe-style)."""
+    p = dict(OIDV4_ANCHORS if params is None else params)
+    if "input_size_height" in p:
+        p["input_size"] = [p["input_size_height"], p["input_size_width"]]
+    if "anchor_offset_y" in p:
+        p["anchor_offset"] = [p["anchor_offset_y"], p["anchor_offset_x"]]
+    return p
+
+
 def ssd_anchors(params: dict | None = None) -> np.ndarray:
     """float32 [A, 4] anchors as (y_centre, x_centre, height, width), normalised to [0, 1].
 
-    Order: layer by layer, row-major over the feature map cells, then the boxes of a cell
-    (aspect ratios in the given order, then the interpolated-scale box), as the model's
-    outputs are ordered.
+    params: :data:`OIDV4_ANCHORS` by default, or a manifest ``anchors`` entry. Order: layer by
+    layer, row-major over the feature map cells, then the boxes of a cell (aspect ratios in
+    the given order, then the interpolated-scale box), as the model's outputs are ordered.
     """
-    p = dict(OIDV4_ANCHORS if params is None else params)
+    p = _anchor_params(params)
     n_layers = int(p["num_layers"])
     strides = list(p["strides"])
     if len(strides) != n_layers:
@@ -48,6 +58,7 @@ def ssd_anchors(params: dict | None = None) -> np.ndarray:
     ratios = [float(r) for r in p["aspect_ratios"]]
     interp = p.get("interpolated_scale_aspect_ratio", 1.0)
     off_y, off_x = (float(v) for v in p.get("anchor_offset", [0.5, 0.5]))
+    map_sizes = p.get("feature_map_sizes")
 
     def scale_of(i):
         return (lo + hi) / 2 if n_layers == 1 else lo + (hi - lo) * i / (n_layers - 1)
@@ -66,8 +77,11 @@ def ssd_anchors(params: dict | None = None) -> np.ndarray:
                 nxt = 1.0 if layer == n_layers - 1 else scale_of(layer + 1)
                 s = math.sqrt(scale * nxt)
                 boxes.append((s / math.sqrt(interp), s * math.sqrt(interp)))
-        fh = math.ceil(in_h / strides[layer])
-        fw = math.ceil(in_w / strides[layer])
+        if map_sizes:
+            fh = fw = int(map_sizes[layer])
+        else:
+            fh = math.ceil(in_h / strides[layer])
+            fw = math.ceil(in_w / strides[layer])
         for y in range(fh):
             for x in range(fw):
                 cy, cx = (y + off_y) / fh, (x + off_x) / fw
@@ -169,3 +183,51 @@ def postprocess(
         kept = kept[np.argsort(-score[cand][kept], kind="stable")][:max_boxes]
     out_boxes = np.clip(boxes[kept], 0.0, 1.0).astype(np.float32)
     return Detections(out_boxes, score[cand][kept].astype(np.float32), cls[cand][kept].astype(np.int32))
+
+
+class Detector:
+    """Runs a converted SSD detector: stretch to the model input, run, decode, NMS.
+
+    Args:
+        model: a :class:`d2r.backends.Model`.
+        entry: the model's manifest entry (``d2r.manifest.ModelEntry``): input, anchors,
+            decoding, labels and defaults are read from it.
+        threshold: minimum class score of a box (the paper uses 0.1 for regions).
+        max_boxes: keep at most this many boxes after NMS.
+        iou_threshold: NMS overlap (manifest default otherwise).
+    """
+
+    def __init__(self, model, entry, threshold: float = 0.1, max_boxes: int | None = None, iou_threshold: float | None = None):
+        if not 0.0 <= float(threshold) <= 1.0:
+            raise InputError(f"threshold: expected a score in [0, 1], got {threshold}")
+        self.model = model
+        self.entry = entry
+        decoding = entry.decoding or {}
+        defaults = entry.defaults or {}
+        self.threshold = float(threshold)
+        self.max_boxes = int(max_boxes if max_boxes is not None else defaults.get("max_detections", 25))
+        self.iou_threshold = float(iou_threshold if iou_threshold is not None else decoding.get("nms_iou_threshold", 0.4))
+        scales = decoding.get("scales", {"y": 10.0, "x": 10.0, "h": 5.0, "w": 5.0})
+        self.box_scale = (scales["y"], scales["x"], scales["h"], scales["w"])
+        self.anchors = ssd_anchors(entry.anchors)
+        self.labels = list(entry.labels or [])
+        self._out = [o.name for o in entry.outputs]
+
+    def detect(self, image) -> Detections:
+        """Boxes of ``image`` (anything :func:`d2r.load_image` takes) with score >= threshold."""
+        from .features import _resize  # one resize helper for every model input
+        from .image import load_image
+
+        rgb = load_image(image)
+        h, w = self.entry.input.height, self.entry.input.width
+        x = _resize(rgb, h, w).astype(np.float32)
+        lo, hi = self.entry.input.range
+        if (lo, hi) != (0.0, 255.0):
+            x = x / 255.0 * (hi - lo) + lo
+        outs = dict(zip(self._out, self.model.run(x[None])))
+        det = postprocess(
+            outs["box_encodings"], outs["class_logits"], self.anchors, self.threshold, self.max_boxes, self.iou_threshold, self.box_scale
+        )
+        if self.labels:
+            det.labels = [self.labels[c] if c < len(self.labels) else str(c) for c in det.classes]
+        return det

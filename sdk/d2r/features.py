@@ -79,8 +79,8 @@ class LocalFeatureExtractor:
 
     Args:
         model: a :class:`d2r.backends.Model` (from :func:`d2r.load_model`).
-        entry: the model's manifest entry (dict); its ``outputs``, ``geometry`` and
-            ``defaults`` say how to read the model.
+        entry: the model's manifest entry (``d2r.manifest.ModelEntry``); its ``outputs``,
+            ``geometry`` and ``defaults`` say how to read the model.
         scales: pyramid scales relative to the image fitted into the model canvas; values
             above 1 are refused for static-shape models. Default: the manifest's, else (1.0,).
         max_features: keep the top-k features by score (manifest default otherwise).
@@ -92,7 +92,7 @@ class LocalFeatureExtractor:
     def __init__(self, model, entry: dict, scales=None, max_features=None, score_threshold=None, pca=None):
         self.model = model
         self.entry = entry
-        defaults = entry.get("defaults", {})
+        defaults = entry.defaults or {}
         self.scales = tuple(float(s) for s in (scales if scales is not None else defaults.get("scales", (1.0,))))
         if not self.scales or any(not (0 < s <= 1.0) for s in self.scales):
             raise InputError(f"scales: expected values in (0, 1] for a static-shape model, got {list(self.scales)}")
@@ -100,18 +100,17 @@ class LocalFeatureExtractor:
         if self.max_features < 1:
             raise InputError(f"max_features: expected >= 1, got {self.max_features}")
         self.score_threshold = float(score_threshold if score_threshold is not None else defaults.get("score_threshold", 0.0))
-        names = [o["name"] for o in entry["outputs"]]
+        names = [o.name for o in entry.outputs]
         self._out = {name: i for i, name in enumerate(names)}
         if "descriptors" not in self._out:
-            raise ModelError(f"manifest entry {entry.get('name')!r} has no 'descriptors' output")
+            raise ModelError(f"manifest entry {entry.name!r} has no 'descriptors' output")
         self.keypoint_model = "keypoint_logits" in self._out
-        shape = entry["input"]["shape"]
-        self.canvas = (int(shape[1]), int(shape[2]))
-        self.input_range = tuple(entry["input"].get("range", [0.0, 255.0]))
-        self.stride = int(entry.get("geometry", {}).get("stride", 8))
+        self.canvas = (entry.input.height, entry.input.width)
+        self.input_range = tuple(entry.input.range)
+        self.stride = int((entry.geometry or {}).get("stride", 8))
         self.nms_kernel = int(defaults.get("nms_kernel", 5))
         self.pca = pca
-        self.dim = int(entry["outputs"][self._out["descriptors"]]["shape"][-1]) if pca is None else int(pca[1].shape[0])
+        self.dim = int(entry.outputs[self._out["descriptors"]].shape[-1]) if pca is None else int(pca[1].shape[0])
 
     def _prepare(self, rgb: np.ndarray, scale: float):
         """Fit the image at ``scale`` into the canvas; returns (input, factor, valid_h, valid_w)."""
@@ -172,7 +171,7 @@ class LocalFeatureExtractor:
 
     # -- receptive-field models (DELF) ---------------------------------------------------------
     def _dense(self, outs, vh, vw):
-        geo = self.entry.get("geometry", {})
+        geo = self.entry.geometry or {}
         desc_map = outs[self._out["descriptors"]][0]
         score_name = "attention" if "attention" in self._out else "scores"
         att = outs[self._out[score_name]][0, :, :, 0]

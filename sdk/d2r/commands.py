@@ -1,0 +1,132 @@
+"""``d2r build`` and ``d2r query``: bundles from a folder of photos, and queries against them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(folder) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder of images")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise InputError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return images
+
+
+def read_metadata_csv(path) -> dict:
+    """CSV with a header; column ``image_id`` (or ``file``) names the image, the rest is metadata."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read metadata CSV ({exc.strerror or exc})") from exc
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a valid UTF-8 CSV file ({exc})") from exc
+    if not rows:
+        return {}
+    key = "image_id" if "image_id" in rows[0] else "file" if "file" in rows[0] else None
+    if key is None:
+        raise InputError(f"{path}: the CSV needs an 'image_id' or 'file' column, found {list(rows[0])}")
+    out = {}
+    for n, row in enumerate(rows, start=2):
+        image_id = (row.get(key) or "").strip()
+        if not image_id:
+            raise InputError(f"{path}: line {n} has an empty {key!r}")
+        out[image_id] = {k: v for k, v in row.items() if k != key and k is not None}
+    return out
+
+
+def _parse_detector(value: str):
+    if value in ("none", ""):
+        return None, None
+    name, _, thresh = value.partition("@")
+    if not thresh:
+        return name, None
+    try:
+        t = float(thresh)
+    except ValueError:
+        raise InputError(f"--detector: expected NAME@THRESHOLD (e.g. ssd@0.1), got {value!r}") from None
+    return name, t
+
+
+def cmd_build(args) -> int:
+    from .codebook import Codebook
+    from .engine import Engine
+
+    images = list_images(args.images)
+    name, thresh = _parse_detector(args.detector)
+    options = {}
+    if thresh is not None:
+        options["detector_threshold"] = thresh
+    if args.regions:
+        options["regions"] = args.regions
+    codebook = Codebook.load(args.codebook) if args.codebook else None
+    metadata = read_metadata_csv(args.metadata) if args.metadata else None
+    t0 = time.perf_counter()
+    engine = Engine.create(features=args.features, detector=name, codebook=codebook, kind=args.kind,
+                           backend=args.backend, precision=args.precision, threads=args.threads, **options)
+    with engine:
+        if codebook is None:
+            engine.train_codebook(images, size=args.codebook_size, seed=args.seed)
+        engine.add_images(images, metadata=metadata)
+        engine.save(args.output)
+        n = len(engine.index)
+    print(f"wrote {args.output}: {n} images, kind {args.kind}, in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_query(args) -> int:
+    from .engine import Engine
+
+    results = {}
+    with Engine.open(args.bundle, threads=args.threads) as engine:
+        for image in args.images:
+            res = engine.query(image, top_k=args.top_k)
+            results[str(image)] = res
+            if not args.json:
+                print(f"{image}  ({res.timings['total']:.0f} ms: features {res.timings['features']:.0f}, search {res.timings['search']:.1f})")
+                for rank, hit in enumerate(res.hits, start=1):
+                    meta = f"  {json.dumps(hit.metadata, ensure_ascii=False)}" if hit.metadata else ""
+                    print(f"  {rank:3d}. {hit.image_id}  {hit.score:.4f}{meta}")
+    if args.json:
+        json.dump({k: v.to_json() for k, v in results.items()}, sys.stdout, indent=1, ensure_ascii=False)
+        print()
+    return 0
+
+
+def register_cli(sub) -> None:
+    b = sub.add_parser("build", help="build a bundle (codebook, regions, index) from a folder of photos")
+    b.add_argument("images", help="folder of images (jpg, png, ...)")
+    b.add_argument("-o", "--output", required=True, help="bundle folder to write (e.g. museum.d2r)")
+    b.add_argument("--features", default="xfeat", help="local feature model name from models/manifest.json (default xfeat)")
+    b.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"])
+    b.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
+    b.add_argument("--detector", default="ssd@0.1", help="NAME@THRESHOLD or 'none' (default ssd@0.1)")
+    b.add_argument("--regions", choices=["crop", "pool"], help="re-extract features on each box (crop, default) or pool whole-image features (pool)")
+    b.add_argument("--kind", default="rasmk_star", choices=["asmk_star", "rasmk_star", "d2r_asmk_star"])
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--codebook-size", type=int, default=1024, help="train a codebook of K words on the folder (default 1024)")
+    g.add_argument("--codebook", help="use a codebook file trained elsewhere")
+    b.add_argument("--metadata", help="CSV with an image_id (or file) column and any metadata columns")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int)
+    b.set_defaults(func=cmd_build)
+
+    q = sub.add_parser("query", help="query a bundle with photos")
+    q.add_argument("bundle", help="bundle folder written by d2r build")
+    q.add_argument("images", nargs="+", help="query images")
+    q.add_argument("--top-k", type=int, default=10)
+    q.add_argument("--json", action="store_true", help="print results as JSON")
+    q.add_argument("--threads", type=int)
+    q.set_defaults(func=cmd_query)

@@ -1,0 +1,537 @@
+"""The end-to-end Engine and its bundle: what runs on the phone, the Pi and the Jetson.
+
+    engine = d2r.Engine.create(features="xfeat", detector="ssd", kind="rasmk_star")
+    engine.train_codebook(images, size=1024)
+    engine.add_images(images, ids=..., metadata=...)
+    res = engine.query(photo, top_k=10)      # res.hits, res.timings
+    engine.save("museum.d2r"); engine = d2r.Engine.open("museum.d2r")
+
+A bundle is a folder holding everything a device needs, with one ``bundle.json`` that lists
+the pipeline configuration, every file with its sha256 and size, and a checksum of itself:
+
+    museum.d2r/bundle.json       configuration, files, version, checksum
+    museum.d2r/index.d2ri        the R-ASMK* (or ASMK*) index (memory-mapped on open)
+    museum.d2r/codebook.d2rcb    the visual words
+    museum.d2r/models/           the model files used and their manifest entries
+
+A folder (not one archive) so that the index is memory-mapped in place and a sync can swap a
+whole version by one rename. ``save`` writes a new folder beside the target and swaps it in;
+a reader never sees a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._version import __version__
+from .aggregate import aggregate
+from .backends import load_model
+from .codebook import Codebook
+from .errors import D2RError, InputError, ModelError
+from .features import Features, LocalFeatureExtractor
+from .image import load_image
+from .index import Index
+
+BUNDLE_FORMAT = "d2r-bundle"
+BUNDLE_VERSION = 1
+ENGINE_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star")
+REGION_MODES = ("crop", "pool")
+_ALIASES = {"ssd": "ssd_mobilenetv2_oidv4"}
+_PRECISION_ORDER = {"tflite": ("int8", "fp16", "fp32"), "onnx": ("int8", "fp32")}
+
+
+class BundleError(D2RError, ValueError):
+    """A bundle folder is missing files, altered, of an unknown version or inconsistent."""
+
+
+@dataclass
+class EngineConfig:
+    """The pipeline of an :class:`Engine`; stored in ``bundle.json``."""
+
+    features: str = "xfeat"
+    detector: str | None = "ssd_mobilenetv2_oidv4"
+    kind: str = "rasmk_star"
+    backend: str = "tflite"
+    precision: str = "int8"
+    detector_threshold: float = 0.1
+    max_regions: int = 8
+    regions: str = "crop"
+    pooling: str = "max"
+    alpha: float = 3.0
+    tau: float = 0.0
+    max_features: int | None = None
+    scales: list | None = None
+    score_threshold: float | None = None
+    approximate_assignment: bool = False
+
+    def check(self) -> "EngineConfig":
+        if self.kind not in ENGINE_KINDS:
+            raise InputError(f"kind: expected one of {', '.join(ENGINE_KINDS)}, got {self.kind!r}")
+        if self.regions not in REGION_MODES:
+            raise InputError(f"regions: expected 'crop' (re-extract on each box) or 'pool' (whole-image features in the box), got {self.regions!r}")
+        if self.backend not in ("tflite", "onnx"):
+            raise InputError(f"backend: expected 'tflite' or 'onnx', got {self.backend!r}")
+        if self.precision not in ("fp32", "fp16", "int8"):
+            raise InputError(f"precision: expected fp32, fp16 or int8, got {self.precision!r}")
+        if self.pooling not in ("max", "avg"):
+            raise InputError(f"pooling: expected 'max' or 'avg', got {self.pooling!r}")
+        if not 0.0 <= float(self.detector_threshold) <= 1.0:
+            raise InputError(f"detector_threshold: expected a score in [0, 1], got {self.detector_threshold}")
+        if int(self.max_regions) < 0:
+            raise InputError(f"max_regions: expected >= 0, got {self.max_regions}")
+        return self
+
+
+@dataclass
+class Hit:
+    image_id: str
+    score: float
+    metadata: dict | None = None
+
+    def __iter__(self):  # (image_id, score, metadata) unpacking
+        return iter((self.image_id, self.score, self.metadata))
+
+
+@dataclass
+class QueryResult:
+    """Ranked hits and the time spent in each stage (milliseconds)."""
+
+    hits: list
+    timings: dict = field(default_factory=dict)
+    n_features: int = 0
+
+    def to_json(self) -> dict:
+        return {
+            "hits": [{"image_id": h.image_id, "score": h.score, "metadata": h.metadata} for h in self.hits],
+            "timings_ms": self.timings,
+            "n_features": self.n_features,
+        }
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonical(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _manifest_module():
+    from . import manifest
+
+    return manifest
+
+
+class Engine:
+    """Detect-to-Retrieve on a device: features, regions, aggregation, index, search.
+
+    Build with :meth:`create` (new collection) or :meth:`open` (a saved bundle). Close with
+    :meth:`close` or use as a context manager.
+    """
+
+    def __init__(self, config: EngineConfig, feature_entry, detector_entry, codebook: Codebook | None, index: Index | None,
+                 threads: int | None = None, accelerator: str = "cpu", bundle_path: Path | None = None, bundle_version: int = 0):
+        from .detect import Detector
+
+        self.config = config.check()
+        self.threads = threads
+        self.accelerator = accelerator
+        self.feature_entry = feature_entry
+        self.detector_entry = detector_entry
+        self._feature_model = load_model(feature_entry.path, backend=config.backend, threads=threads, accelerator=accelerator)
+        self.extractor = LocalFeatureExtractor(
+            self._feature_model, feature_entry, scales=config.scales, max_features=config.max_features, score_threshold=config.score_threshold
+        )
+        self.detector = None
+        if detector_entry is not None:
+            self._detector_model = load_model(detector_entry.path, backend=config.backend, threads=threads, accelerator=accelerator)
+            self.detector = Detector(self._detector_model, detector_entry, threshold=config.detector_threshold, max_boxes=max(config.max_regions, 1))
+        self.codebook = codebook
+        self.index = index
+        self.bundle_path = bundle_path
+        self.bundle_version = bundle_version
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        features: str = "xfeat",
+        detector: str | None = "ssd",
+        codebook: Codebook | None = None,
+        kind: str = "rasmk_star",
+        *,
+        backend: str = "tflite",
+        precision: str = "int8",
+        threads: int | None = None,
+        accelerator: str = "cpu",
+        manifest=None,
+        **options,
+    ) -> "Engine":
+        """A new, empty engine. ``options`` are :class:`EngineConfig` fields
+        (detector_threshold, max_regions, regions, pooling, alpha, tau, max_features, scales,
+        score_threshold, approximate_assignment)."""
+        unknown = set(options) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown Engine option(s): {', '.join(sorted(unknown))}")
+        if detector in ("none", ""):
+            detector = None
+        config = EngineConfig(features=features, detector=_ALIASES.get(detector, detector), kind=kind, backend=backend, precision=precision, **options).check()
+        man = _manifest_module().load_manifest(manifest) if not hasattr(manifest, "models") else manifest
+        feature_entry = _find_entry(man, config.features, "local_features", backend, precision)
+        detector_entry = _find_entry(man, config.detector, "detector", backend, precision) if config.detector else None
+        if codebook is not None and not isinstance(codebook, Codebook):
+            raise InputError(f"codebook: expected a d2r.Codebook, got {type(codebook).__name__}")
+        engine = cls(config, feature_entry, detector_entry, codebook, None, threads, accelerator)
+        if codebook is not None:
+            engine._new_index()
+        return engine
+
+    def _new_index(self):
+        index_kind = "asmk_star" if self.config.kind == "d2r_asmk_star" else self.config.kind
+        self.index = Index(self.codebook, kind=index_kind, alpha=self.config.alpha, tau=self.config.tau)
+
+    def close(self) -> None:
+        for attr in ("_feature_model", "_detector_model"):
+            model = getattr(self, attr, None)
+            if model is not None:
+                model.close()
+        if self.index is not None:
+            self.index.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        n = len(self.index) if self.index is not None else 0
+        return f"<d2r.Engine features={self.config.features} detector={self.config.detector} kind={self.config.kind} images={n}>"
+
+    # -- features and regions -------------------------------------------------------------------
+    def extract(self, image) -> Features:
+        """Whole-image local features."""
+        return self.extractor.extract(image)
+
+    def regions(self, image) -> tuple[list, list]:
+        """Database-side regions: (list of Features, list of boxes); region 0 is the whole image.
+
+        Boxes come from the detector (score >= detector_threshold, at most max_regions); each
+        region's features are re-extracted on the crop (``regions="crop"``, ALGORITHM.md
+        section 2) or taken from the whole-image features inside the box (``"pool"``).
+        """
+        rgb = load_image(image)
+        whole = self.extractor.extract(rgb)
+        feats, boxes = [whole], [np.array([0.0, 0.0, 1.0, 1.0], np.float32)]
+        if self.detector is None or self.config.max_regions == 0:
+            return feats, boxes
+        det = self.detector.detect(rgb)
+        h, w = rgb.shape[:2]
+        for box in det.boxes[: self.config.max_regions]:
+            if self.config.regions == "pool":
+                feats.append(whole.in_box(box, rgb.shape))
+            else:
+                ymin, xmin, ymax, xmax = (float(v) for v in box)
+                y0, x0 = int(np.floor(ymin * h)), int(np.floor(xmin * w))
+                y1, x1 = int(np.ceil(ymax * h)), int(np.ceil(xmax * w))
+                crop = rgb[max(y0, 0) : min(y1, h), max(x0, 0) : min(x1, w)]
+                sub = self.extractor.extract(crop) if crop.shape[0] and crop.shape[1] else Features.empty(whole.descriptors.shape[1])
+                sub.locations += np.array([max(y0, 0), max(x0, 0)], np.float32)
+                feats.append(sub)
+            boxes.append(box)
+        return feats, boxes
+
+    # -- codebook ---------------------------------------------------------------------------------
+    def train_codebook(self, images, size: int = 1024, iterations: int = 20, seed: int = 0, max_descriptors: int = 500_000, progress=True) -> Codebook:
+        """Train the codebook on whole-image features of ``images`` (paths or arrays).
+
+        Uses at most ``max_descriptors`` (a uniform random sample). Replaces the engine's
+        codebook and starts an empty index (images added before are dropped: their words
+        belonged to the old codebook).
+        """
+        images = list(images)
+        if not images:
+            raise InputError("images: no images to train a codebook on")
+        report = _progress(progress, "features", len(images))
+        descs = []
+        for i, img in enumerate(images):
+            descs.append(self.extractor.extract(img).descriptors)
+            report(i + 1)
+        x = np.concatenate(descs) if descs else np.zeros((0, self.extractor.dim), np.float32)
+        if len(x) > max_descriptors:
+            x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_descriptors, replace=False))]
+        if len(x) < size:
+            raise InputError(f"images: {len(x)} descriptors from {len(images)} images are fewer than the codebook size {size}; add images or lower size")
+        kreport = _progress(progress, "k-means", iterations)
+        self.codebook = Codebook.train(x, size=size, iterations=iterations, seed=seed, progress=lambda it, total, moved: kreport(it))
+        self._new_index()
+        return self.codebook
+
+    # -- database -------------------------------------------------------------------------------
+    def _require_index(self):
+        if self.codebook is None or self.index is None:
+            raise InputError("this engine has no codebook yet: pass codebook= to Engine.create or call engine.train_codebook(images) first")
+
+    def add_image(self, image, image_id: str, metadata=None) -> int:
+        """Index one image; returns the number of regions stored (1 + detected boxes)."""
+        self._require_index()
+        feats, _ = self.regions(image)
+        cfg = self.config
+        ap = cfg.approximate_assignment
+        if cfg.kind == "rasmk_star":
+            sizes = [len(f) for f in feats]
+            allx = np.concatenate([f.descriptors for f in feats])
+            agg = aggregate(allx, self.codebook, kind="rasmk_star", region_sizes=sizes, approximate=ap)
+            self.index.add(image_id, agg, metadata=metadata)
+        elif cfg.kind == "asmk_star":
+            self.index.add(image_id, aggregate(feats[0].descriptors, self.codebook, kind="asmk_star", approximate=ap), metadata=metadata)
+        else:
+            aggs = [aggregate(f.descriptors, self.codebook, kind="asmk_star", approximate=ap) for f in feats]
+            self.index.add_regions(image_id, aggs, metadata=metadata)
+        return len(feats)
+
+    def add_images(self, paths_or_images, ids=None, metadata=None, progress=True) -> list:
+        """Index several images. ids default to the file names (without folder) of paths.
+
+        metadata: None, a list (one dict per image) or a dict image_id -> dict.
+        Returns the ids added.
+        """
+        items = list(paths_or_images)
+        if ids is None:
+            ids = []
+            for i, item in enumerate(items):
+                if isinstance(item, (str, os.PathLike)):
+                    ids.append(Path(item).name)
+                else:
+                    raise InputError(f"ids: required when images are not paths (item {i} is {type(item).__name__})")
+        ids = [str(v) for v in ids]
+        if len(ids) != len(items):
+            raise InputError(f"ids: {len(ids)} ids for {len(items)} images")
+        if len(set(ids)) != len(ids):
+            raise InputError("ids: duplicate image ids")
+        if isinstance(metadata, dict):
+            metas = [metadata.get(i) for i in ids]
+        elif metadata is None:
+            metas = [None] * len(items)
+        else:
+            metas = list(metadata)
+            if len(metas) != len(items):
+                raise InputError(f"metadata: {len(metas)} entries for {len(items)} images")
+        report = _progress(progress, "index", len(items))
+        for n, (item, image_id, meta) in enumerate(zip(items, ids, metas)):
+            self.add_image(item, image_id, meta)
+            report(n + 1)
+        return ids
+
+    def remove(self, image_id: str) -> None:
+        self._require_index()
+        self.index.remove(image_id)
+
+    # -- query ----------------------------------------------------------------------------------
+    def query(self, image, top_k: int = 10, normalize: bool = False) -> QueryResult:
+        """Rank the indexed images for a query photo (whole image, no detector: ALGORITHM.md)."""
+        self._require_index()
+        t = {}
+        t0 = time.perf_counter()
+        rgb = load_image(image)
+        t1 = time.perf_counter()
+        feats = self.extractor.extract(rgb)
+        t2 = time.perf_counter()
+        agg = aggregate(feats.descriptors, self.codebook, kind="asmk_star", approximate=self.config.approximate_assignment)
+        t3 = time.perf_counter()
+        hits = self.index.search(agg, top_k=top_k, normalize=normalize, pooling=self.config.pooling)
+        t4 = time.perf_counter()
+        t.update(load_image=(t1 - t0) * 1e3, features=(t2 - t1) * 1e3, aggregation=(t3 - t2) * 1e3, search=(t4 - t3) * 1e3, total=(t4 - t0) * 1e3)
+        return QueryResult([Hit(h.image_id, float(h.score), h.metadata) for h in hits], t, len(feats))
+
+    # -- bundles --------------------------------------------------------------------------------
+    def save(self, path, version: int | None = None) -> Path:
+        """Write the bundle folder ``path`` atomically (new folder beside it, then swapped in).
+
+        version: bundle version number (default: one more than the bundle this engine was
+        opened from, or 1).
+        """
+        self._require_index()
+        path = Path(path)
+        version = int(version if version is not None else self.bundle_version + 1)
+        parent = path.parent if str(path.parent) else Path(".")
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        tmp.mkdir()
+        try:
+            self.index.save(tmp / "index.d2ri")
+            self.codebook.save(tmp / "codebook.d2rcb")
+            (tmp / "models").mkdir()
+            entries = []
+            for role, entry in (("features", self.feature_entry), ("detector", self.detector_entry)):
+                if entry is None:
+                    continue
+                shutil.copyfile(entry.path, tmp / "models" / Path(entry.file).name)
+                raw = _raw_entry(entry)
+                raw["file"] = Path(entry.file).name
+                entries.append(raw)
+            (tmp / "models" / "manifest.json").write_text(json.dumps({"schema_version": 1, "models": entries}, indent=1) + "\n")
+            files = {}
+            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+                rel = f.relative_to(tmp).as_posix()
+                files[rel] = {"sha256": _sha256_file(f), "size": f.stat().st_size}
+            body = {
+                "format": BUNDLE_FORMAT,
+                "format_version": BUNDLE_VERSION,
+                "version": version,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "d2r_version": __version__,
+                "config": asdict(self.config),
+                "models": {"features": Path(self.feature_entry.file).name, "detector": Path(self.detector_entry.file).name if self.detector_entry else None},
+                "codebook_sha256": self.codebook.checksum,
+                "n_images": len(self.index),
+                "files": files,
+            }
+            body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
+            with open(tmp / "bundle.json", "w") as fh:
+                fh.write(json.dumps(body, indent=1) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            _swap_in(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.bundle_path = path
+        self.bundle_version = version
+        return path
+
+    @classmethod
+    def open(cls, path, threads: int | None = None, accelerator: str = "cpu", verify: bool = True, mmap: bool = True) -> "Engine":
+        """Open a bundle folder written by :meth:`save`.
+
+        verify: check every file's size and sha256 against ``bundle.json`` (models, codebook,
+        index) before use; with False only sizes and the index's own header checks are made.
+        Raises :class:`BundleError` naming the bundle and the problem.
+        """
+        path = Path(path)
+        info = read_bundle_info(path)
+        for rel, meta in info["files"].items():
+            f = path / rel
+            if not f.is_file():
+                raise BundleError(f"{path}: file {rel} listed in bundle.json is missing")
+            if f.stat().st_size != meta["size"]:
+                raise BundleError(f"{path}: file {rel} has {f.stat().st_size} bytes, bundle.json says {meta['size']}")
+            if verify and _sha256_file(f) != meta["sha256"]:
+                raise BundleError(f"{path}: file {rel} was altered (sha256 differs from bundle.json)")
+        try:
+            codebook = Codebook.load(path / "codebook.d2rcb")
+        except D2RError as exc:
+            raise BundleError(f"{path}: {exc}") from exc
+        if codebook.checksum != info["codebook_sha256"]:
+            raise BundleError(f"{path}: codebook does not match bundle.json")
+        man = _manifest_module().load_manifest(path / "models" / "manifest.json")
+        config = EngineConfig(**info["config"]).check()
+        fe = _find_entry(man, config.features, "local_features", config.backend, config.precision)
+        de = _find_entry(man, config.detector, "detector", config.backend, config.precision) if config.detector else None
+        for entry in (fe, de):
+            if entry is not None:
+                try:
+                    entry.verify()
+                except ModelError as exc:
+                    raise BundleError(f"{path}: {exc}") from exc
+        try:
+            index = Index.open(path / "index.d2ri", mmap=mmap, codebook=codebook)
+        except D2RError as exc:
+            raise BundleError(f"{path}: {exc}") from exc
+        return cls(config, fe, de, codebook, index, threads, accelerator, bundle_path=path, bundle_version=int(info["version"]))
+
+
+def read_bundle_info(path) -> dict:
+    """Parse and check ``bundle.json`` of a bundle folder; :class:`BundleError` if it is bad."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such bundle folder")
+    try:
+        info = json.loads((path / "bundle.json").read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: not a d2r bundle (no bundle.json)") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: bundle.json is unreadable ({exc})") from exc
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not a d2r bundle (format {info.get('format') if isinstance(info, dict) else None!r})")
+    if not isinstance(info.get("format_version"), int) or info["format_version"] > BUNDLE_VERSION:
+        raise BundleError(f"{path}: bundle format version {info.get('format_version')!r} is newer than this d2r reads ({BUNDLE_VERSION}); upgrade d2r")
+    claimed = info.pop("checksum", None)
+    if claimed != hashlib.sha256(_canonical(info)).hexdigest():
+        raise BundleError(f"{path}: bundle.json checksum mismatch (edited or corrupt)")
+    info["checksum"] = claimed
+    for key in ("version", "config", "files", "codebook_sha256"):
+        if key not in info:
+            raise BundleError(f"{path}: bundle.json lacks {key!r}")
+    for rel in info["files"]:
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise BundleError(f"{path}: bundle.json names a file outside the bundle: {rel!r}")
+    return info
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace folder ``path`` by ``tmp`` with renames only (old version removed afterwards)."""
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def _raw_entry(entry) -> dict:
+    """The manifest JSON object of an entry (re-read from its manifest file)."""
+    src = None
+    for cand in (entry.path.parent / "manifest.json",):
+        if cand.is_file():
+            src = json.loads(cand.read_text())
+    for d in (src or {}).get("models", []):
+        if d.get("file") == entry.file:
+            return dict(d)
+    raise ModelError(f"{entry.path}: its manifest entry cannot be found next to it")
+
+
+def _find_entry(manifest, name: str, task: str, backend: str, precision: str):
+    name = _ALIASES.get(name, name)
+    cands = [m for m in manifest.models if m.name == name and m.format == backend]
+    if not cands:
+        names = sorted({m.name for m in manifest.models if m.task == task})
+        raise ModelError(f"{manifest.path}: no {backend} model named {name!r} (available {task} models: {names})")
+    if cands[0].task != task:
+        raise ModelError(f"{manifest.path}: model {name!r} is a {cands[0].task} model, not {task}")
+    for prec in (precision,) + tuple(p for p in _PRECISION_ORDER[backend] if p != precision):
+        hits = [m for m in cands if m.precision == prec]
+        if hits:
+            return hits[0]
+    raise ModelError(f"{manifest.path}: no {precision} {backend} file for model {name!r}")
+
+
+def _progress(progress, what: str, total: int):
+    if not progress:
+        return lambda done: None
+    if callable(progress):
+        return lambda done: progress(what, done, total)
+    last = [0.0]
+
+    def report(done):
+        now = time.monotonic()
+        if done == total or now - last[0] > 1.0:
+            last[0] = now
+            print(f"\r{what}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    return report

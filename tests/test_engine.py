@@ -1,0 +1,171 @@
+"""The end-to-end Engine on real photos (UKBench subset) through the shipped models, and bundles."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import d2r
+from d2r.engine import BundleError, Engine
+
+from shared_data import ukbench_groups, ukbench_images
+
+K = 256
+
+
+def ukbench_score(engine, images):
+    groups = ukbench_groups()["groups"]
+    group_of = {name: i for i, g in enumerate(groups) for name in g}
+    per_image = []
+    for path in images:
+        hits = engine.query(path, top_k=4).hits
+        per_image.append(sum(group_of[h.image_id] == group_of[path.name] for h in hits))
+    return float(np.mean(per_image)), per_image
+
+
+@pytest.fixture(scope="module")
+def images():
+    return ukbench_images()
+
+
+@pytest.fixture(scope="module")
+def built(images, tmp_path_factory):
+    """One engine per backend, same codebook (trained through TFLite), same images."""
+    engine = Engine.create(features="xfeat", detector="ssd", kind="rasmk_star", backend="tflite", precision="int8", threads=2)
+    engine.train_codebook(images, size=K, progress=False)
+    engine.add_images(images, progress=False)
+    path = tmp_path_factory.mktemp("bundles") / "ukbench.d2r"
+    engine.save(path)
+    return engine, path
+
+
+def test_ukbench_tflite_int8(built, images):
+    engine, _ = built
+    score, per_image = ukbench_score(engine, images)
+    print(f"UKBench-56 top-4 score, XFeat int8 TFLite, R-ASMK*, K={K}: {score:.2f}")
+    assert score >= 3.0, per_image
+    res = engine.query(images[0], top_k=3)
+    assert set(res.timings) >= {"load_image", "features", "aggregation", "search", "total"}
+    assert res.hits[0].image_id == images[0].name
+
+
+def test_onnx_gives_the_same_ranking(built, images):
+    engine, path = built
+    onnx = Engine.create(features="xfeat", detector="ssd", codebook=engine.codebook, kind="rasmk_star", backend="onnx", precision="int8", threads=2)
+    onnx.add_images(images, progress=False)
+    score, per_image = ukbench_score(onnx, images)
+    assert score >= 3.0, per_image
+    agree = 0
+    for p in images[:16]:
+        a = [h.image_id for h in engine.query(p, top_k=4).hits]
+        b = [h.image_id for h in onnx.query(p, top_k=4).hits]
+        agree += a[0] == b[0] and set(a) == set(b)
+    assert agree >= 13  # int8 kernels differ between runtimes; rankings must still agree
+
+
+def test_bundle_round_trip(built, images, tmp_path):
+    engine, path = built
+    info = json.loads((path / "bundle.json").read_text())
+    assert info["version"] == 1 and info["n_images"] == len(images)
+    assert {"index.d2ri", "codebook.d2rcb", "models/manifest.json"} <= set(info["files"])
+    with Engine.open(path) as opened:
+        assert len(opened.index) == len(images)
+        for p in images[:5]:
+            a = engine.query(p, top_k=5).hits
+            b = opened.query(p, top_k=5).hits
+            assert [h.image_id for h in a] == [h.image_id for h in b]
+            np.testing.assert_allclose([h.score for h in a], [h.score for h in b], rtol=1e-6)
+        # Incremental: remove an image, save a new version over the old bundle.
+        opened.remove(images[0].name)
+        copy = tmp_path / "copy.d2r"
+        opened.save(copy)
+        assert opened.bundle_version == 2
+    with Engine.open(copy) as again:
+        assert images[0].name not in again.index and len(again.index) == len(images) - 1
+
+
+def test_bundle_errors(built, tmp_path):
+    _, path = built
+
+    def broken(name):
+        dst = tmp_path / name
+        shutil.copytree(path, dst)
+        return dst
+
+    missing = broken("missing.d2r")
+    model = next((missing / "models").glob("*.tflite"))
+    model.unlink()
+    with pytest.raises(BundleError, match="missing"):
+        Engine.open(missing)
+
+    altered = broken("altered.d2r")
+    model = next((altered / "models").glob("xfeat*"))
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="altered"):
+        Engine.open(altered)
+
+    edited = broken("edited.d2r")
+    info = json.loads((edited / "bundle.json").read_text())
+    info["n_images"] += 1
+    (edited / "bundle.json").write_text(json.dumps(info))
+    with pytest.raises(BundleError, match="checksum"):
+        Engine.open(edited)
+
+    newer = broken("newer.d2r")
+    info = json.loads((newer / "bundle.json").read_text())
+    info["format_version"] = 99
+    (newer / "bundle.json").write_text(json.dumps(info))
+    with pytest.raises(BundleError, match="newer"):
+        Engine.open(newer)
+
+    with pytest.raises(BundleError, match="no such bundle"):
+        Engine.open(tmp_path / "nope.d2r")
+    with pytest.raises(BundleError, match="no bundle.json"):
+        Engine.open(tmp_path)
+
+
+def test_bad_queries_and_options(built, tmp_path):
+    engine, _ = built
+    (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(d2r.ImageError, match="bad.jpg"):
+        engine.query(tmp_path / "bad.jpg")
+    assert len(engine.query(np.zeros((5, 5, 3), np.uint8)).hits) >= 0  # tiny image: no features, no crash
+    with pytest.raises(d2r.InputError, match="kind"):
+        Engine.create(kind="vlad")
+    with pytest.raises(d2r.ModelError, match="no tflite model named 'nope'"):
+        Engine.create(features="nope")
+    with pytest.raises(d2r.InputError, match="accelerator"):
+        Engine.create(accelerator="tpu")
+
+
+def test_unavailable_accelerator_falls_back_to_cpu(caplog):
+    with caplog.at_level("WARNING", logger="d2r"):
+        engine = Engine.create(detector=None, kind="asmk_star", accelerator="gpu")
+    assert engine.extractor.model.accelerator == "cpu"
+    assert any("running on the CPU" in r.message for r in caplog.records)
+
+
+def test_cli_build_and_query(images, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in images[:12]:
+        shutil.copy(p, folder / p.name)
+    (tmp_path / "meta.csv").write_text("image_id,title\n" + "".join(f"{p.name},Object {i // 4}\n" for i, p in enumerate(images[:12])))
+    bundle = tmp_path / "small.d2r"
+    run = subprocess.run(
+        [sys.executable, "-m", "d2r.cli", "build", str(folder), "-o", str(bundle), "--codebook-size", "64", "--detector", "none", "--metadata", str(tmp_path / "meta.csv")],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    out = subprocess.run([sys.executable, "-m", "d2r.cli", "query", str(bundle), str(images[4]), "--top-k", "3", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)[str(images[4])]
+    assert res["hits"][0]["image_id"] == images[4].name
+    assert res["hits"][0]["metadata"] == {"title": "Object 1"}
+    bad = subprocess.run([sys.executable, "-m", "d2r.cli", "query", str(tmp_path / "none.d2r"), str(images[0])], capture_output=True, text=True)
+    assert bad.returncode == 1 and "none.d2r" in bad.stderr

@@ -6,6 +6,12 @@ Core API::
     agg = d2r.aggregate(descriptors, cb, kind="rasmk_star", region_sizes=[...])
     d2r.similarity(agg_a, agg_b)
     idx = d2r.Index(cb, kind="rasmk_star"); idx.add("img", agg); idx.search(query_agg)
+
+Device API::
+
+    engine = d2r.Engine.create(features="xfeat", detector="ssd", codebook=cb, kind="rasmk_star")
+    engine.add_images(paths); engine.query(photo).hits; engine.save("museum.d2r")
+    engine = d2r.Engine.open("museum.d2r")
 """
 
 from ._version import __version__
@@ -13,6 +19,32 @@ from .aggregate import KINDS, Aggregation, aggregate, similarity
 from .codebook import Codebook
 from .errors import CodebookError, D2RError, ImageError, IndexFormatError, InputError, ModelError
 from .index import Hit, Index
+
+# The device runtime (models, images, engine) is imported on first use: `import d2r` stays
+# light for code that only aggregates and searches.
+_LAZY = {
+    "Engine": ("engine", "Engine"),
+    "EngineConfig": ("engine", "EngineConfig"),
+    "BundleError": ("engine", "BundleError"),
+    "QueryResult": ("engine", "QueryResult"),
+    "load_model": ("backends", "load_model"),
+    "load_image": ("image", "load_image"),
+    "LocalFeatureExtractor": ("features", "LocalFeatureExtractor"),
+    "Features": ("features", "Features"),
+    "Detector": ("detect", "Detector"),
+    "Detections": ("detect", "Detections"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'd2r' has no attribute {name!r}")
 
 __all__ = [
     "__version__",
@@ -29,4 +61,5 @@ __all__ = [
     "ModelError",
     "aggregate",
     "similarity",
+    *_LAZY,
 ]

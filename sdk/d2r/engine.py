@@ -40,7 +40,7 @@ from .codebook import Codebook
 from .errors import D2RError, InputError, ModelError
 from .features import Features, LocalFeatureExtractor
 from .image import load_image
-from .index import Index
+from .index import Hit, Index
 
 BUNDLE_FORMAT = "d2r-bundle"
 BUNDLE_VERSION = 1
@@ -93,18 +93,8 @@ class EngineConfig:
 
 
 @dataclass
-class Hit:
-    image_id: str
-    score: float
-    metadata: dict | None = None
-
-    def __iter__(self):  # (image_id, score, metadata) unpacking
-        return iter((self.image_id, self.score, self.metadata))
-
-
-@dataclass
 class QueryResult:
-    """Ranked hits and the time spent in each stage (milliseconds)."""
+    """Ranked :class:`d2r.Hit` list and the time spent in each stage (milliseconds)."""
 
     hits: list
     timings: dict = field(default_factory=dict)
@@ -356,7 +346,7 @@ class Engine:
         hits = self.index.search(agg, top_k=top_k, normalize=normalize, pooling=self.config.pooling)
         t4 = time.perf_counter()
         t.update(load_image=(t1 - t0) * 1e3, features=(t2 - t1) * 1e3, aggregation=(t3 - t2) * 1e3, search=(t4 - t3) * 1e3, total=(t4 - t0) * 1e3)
-        return QueryResult([Hit(h.image_id, float(h.score), h.metadata) for h in hits], t, len(feats))
+        return QueryResult(list(hits), t, len(feats))
 
     # -- bundles --------------------------------------------------------------------------------
     def save(self, path, version: int | None = None) -> Path:

@@ -52,18 +52,32 @@ def test_ukbench_tflite_int8(built, images):
     assert res.hits[0].image_id == images[0].name
 
 
-def test_onnx_gives_the_same_ranking(built, images):
+def test_onnx_gives_the_same_results(built, images):
     engine, path = built
     onnx = Engine.create(features="xfeat", detector="ssd", codebook=engine.codebook, kind="rasmk_star", backend="onnx", precision="int8", threads=2)
     onnx.add_images(images, progress=False)
     score, per_image = ukbench_score(onnx, images)
+    tfl_score, _ = ukbench_score(engine, images)
+    print(f"UKBench-56 top-4 score, XFeat int8 ONNX: {score:.2f} (TFLite int8: {tfl_score:.2f})")
     assert score >= 3.0, per_image
-    agree = 0
-    for p in images[:16]:
-        a = [h.image_id for h in engine.query(p, top_k=4).hits]
-        b = [h.image_id for h in onnx.query(p, top_k=4).hits]
-        agree += a[0] == b[0] and set(a) == set(b)
-    assert agree >= 13  # int8 kernels differ between runtimes; rankings must still agree
+    assert abs(score - tfl_score) <= 0.25
+    # Each runtime's int8 files are quantised by its own toolchain, so rankings below the
+    # first hit may differ; the first hit (the image itself) must not.
+    for p in images[::4]:
+        assert onnx.query(p, top_k=1).hits[0].image_id == engine.query(p, top_k=1).hits[0].image_id == p.name
+
+
+def test_fp32_features_agree_between_runtimes(images):
+    a = Engine.create(detector=None, kind="asmk_star", backend="tflite", precision="fp32").extract(images[9])
+    b = Engine.create(detector=None, kind="asmk_star", backend="onnx", precision="fp32").extract(images[9])
+    # Same keypoints (most of them: near-ties in the heatmap can swap) with the same descriptors.
+    pa = {tuple(v) for v in a.locations.astype(int).tolist()}
+    pb = {tuple(v) for v in b.locations.astype(int).tolist()}
+    assert len(pa & pb) >= 0.95 * len(pa)
+    common = {tuple(v): i for i, v in enumerate(b.locations.astype(int).tolist())}
+    idx = [(i, common[tuple(v)]) for i, v in enumerate(a.locations.astype(int).tolist()) if tuple(v) in common]
+    cos = np.sum(a.descriptors[[i for i, _ in idx]] * b.descriptors[[j for _, j in idx]], axis=1)
+    assert np.median(cos) > 0.999 and cos.min() > 0.98
 
 
 def test_bundle_round_trip(built, images, tmp_path):

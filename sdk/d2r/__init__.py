@@ -7,6 +7,7 @@ Core API::
     d2r.similarity(agg_a, agg_b)
 """
 
+from . import evaluate, verify
 from ._version import __version__
 from .aggregate import KINDS, Aggregation, aggregate, similarity
 from .codebook import Codebook
@@ -24,5 +25,7 @@ __all__ = [
     "InputError",
     "ModelError",
     "aggregate",
+    "evaluate",
     "similarity",
+    "verify",
 ]

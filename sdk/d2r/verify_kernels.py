@@ -1,0 +1,274 @@
+"""Numba kernels of spatial verification: putative matching and affine RANSAC.
+
+Pure functions over typed arrays; nothing here validates its input (``d2r.verify`` does).
+Every kernel is compiled once and cached on disk (``cache=True``).
+
+Conventions: locations are float64 ``[M, 2]`` in (y, x) order; an affine model is a float64
+``[2, 3]`` matrix ``A`` with ``[y', x'] = A @ [y, x, 1]``. Random numbers come from a
+SplitMix64 generator owned by each call, so a seed gives the same result on every platform
+and no global random state is touched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+# A sample of 3 points is rejected as degenerate (collinear or coincident) when the area of
+# its triangle is below this fraction of the squared extent of the sample.
+COLLINEAR_RTOL = 1e-6
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+# --------------------------------------------------------------------------------------------
+# Putative matches
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def nearest_neighbours(gram, norm_a, norm_b, max_sqdist, ratio, mutual):
+    """Putative matches from a similarity block.
+
+    gram: float32 [Na, Nb] = a @ b.T (from BLAS); norm_a: float32 [Na], norm_b: float32 [Nb]
+    squared descriptor norms. max_sqdist: squared distance threshold (strict ``<``); ratio:
+    Lowe's ratio on distances (``d1 < ratio * d2``), or a value <= 0 to disable; mutual: keep a
+    match only if the query feature is also the nearest neighbour of its match in ``a``.
+    Ties keep the lowest index. Returns int32 [M, 2] (index in a, index in b), ascending in a.
+    """
+    na, nb = gram.shape
+    row_best = np.full(na, -1, dtype=np.int64)
+    row_d1 = np.full(na, np.inf)
+    row_d2 = np.full(na, np.inf)
+    col_best = np.full(nb, -1, dtype=np.int64)
+    col_d = np.full(nb, np.inf)
+    for i in range(na):
+        ni = np.float64(norm_a[i])
+        b1 = -1
+        d1 = np.inf
+        d2 = np.inf
+        for j in range(nb):
+            d = ni + np.float64(norm_b[j]) - 2.0 * np.float64(gram[i, j])
+            if d < d1:
+                d2 = d1
+                d1 = d
+                b1 = j
+            elif d < d2:
+                d2 = d
+            if mutual and d < col_d[j]:
+                col_d[j] = d
+                col_best[j] = i
+        row_best[i] = b1
+        # Rounding can make a squared distance of identical unit vectors slightly negative.
+        row_d1[i] = max(d1, 0.0)
+        row_d2[i] = max(d2, 0.0)
+    out = np.empty((na, 2), dtype=np.int32)
+    m = 0
+    use_ratio = ratio > 0.0
+    r2 = ratio * ratio
+    for i in range(na):
+        j = row_best[i]
+        if j < 0 or not (row_d1[i] < max_sqdist):
+            continue
+        if use_ratio and not (row_d1[i] < r2 * row_d2[i]):
+            continue
+        if mutual and col_best[j] != i:
+            continue
+        out[m, 0] = i
+        out[m, 1] = j
+        m += 1
+    return out[:m].copy()
+
+
+# --------------------------------------------------------------------------------------------
+# Affine RANSAC
+# --------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, nogil=True)
+def _splitmix64(state):
+    """One SplitMix64 step: returns (new state, 64 random bits)."""
+    state = state + _GOLDEN
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    z = z ^ (z >> np.uint64(31))
+    return state, z
+
+
+@njit(cache=True, nogil=True)
+def _affine_from_3(src, dst, i0, i1, i2, model):
+    """Exact affine through 3 correspondences into ``model`` [2, 3]; False if degenerate."""
+    y0 = src[i0, 0]
+    x0 = src[i0, 1]
+    ay = src[i1, 0] - y0
+    ax = src[i1, 1] - x0
+    by = src[i2, 0] - y0
+    bx = src[i2, 1] - x0
+    det = ay * bx - ax * by
+    extent = max(ay * ay + ax * ax, by * by + bx * bx)
+    if extent == 0.0 or abs(det) <= COLLINEAR_RTOL * extent:
+        return False
+    for r in range(2):
+        u0 = dst[i0, r]
+        du1 = dst[i1, r] - u0
+        du2 = dst[i2, r] - u0
+        # Solve [ay ax; by bx] @ [p, q] = [du1, du2] (Cramer's rule), then the offset.
+        p = (du1 * bx - ax * du2) / det
+        q = (ay * du2 - du1 * by) / det
+        model[r, 0] = p
+        model[r, 1] = q
+        model[r, 2] = u0 - p * y0 - q * x0
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _count_inliers(src, dst, model, sqthresh, mask):
+    """Marks ``mask`` with residual**2 < sqthresh; returns (count, sum of inlier residual**2)."""
+    n = 0
+    cost = 0.0
+    for k in range(src.shape[0]):
+        y = src[k, 0]
+        x = src[k, 1]
+        ey = model[0, 0] * y + model[0, 1] * x + model[0, 2] - dst[k, 0]
+        ex = model[1, 0] * y + model[1, 1] * x + model[1, 2] - dst[k, 1]
+        r = ey * ey + ex * ex
+        if r < sqthresh:
+            mask[k] = True
+            n += 1
+            cost += r
+        else:
+            mask[k] = False
+    return n, cost
+
+
+@njit(cache=True, nogil=True)
+def _fit_affine_lsq(src, dst, mask, model):
+    """Least-squares affine on the masked correspondences; False if degenerate."""
+    # Centre the points: the normal equations of centred coordinates are far better conditioned.
+    n = 0
+    my = 0.0
+    mx = 0.0
+    uy = 0.0
+    ux = 0.0
+    for k in range(src.shape[0]):
+        if mask[k]:
+            n += 1
+            my += src[k, 0]
+            mx += src[k, 1]
+            uy += dst[k, 0]
+            ux += dst[k, 1]
+    if n < 3:
+        return False
+    my /= n
+    mx /= n
+    uy /= n
+    ux /= n
+    syy = 0.0
+    syx = 0.0
+    sxx = 0.0
+    t = np.zeros((2, 2))  # t[r, 0] = sum(dy * du_r), t[r, 1] = sum(dx * du_r)
+    for k in range(src.shape[0]):
+        if mask[k]:
+            dy = src[k, 0] - my
+            dx = src[k, 1] - mx
+            du0 = dst[k, 0] - uy
+            du1 = dst[k, 1] - ux
+            syy += dy * dy
+            syx += dy * dx
+            sxx += dx * dx
+            t[0, 0] += dy * du0
+            t[0, 1] += dx * du0
+            t[1, 0] += dy * du1
+            t[1, 1] += dx * du1
+    det = syy * sxx - syx * syx
+    if det <= COLLINEAR_RTOL * max(syy, sxx) ** 2:
+        return False
+    for r in range(2):
+        p = (t[r, 0] * sxx - syx * t[r, 1]) / det
+        q = (syy * t[r, 1] - syx * t[r, 0]) / det
+        model[r, 0] = p
+        model[r, 1] = q
+        model[r, 2] = (uy if r == 0 else ux) - p * my - q * mx
+    return True
+
+
+@njit(cache=True, nogil=True)
+def _trials_needed(n_inliers, n, confidence):
+    """Standard adaptive RANSAC count: log(1 - p) / log(1 - w**3) for inlier ratio w."""
+    w = n_inliers / n
+    w3 = w * w * w
+    if w3 >= 1.0:
+        return 0.0
+    if w3 <= 0.0:
+        return np.inf
+    return np.ceil(np.log(1.0 - confidence) / np.log(1.0 - w3))
+
+
+@njit(cache=True, nogil=True)
+def ransac_affine(src, dst, threshold, max_trials, confidence, seed, refit):
+    """Affine RANSAC on 3-point samples.
+
+    src, dst: float64 [M, 2] (y, x) locations of the M putative matches (M >= 3).
+    threshold: residual threshold in pixels (inlier if Euclidean residual < threshold).
+    max_trials: sample budget; the loop stops early once the standard adaptive count for
+    ``confidence`` is reached (confidence >= 1 disables early termination). Degenerate
+    (collinear) samples use up a trial. seed: uint64 seed of the sampler. refit: re-estimate
+    the model by least squares on its inliers, repeated while the inlier count grows.
+
+    Returns (n_inliers, mask bool [M], model float64 [2, 3], found, trials run). A better
+    model has more inliers; equal counts keep the one with the smaller sum of squared
+    residuals over its inliers.
+    """
+    m = src.shape[0]
+    sqthresh = threshold * threshold
+    best_n = 0
+    best_cost = np.inf
+    best_model = np.zeros((2, 3))
+    best_mask = np.zeros(m, dtype=np.bool_)
+    found = False
+    model = np.zeros((2, 3))
+    mask = np.zeros(m, dtype=np.bool_)
+    state = np.uint64(seed)
+    mu = np.uint64(m)
+    needed = np.inf
+    trials = 0
+    while trials < max_trials and trials < needed:
+        trials += 1
+        state, z = _splitmix64(state)
+        i0 = np.int64(z % mu)
+        state, z = _splitmix64(state)
+        i1 = np.int64(z % mu)
+        while i1 == i0:
+            state, z = _splitmix64(state)
+            i1 = np.int64(z % mu)
+        state, z = _splitmix64(state)
+        i2 = np.int64(z % mu)
+        while i2 == i0 or i2 == i1:
+            state, z = _splitmix64(state)
+            i2 = np.int64(z % mu)
+        if not _affine_from_3(src, dst, i0, i1, i2, model):
+            continue
+        n, cost = _count_inliers(src, dst, model, sqthresh, mask)
+        if n > best_n or (n == best_n and n > 0 and cost < best_cost):
+            best_n = n
+            best_cost = cost
+            best_model[:, :] = model
+            best_mask[:] = mask
+            found = True
+            if confidence < 1.0:
+                needed = _trials_needed(best_n, m, confidence)
+    if refit and found:
+        for _ in range(10):
+            if not _fit_affine_lsq(src, dst, best_mask, model):
+                break
+            n, cost = _count_inliers(src, dst, model, sqthresh, mask)
+            if n < best_n or (n == best_n and cost >= best_cost):
+                break
+            best_n = n
+            best_cost = cost
+            best_model[:, :] = model
+            best_mask[:] = mask
+    return best_n, best_mask, best_model, found, trials

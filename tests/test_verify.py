@@ -199,6 +199,17 @@ def brute_force_match(a, b, max_distance, ratio=None, mutual=False):
     return np.array(out, dtype=np.int32).reshape(-1, 2)
 
 
+def test_match_small_sizes_equal_brute_force():
+    # row lengths around the kernel's 16-wide blocks, with ratio and mutual
+    rng = np.random.default_rng(3)
+    for nb in (1, 2, 15, 16, 17, 33):
+        a = unit(rng.normal(size=(20, 8)))
+        b = unit(np.concatenate([a[: nb // 2] + 0.3 * rng.normal(size=(nb // 2, 8)), rng.normal(size=(nb - nb // 2, 8))]))
+        for ratio, mutual in [(None, False), (0.9, False), (None, True), (0.95, True)]:
+            got = match(a, b, max_distance=1.2, ratio=ratio, mutual=mutual)
+            assert np.array_equal(got, brute_force_match(a, b, 1.2, ratio, mutual)), (nb, ratio, mutual)
+
+
 def test_match_recovers_a_permutation():
     rng = np.random.default_rng(0)
     a = unit(rng.normal(size=(300, 64)))

@@ -1,0 +1,196 @@
+"""Benchmark of spatial verification (issue 6): speed of re-ranking and inliers on a real pair.
+
+1. Time to verify R = 100 candidates of 1000 features each against a 1000-feature query, on one
+   core (BLAS and Numba limited to one thread), split into the distance GEMM, the nearest-
+   neighbour kernel and RANSAC. Candidates are synthetic: each shares 0-150 features with the
+   query under an affine map and has 200 more matches at random places (outliers), so RANSAC
+   runs its full 1000 trials on 200-350 matches, a harder case than most real candidates.
+2. Inlier counts on the scikit-image stereo pair (``skimage.data.stereo_motorcycle``) with
+   OpenCV SIFT (RootSIFT) and ORB features: d2r's RANSAC against ``cv2.estimateAffine2D`` and
+   ``skimage.measure.ransac`` on the same putative matches, threshold 10 px, 1000 trials.
+
+Needs scikit-image and opencv-python-headless for part 2 (not project dependencies)::
+
+    python benchmarks/bench_verify.py [--repeat 5] [--dims 128 64]
+"""
+
+from __future__ import annotations
+
+import os
+
+# One core: fix the thread pools before numpy and numba are imported.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from d2r import verify, verify_kernels  # noqa: E402
+
+N_FEATURES = 1000
+N_CANDIDATES = 100
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def synthetic_candidates(dim, seed=0):
+    rng = np.random.default_rng(seed)
+    q_loc = rng.uniform(0, 640, size=(N_FEATURES, 2)).astype(np.float32)
+    q_desc = unit(rng.normal(size=(N_FEATURES, dim)))
+    cands = []
+    for k in range(N_CANDIDATES):
+        n_in = int(rng.integers(0, 151))
+        n_out = 200
+        loc = rng.uniform(0, 640, size=(N_FEATURES, 2)).astype(np.float32)
+        desc = unit(rng.normal(size=(N_FEATURES, dim)))
+        idx = rng.choice(N_FEATURES, size=n_in + n_out, replace=False)
+        A = np.array([[1 + rng.normal(0, 0.1), rng.normal(0, 0.1), rng.uniform(-50, 50)],
+                      [rng.normal(0, 0.1), 1 + rng.normal(0, 0.1), rng.uniform(-50, 50)]])
+        src = q_loc[idx[:n_in]].astype(np.float64)
+        loc[:n_in] = (src @ A[:, :2].T + A[:, 2] + rng.normal(0, 1.5, size=(n_in, 2))).astype(np.float32)
+        desc[: n_in + n_out] = unit(q_desc[idx] + 0.04 * rng.normal(size=(n_in + n_out, dim)))
+        cands.append((k, float(rng.random()), verify.LocalFeatures(loc, desc)))
+    return verify.LocalFeatures(q_loc, q_desc), cands
+
+
+def time_rerank(dim, repeat):
+    query, cands = synthetic_candidates(dim)
+    verify.rerank(query, cands[:2])  # compile (cached on disk after the first run)
+    totals = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = verify.rerank(query, cands, top_r=N_CANDIDATES)
+        totals.append(time.perf_counter() - t0)
+    # Breakdown of one pass, stage by stage, on the same data.
+    a = query.descriptors
+    t_gemm = t_nn = t_ransac = 0.0
+    n_matches = []
+    for _, _, c in cands:
+        b = c.descriptors
+        t0 = time.perf_counter()
+        gram = a @ b.T
+        t1 = time.perf_counter()
+        m = verify_kernels.nearest_neighbours(gram, np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", b, b), 0.81, 0.0, False)
+        t2 = time.perf_counter()
+        verify.ransac_affine(query.locations, c.locations, m)
+        t3 = time.perf_counter()
+        t_gemm += t1 - t0
+        t_nn += t2 - t1
+        t_ransac += t3 - t2
+        n_matches.append(len(m))
+    inl = [r.inliers for r in out]
+    return {
+        "dim": dim,
+        "total_ms": 1000 * float(np.median(totals)),
+        "gemm_ms": 1000 * t_gemm,
+        "nn_ms": 1000 * t_nn,
+        "ransac_ms": 1000 * t_ransac,
+        "matches": (int(np.min(n_matches)), int(np.median(n_matches)), int(np.max(n_matches))),
+        "inliers_top": inl[:3],
+    }
+
+
+def _orb_unit(desc):
+    # 256 bits -> +-1/16: a unit vector whose squared Euclidean distance is 4 * Hamming / 256.
+    bits = np.unpackbits(desc, axis=1).astype(np.float32)
+    return (2 * bits - 1) / np.sqrt(bits.shape[1])
+
+
+def stereo_table(seeds=5):
+    try:
+        import cv2
+        from skimage import data as skdata
+        from skimage.measure import ransac as sk_ransac
+        from skimage.transform import AffineTransform
+    except ImportError as exc:
+        print(f"\n(stereo pair skipped: {exc})")
+        return
+    cv2.setNumThreads(1)
+    left, right, _ = skdata.stereo_motorcycle()
+    grays = [cv2.cvtColor(im, cv2.COLOR_RGB2GRAY) for im in (left, right)]
+    extractors = {
+        "SIFT": (cv2.SIFT_create(nfeatures=1000), lambda d: np.sqrt(d / np.maximum(d.sum(1, keepdims=True), 1e-12))),
+        "ORB": (cv2.ORB_create(nfeatures=1000), _orb_unit),
+    }
+    rows = []
+    for name, (det, to_unit) in extractors.items():
+        feats = []
+        for g in grays:
+            kp, d = det.detectAndCompute(g, None)
+            loc = np.array([(k.pt[1], k.pt[0]) for k in kp], dtype=np.float32)
+            feats.append(verify.LocalFeatures(loc, unit(to_unit(d))))
+        for label, kw in (("d < 0.9", {}), ("d < 0.9, ratio 0.8", {"ratio": 0.8})):
+            m = verify.match(feats[0].descriptors, feats[1].descriptors, **kw)
+            src = feats[0].locations[m[:, 0]].astype(np.float64)
+            dst = feats[1].locations[m[:, 1]].astype(np.float64)
+            ours, ours_refit, ours_t = [], [], []
+            cv, cv_refine, cv_t = [], [], []
+            sk, sk_t = [], []
+            for s in range(seeds):
+                t0 = time.perf_counter()
+                r = verify.ransac_affine(feats[0].locations, feats[1].locations, m, seed=s)
+                ours_t.append(time.perf_counter() - t0)
+                ours.append(r.inliers)
+                ours_refit.append(verify.ransac_affine(feats[0].locations, feats[1].locations, m, seed=s, refit=True).inliers)
+                cv2.setRNGSeed(s)
+                t0 = time.perf_counter()
+                _, mask = cv2.estimateAffine2D(src[:, ::-1].copy(), dst[:, ::-1].copy(), method=cv2.RANSAC,
+                                               ransacReprojThreshold=10.0, maxIters=1000, confidence=0.99, refineIters=0)
+                cv_t.append(time.perf_counter() - t0)
+                cv.append(int(mask.sum()) if mask is not None else 0)
+                cv2.setRNGSeed(s)
+                _, mask = cv2.estimateAffine2D(src[:, ::-1].copy(), dst[:, ::-1].copy(), method=cv2.RANSAC,
+                                               ransacReprojThreshold=10.0, maxIters=1000, confidence=0.99)
+                cv_refine.append(int(mask.sum()) if mask is not None else 0)
+                t0 = time.perf_counter()
+                _, inl = sk_ransac((src, dst), AffineTransform, min_samples=3, residual_threshold=10.0,
+                                   max_trials=1000, rng=s)
+                sk_t.append(time.perf_counter() - t0)
+                sk.append(int(inl.sum()) if inl is not None else 0)
+            rows.append((name, len(feats[0]), len(feats[1]), label, len(m), ours, ours_refit, cv, cv_refine, sk,
+                         np.median(ours_t), np.median(cv_t), np.median(sk_t)))
+
+    def span(v):
+        return f"{int(np.median(v))} ({min(v)}-{max(v)})"
+
+    print(f"\nStereo pair (skimage stereo_motorcycle), affine RANSAC, threshold 10 px, 1000 trials, "
+          f"{seeds} seeds: median (min-max) inliers; time per call, median")
+    print("| features | matching | matches | d2r | d2r + refit | cv2.estimateAffine2D (refineIters=0) | cv2 (default LM refine) "
+          "| skimage.measure.ransac | d2r ms | cv2 ms | skimage ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, n0, n1, label, nm, o, orf, c, cr, s, ot, ct, st in rows:
+        print(f"| {name} {n0}/{n1} | {label} | {nm} | {span(o)} | {span(orf)} | {span(c)} | {span(cr)} | {span(s)} "
+              f"| {1000 * ot:.2f} | {1000 * ct:.2f} | {1000 * st:.1f} |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=5, help="timed passes over the 100 candidates (median reported)")
+    ap.add_argument("--dims", type=int, nargs="+", default=[128, 64], help="descriptor dimensions to time")
+    ap.add_argument("--seeds", type=int, default=5, help="RANSAC seeds on the stereo pair")
+    args = ap.parse_args()
+
+    import numba
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores; "
+          f"numpy {np.__version__}, numba {numba.__version__}, "
+          f"BLAS/Numba threads: {os.environ['OPENBLAS_NUM_THREADS']}/{numba.config.NUMBA_NUM_THREADS}")
+    print(f"\nRe-rank {N_CANDIDATES} candidates x {N_FEATURES} features (query {N_FEATURES}), one core, "
+          f"median of {args.repeat}; stage times are one pass")
+    print("| D | rerank total ms | distance GEMM ms | NN kernel ms | RANSAC ms | matches min/median/max | top inliers |")
+    print("|---|---|---|---|---|---|---|")
+    for dim in args.dims:
+        r = time_rerank(dim, args.repeat)
+        print(f"| {r['dim']} | {r['total_ms']:.1f} | {r['gemm_ms']:.1f} | {r['nn_ms']:.1f} | {r['ransac_ms']:.1f} "
+              f"| {'/'.join(map(str, r['matches']))} | {r['inliers_top']} |")
+    stereo_table(args.seeds)
+
+
+if __name__ == "__main__":
+    main()

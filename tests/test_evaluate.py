@@ -18,6 +18,7 @@ from d2r.evaluate import (
     load_dataset,
     protocol_lists,
     ranks_from_scores,
+    remove_junk,
 )
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "roxford5k-mini"
@@ -225,6 +226,29 @@ def test_matches_independent_implementation_on_random_cases():
             assert res.map[p] == pytest.approx(m, abs=1e-9), (trial, p)
             for j, k in enumerate(kappas):
                 assert res.mp[p][k] == pytest.approx(prs[j], abs=1e-9), (trial, p, k)
+
+
+def test_remove_junk_keeps_order_and_metrics():
+    gnd = [{"easy": [0], "hard": [4], "junk": [2]}]
+    ranking = np.array([3, 2, 4, 1, 0])
+    for p in ("easy", "medium", "hard"):
+        _, junk = protocol_lists(gnd, p)
+        cleaned = remove_junk(ranking, junk[0])
+        assert 2 not in cleaned
+        assert cleaned.tolist() == [i for i in ranking if i not in set(junk[0].tolist())]
+        assert evaluate_protocol([cleaned], *protocol_lists(gnd, p)).map == pytest.approx(
+            evaluate_protocol([ranking], *protocol_lists(gnd, p)).map
+        )
+
+
+def test_compute_map_accepts_one_ranking_per_protocol():
+    gnd = [{"easy": [0], "hard": [1], "junk": []}]
+    res = compute_map({"easy": [[0, 1]], "medium": [[2, 0, 1]], "hard": [[1]]}, gnd)
+    assert res.map["easy"] == pytest.approx(100.0)
+    assert res.map["medium"] == pytest.approx(100 * ((0 + 1 / 2) / 2 + (1 / 2 + 2 / 3) / 2) / 2)
+    assert res.map["hard"] == pytest.approx(100.0)
+    with pytest.raises(d2r.InputError, match="missing hard"):
+        compute_map({"easy": [[0]], "medium": [[0]]}, gnd)
 
 
 def test_protocol_lists():

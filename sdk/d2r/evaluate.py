@@ -29,7 +29,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -54,6 +54,7 @@ __all__ = [
     "load_dataset",
     "protocol_lists",
     "ranks_from_scores",
+    "remove_junk",
 ]
 
 
@@ -289,7 +290,9 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas=KAPPAS, n_database: int | 
 
     Args:
         ranks: per query, int [L] database indices best first; may be truncated (L smaller
-            than the database). A 2-D array is read as one row per query.
+            than the database). A 2-D array is read as one row per query. Or a mapping
+            {"easy", "medium", "hard"} -> such rankings, one per protocol (spatial
+            verification re-ranks the top R non-junk images, and junk differs by protocol).
         gnd: per query, a mapping with ``easy``, ``hard`` and ``junk`` lists of database
             indices (the entries of ``gnd.json``, or :attr:`Dataset.gnd`).
         kappas: the k of mP@k.
@@ -300,11 +303,18 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas=KAPPAS, n_database: int | 
         nq = len(gnd)
     except TypeError as exc:
         raise InputError(f"gnd: expected a sequence of per-query ground truth, got {type(gnd).__name__}") from exc
-    rows = _rows(ranks, nq, n_database)
+    if isinstance(ranks, Mapping):
+        missing = [p for p in PROTOCOLS if p not in ranks]
+        if missing:
+            raise InputError(f"ranks: a mapping of rankings needs every protocol, missing {', '.join(missing)}")
+        per_protocol = {p: _rows(ranks[p], nq, n_database) for p in PROTOCOLS}
+    else:
+        rows = _rows(ranks, nq, n_database)
+        per_protocol = {p: rows for p in PROTOCOLS}
     results = {}
     for p in PROTOCOLS:
         positives, junk = protocol_lists(gnd, p)
-        results[p] = evaluate_protocol(rows, positives, junk, kappas, n_database)
+        results[p] = evaluate_protocol(per_protocol[p], positives, junk, kappas, n_database)
     return EvalResult(
         map={p: r.map for p, r in results.items()},
         mp={p: dict(r.mp) for p, r in results.items()},
@@ -312,6 +322,18 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas=KAPPAS, n_database: int | 
         n_queries=nq,
         kappas=kappas,
     )
+
+
+def remove_junk(ranking, junk) -> np.ndarray:
+    """``ranking`` without the images of ``junk``, order kept: int64 [L'].
+
+    For spatial verification under the protocol (ALGORITHM.md section 6: the top 100 of the
+    initial ranking, junk removed), with the junk of the protocol from :func:`protocol_lists`.
+    Removing junk does not change any metric of that protocol.
+    """
+    r = _index_array(ranking, "ranking")
+    j = _index_array(junk, "junk", unique=False)
+    return r[~np.isin(r, j)]
 
 
 def ranks_from_scores(scores, top: int | None = None) -> np.ndarray:

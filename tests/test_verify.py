@@ -130,6 +130,11 @@ def test_ransac_collinear_and_coincident_points_do_not_crash():
     src = np.stack([t, 2 * t + 1], 1)
     res = ransac_affine(src, src + 3, identity_matches(20))
     assert res.inliers == 0 and res.affine is None and res.trials == 1000
+    # a plane mapped onto a line: every sample is singular on the candidate side
+    rng = np.random.default_rng(0)
+    plane = rng.uniform(0, 100, size=(20, 2))
+    res = ransac_affine(plane, np.stack([plane[:, 0], plane[:, 0]], 1), identity_matches(20))
+    assert res.inliers == 0 and res.affine is None
     same = np.full((10, 2), 7.0)
     res = ransac_affine(same, same, identity_matches(10), refit=True)
     assert res.inliers == 0 and res.affine is None

@@ -142,7 +142,10 @@ def _splitmix64(state):
 
 @njit(cache=True, nogil=True)
 def _affine_from_3(src, dst, i0, i1, i2, model):
-    """Exact affine through 3 correspondences into ``model`` [2, 3]; False if degenerate."""
+    """Exact affine through 3 correspondences into ``model`` [2, 3].
+
+    False if degenerate: collinear (or coincident) points on either side.
+    """
     y0 = src[i0, 0]
     x0 = src[i0, 1]
     ay = src[i1, 0] - y0
@@ -152,6 +155,15 @@ def _affine_from_3(src, dst, i0, i1, i2, model):
     det = ay * bx - ax * by
     extent = max(ay * ay + ax * ax, by * by + bx * bx)
     if extent == 0.0 or abs(det) <= COLLINEAR_RTOL * extent:
+        return False
+    # A sample whose targets are collinear gives a singular map (a plane onto a line), which
+    # can only collect chance inliers along that line.
+    cy = dst[i1, 0] - dst[i0, 0]
+    cx = dst[i1, 1] - dst[i0, 1]
+    ey = dst[i2, 0] - dst[i0, 0]
+    ex = dst[i2, 1] - dst[i0, 1]
+    dext = max(cy * cy + cx * cx, ey * ey + ex * ex)
+    if dext == 0.0 or abs(cy * ex - cx * ey) <= COLLINEAR_RTOL * dext:
         return False
     for r in range(2):
         u0 = dst[i0, r]

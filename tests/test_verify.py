@@ -306,6 +306,17 @@ def test_verify_pair_counts_shared_features():
     assert verify.verify_pair((q.locations, q.descriptors), (c.locations, c.descriptors)).inliers == 120
 
 
+@pytest.mark.parametrize("kwargs", [dict(seed=5), dict(seed=7, confidence=1.0, max_trials=300), dict(refit=True, threshold=4.0)])
+def test_verify_pair_and_rerank_equal_match_then_ransac(kwargs):
+    q, c, _ = scene_features(seed=2, n_shared=30)
+    m = match(q.descriptors, c.descriptors)
+    ref = ransac_affine(q.locations, c.locations, m, **kwargs)
+    got = verify.verify_pair(q, c, **kwargs)
+    assert (got.inliers, got.trials) == (ref.inliers, ref.trials)
+    assert np.array_equal(got.matches, m) and np.array_equal(got.affine, ref.affine)
+    assert rerank(q, [("c", 1.0, c)], **kwargs)[0].inliers == ref.inliers
+
+
 def test_rerank_sorts_by_inliers_then_score():
     q, c, other = scene_features()
     cands = [("o1", 0.9, other), ("match", 0.5, c), ("o2", 0.7, other), ("tail", 0.2, None)]
@@ -329,6 +340,10 @@ def test_rerank_bad_candidates():
         rerank(q, [("a", 0.5, None)])
     with pytest.raises(d2r.InputError, match="top_r"):
         rerank(q, [("a", 0.5, c)], top_r=0)
+    with pytest.raises(d2r.InputError, match=r"candidates\[1\] features: descriptors of dimension D = 8"):
+        rerank(q, [("a", 0.5, c), ("b", 0.4, (np.zeros((3, 2)), unit(np.ones((3, 8)))))])
+    with pytest.raises(d2r.InputError, match="refit"):
+        rerank(q, [("a", 0.5, c)], refit="no")
 
 
 # --------------------------------------------------------------------------------------------

@@ -199,6 +199,57 @@ def _seed(value) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def _match_params(max_distance, ratio, mutual) -> tuple:
+    """Checked (squared distance threshold, ratio or 0, mutual) for the kernel."""
+    max_distance = real_number(max_distance, "max_distance")
+    if max_distance <= 0:
+        raise InputError(f"max_distance: expected a positive distance, got {max_distance}")
+    if ratio is None:
+        ratio_v = 0.0
+    else:
+        ratio_v = real_number(ratio, "ratio")
+        if not 0 < ratio_v <= 1:
+            raise InputError(f"ratio: expected a Lowe ratio in (0, 1] or None, got {ratio_v}")
+    if not isinstance(mutual, (bool, np.bool_)):
+        raise InputError(f"mutual: expected True or False, got {mutual!r}")
+    return max_distance * max_distance, ratio_v, bool(mutual)
+
+
+def _ransac_params(threshold, max_trials, seed, confidence, refit) -> tuple:
+    """Checked (threshold, max_trials, confidence, seed, refit): the kernel's argument order."""
+    threshold = real_number(threshold, "threshold")
+    if threshold <= 0:
+        raise InputError(f"threshold: expected a positive residual threshold in pixels, got {threshold}")
+    max_trials = positive_int(max_trials, "max_trials")
+    seed = _seed(seed)
+    confidence = real_number(confidence, "confidence")
+    if not 0 < confidence <= 1:
+        raise InputError(f"confidence: expected a probability in (0, 1], got {confidence}")
+    if not isinstance(refit, (bool, np.bool_)):
+        raise InputError(f"refit: expected True or False, got {refit!r}")
+    return threshold, max_trials, confidence, np.uint64(seed), bool(refit)
+
+
+def _match_checked(a, b, norm_a, params) -> np.ndarray:
+    if a.shape[0] == 0 or b.shape[0] == 0:
+        return np.zeros((0, 2), dtype=np.int32)
+    gram = a @ b.T
+    norm_b = np.einsum("ij,ij->i", b, b)
+    return verify_kernels.nearest_neighbours(gram, norm_a, norm_b, *params)
+
+
+def _ransac_checked(la, lb, mt, params) -> VerifyResult:
+    m = mt.shape[0]
+    if m < MIN_MATCHES:
+        return VerifyResult(0, np.zeros(m, dtype=bool), None, mt, 0)
+    src = la[mt[:, 0]].astype(np.float64)
+    dst = lb[mt[:, 1]].astype(np.float64)
+    n, mask, model, found, trials = verify_kernels.ransac_affine(src, dst, *params)
+    if not found:
+        return VerifyResult(0, np.zeros(m, dtype=bool), None, mt, int(trials))
+    return VerifyResult(int(n), mask, model, mt, int(trials))
+
+
 def match(desc_a, desc_b, max_distance: float = MAX_DISTANCE, ratio: float | None = None, mutual: bool = False) -> np.ndarray:
     """Putative matches: each row of ``desc_a`` to its nearest neighbour in ``desc_b``.
 
@@ -217,23 +268,8 @@ def match(desc_a, desc_b, max_distance: float = MAX_DISTANCE, ratio: float | Non
     """
     a = descriptors_array(desc_a, "desc_a")
     b = descriptors_array(desc_b, "desc_b", dim=a.shape[1])
-    max_distance = real_number(max_distance, "max_distance")
-    if max_distance <= 0:
-        raise InputError(f"max_distance: expected a positive distance, got {max_distance}")
-    if ratio is None:
-        ratio_v = 0.0
-    else:
-        ratio_v = real_number(ratio, "ratio")
-        if not 0 < ratio_v <= 1:
-            raise InputError(f"ratio: expected a Lowe ratio in (0, 1] or None, got {ratio_v}")
-    if not isinstance(mutual, (bool, np.bool_)):
-        raise InputError(f"mutual: expected True or False, got {mutual!r}")
-    if a.shape[0] == 0 or b.shape[0] == 0:
-        return np.zeros((0, 2), dtype=np.int32)
-    gram = a @ b.T
-    norm_a = np.einsum("ij,ij->i", a, a)
-    norm_b = np.einsum("ij,ij->i", b, b)
-    return verify_kernels.nearest_neighbours(gram, norm_a, norm_b, max_distance * max_distance, ratio_v, bool(mutual))
+    params = _match_params(max_distance, ratio, mutual)
+    return _match_checked(a, b, np.einsum("ij,ij->i", a, a), params)
 
 
 def ransac_affine(
@@ -254,39 +290,25 @@ def ransac_affine(
         matches: int [M, 2] (query index, candidate index), e.g. from :func:`match`.
         threshold: residual threshold in pixels; a match is an inlier if the Euclidean distance
             between the mapped query location and its candidate location is below it.
-        max_trials: most samples drawn. The loop also stops once the standard adaptive count
+        max_trials: most samples drawn; a degenerate sample (collinear points on either side)
+            uses up a trial. The loop also stops once the standard adaptive count
             ``log(1 - confidence) / log(1 - w**3)`` (w: best inlier ratio so far) is reached.
         seed: seed of the sampler; the same seed and input give the same result.
-        confidence: probability for early termination in (0, 1]; 1 disables it.
+        confidence: probability for early termination in (0, 1]; 1 disables it and always
+            draws ``max_trials`` samples, like the reference code (scikit-image's ransac).
         refit: re-estimate the best model by least squares on its inliers (repeated while
             that gains inliers); the inlier count reported is then the refit model's.
 
     Returns:
-        :class:`VerifyResult`. With fewer than :data:`MIN_MATCHES` matches, or when every
-        sample is degenerate (collinear points), ``inliers`` is 0 and ``affine`` is None.
+        :class:`VerifyResult`. The best model has the most inliers (equal counts: the smaller
+        sum of squared inlier residuals). With fewer than :data:`MIN_MATCHES` matches, or when
+        every sample is degenerate, ``inliers`` is 0 and ``affine`` is None.
     """
     la = _locations_array(loc_a, "loc_a")
     lb = _locations_array(loc_b, "loc_b")
     mt = _matches_array(matches, la.shape[0], lb.shape[0])
-    threshold = real_number(threshold, "threshold")
-    if threshold <= 0:
-        raise InputError(f"threshold: expected a positive residual threshold in pixels, got {threshold}")
-    max_trials = positive_int(max_trials, "max_trials")
-    seed = _seed(seed)
-    confidence = real_number(confidence, "confidence")
-    if not 0 < confidence <= 1:
-        raise InputError(f"confidence: expected a probability in (0, 1], got {confidence}")
-    m = mt.shape[0]
-    if m < MIN_MATCHES:
-        return VerifyResult(0, np.zeros(m, dtype=bool), None, mt, 0)
-    src = la[mt[:, 0]].astype(np.float64)
-    dst = lb[mt[:, 1]].astype(np.float64)
-    n, mask, model, found, trials = verify_kernels.ransac_affine(
-        src, dst, threshold, max_trials, confidence, np.uint64(seed), bool(refit)
-    )
-    if not found:
-        return VerifyResult(0, np.zeros(m, dtype=bool), None, mt, int(trials))
-    return VerifyResult(int(n), mask, model, mt, int(trials))
+    params = _ransac_params(threshold, max_trials, seed, confidence, refit)
+    return _ransac_checked(la, lb, mt, params)
 
 
 def verify_pair(
@@ -304,15 +326,22 @@ def verify_pair(
     """:func:`match` then :func:`ransac_affine` on two images' features.
 
     ``query`` and ``candidate``: :class:`LocalFeatures`, objects with ``.locations`` and
-    ``.descriptors``, or (locations, descriptors) pairs.
+    ``.descriptors``, or (locations, descriptors) pairs, of the same descriptor dimension.
     """
     q = _features(query, "query")
     c = _features(candidate, "candidate")
-    matches = match(q.descriptors, c.descriptors, max_distance=max_distance, ratio=ratio, mutual=mutual)
-    return ransac_affine(
-        q.locations, c.locations, matches, threshold=threshold, max_trials=max_trials, seed=seed,
-        confidence=confidence, refit=refit,
-    )
+    _same_dim(q, c, "candidate")
+    mp = _match_params(max_distance, ratio, mutual)
+    rp = _ransac_params(threshold, max_trials, seed, confidence, refit)
+    matches = _match_checked(q.descriptors, c.descriptors, np.einsum("ij,ij->i", q.descriptors, q.descriptors), mp)
+    return _ransac_checked(q.locations, c.locations, matches, rp)
+
+
+def _same_dim(q: LocalFeatures, c: LocalFeatures, name: str) -> None:
+    if c.descriptors.shape[1] != q.descriptors.shape[1]:
+        raise InputError(
+            f"{name}: descriptors of dimension D = {c.descriptors.shape[1]}, the query has D = {q.descriptors.shape[1]}"
+        )
 
 
 def rerank(
@@ -334,30 +363,34 @@ def rerank(
         query: the query's features (see :func:`verify_pair`).
         candidates: the initial ranking, best first: a sequence of ``(id, score, features)``.
             Only the first ``top_r`` need features; later entries may have None. To follow the
-            Revisited Oxford protocol, remove junk images before calling.
+            Revisited Oxford protocol, remove junk images before calling
+            (:func:`d2r.evaluate.remove_junk`).
         top_r: how many candidates to verify.
         Other arguments: as :func:`match` and :func:`ransac_affine`; every pair uses ``seed``.
 
     Returns:
         list of :class:`Reranked`: the top R sorted by inliers, then initial score, both
         descending (ties keep the initial order), followed by the other candidates in their
-        initial order with ``inliers = -1``.
+        initial order with ``inliers = -1``. With an initial ranking sorted by score this is
+        the order of the reference code, which sorts every image by (inliers, score) with 0
+        inliers for the images it did not verify.
     """
     q = _features(query, "query")
     top_r = positive_int(top_r, "top_r")
+    mp = _match_params(max_distance, ratio, mutual)
+    rp = _ransac_params(threshold, max_trials, seed, confidence, refit)
     items = []
     for k, cand in enumerate(candidates):
         if not isinstance(cand, (tuple, list)) or len(cand) != 3:
             raise InputError(f"candidates[{k}]: expected an (id, score, features) triple, got {type(cand).__name__}")
         items.append((cand[0], real_number(cand[1], f"candidates[{k}] score"), cand[2]))
+    norm_q = np.einsum("ij,ij->i", q.descriptors, q.descriptors)
     verified = []
     for k, (cid, score, feats) in enumerate(items[:top_r]):
         c = _features(feats, f"candidates[{k}] features")
-        res = verify_pair(
-            q, c, max_distance=max_distance, ratio=ratio, mutual=mutual, threshold=threshold,
-            max_trials=max_trials, seed=seed, confidence=confidence, refit=refit,
-        )
-        verified.append(Reranked(cid, score, res.inliers))
+        _same_dim(q, c, f"candidates[{k}] features")
+        matches = _match_checked(q.descriptors, c.descriptors, norm_q, mp)
+        verified.append(Reranked(cid, score, _ransac_checked(q.locations, c.locations, matches, rp).inliers))
     # Python's sort is stable: equal (inliers, score) keep the initial order.
     verified.sort(key=lambda r: (-r.inliers, -r.score))
     return verified + [Reranked(cid, score, -1) for cid, score, _ in items[top_r:]]

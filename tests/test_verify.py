@@ -140,6 +140,18 @@ def test_ransac_collinear_and_coincident_points_do_not_crash():
     assert res.inliers == 0 and res.affine is None
 
 
+def test_many_to_one_matches_do_not_make_inliers():
+    # 20 query features all matched to one candidate feature (repeated texture) plus 10
+    # random matches: a sample with coincident candidate points would map the plane onto a
+    # point or a line and "explain" the 20; such samples are rejected
+    rng = np.random.default_rng(1)
+    loc_a = rng.uniform(0, 500, size=(30, 2))
+    loc_b = rng.uniform(0, 500, size=(11, 2))
+    m = np.stack([np.arange(30), np.r_[np.zeros(20, int), np.arange(1, 11)]], 1)
+    res = ransac_affine(loc_a, loc_b, m, confidence=1.0)
+    assert res.inliers <= 4
+
+
 def test_ransac_refit_survives_degenerate_inlier_set():
     # 3 general points + many points on a line: refit is still well defined or skipped cleanly
     t = np.linspace(0, 100, 30)

@@ -179,15 +179,40 @@ def _affine_from_3(src, dst, i0, i1, i2, model):
 
 
 @njit(cache=True, nogil=True)
-def _count_inliers(src, dst, model, sqthresh, mask):
+def _count_inliers(sy, sx, dy, dx, model, sqthresh):
+    """Number of matches with residual**2 < sqthresh under ``model``.
+
+    The hot loop of RANSAC: separate coordinate arrays and an integer count let LLVM
+    vectorise it without fast-math, so it classifies exactly like :func:`_mark_inliers`.
+    """
+    a00 = model[0, 0]
+    a01 = model[0, 1]
+    a02 = model[0, 2]
+    a10 = model[1, 0]
+    a11 = model[1, 1]
+    a12 = model[1, 2]
+    n = 0
+    for k in range(sy.shape[0]):
+        ey = a00 * sy[k] + a01 * sx[k] + a02 - dy[k]
+        ex = a10 * sy[k] + a11 * sx[k] + a12 - dx[k]
+        n += 1 if ey * ey + ex * ex < sqthresh else 0
+    return n
+
+
+@njit(cache=True, nogil=True)
+def _mark_inliers(sy, sx, dy, dx, model, sqthresh, mask):
     """Marks ``mask`` with residual**2 < sqthresh; returns (count, sum of inlier residual**2)."""
+    a00 = model[0, 0]
+    a01 = model[0, 1]
+    a02 = model[0, 2]
+    a10 = model[1, 0]
+    a11 = model[1, 1]
+    a12 = model[1, 2]
     n = 0
     cost = 0.0
-    for k in range(src.shape[0]):
-        y = src[k, 0]
-        x = src[k, 1]
-        ey = model[0, 0] * y + model[0, 1] * x + model[0, 2] - dst[k, 0]
-        ex = model[1, 0] * y + model[1, 1] * x + model[1, 2] - dst[k, 1]
+    for k in range(sy.shape[0]):
+        ey = a00 * sy[k] + a01 * sx[k] + a02 - dy[k]
+        ex = a10 * sy[k] + a11 * sx[k] + a12 - dx[k]
         r = ey * ey + ex * ex
         if r < sqthresh:
             mask[k] = True
@@ -278,6 +303,10 @@ def ransac_affine(src, dst, threshold, max_trials, confidence, seed, refit):
     """
     m = src.shape[0]
     sqthresh = threshold * threshold
+    sy = src[:, 0].copy()
+    sx = src[:, 1].copy()
+    dy = dst[:, 0].copy()
+    dx = dst[:, 1].copy()
     best_n = 0
     best_cost = np.inf
     best_model = np.zeros((2, 3))
@@ -305,8 +334,12 @@ def ransac_affine(src, dst, threshold, max_trials, confidence, seed, refit):
             i2 = np.int64(z % mu)
         if not _affine_from_3(src, dst, i0, i1, i2, model):
             continue
-        n, cost = _count_inliers(src, dst, model, sqthresh, mask)
-        if n > best_n or (n == best_n and n > 0 and cost < best_cost):
+        n = _count_inliers(sy, sx, dy, dx, model, sqthresh)
+        if n == 0 or n < best_n:
+            continue
+        # Candidates for best only: the residual sum breaks ties between equal counts.
+        n, cost = _mark_inliers(sy, sx, dy, dx, model, sqthresh, mask)
+        if n > best_n or cost < best_cost:
             best_n = n
             best_cost = cost
             best_model[:, :] = model
@@ -318,7 +351,7 @@ def ransac_affine(src, dst, threshold, max_trials, confidence, seed, refit):
         for _ in range(10):
             if not _fit_affine_lsq(src, dst, best_mask, model):
                 break
-            n, cost = _count_inliers(src, dst, model, sqthresh, mask)
+            n, cost = _mark_inliers(sy, sx, dy, dx, model, sqthresh, mask)
             if n < best_n or (n == best_n and cost >= best_cost):
                 break
             best_n = n

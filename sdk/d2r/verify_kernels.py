@@ -5,7 +5,7 @@ Every kernel is compiled once and cached on disk (``cache=True``).
 
 Conventions: locations are float64 ``[M, 2]`` in (y, x) order; an affine model is a float64
 ``[2, 3]`` matrix ``A`` with ``[y', x'] = A @ [y, x, 1]``. Random numbers come from a
-SplitMix64 generator owned by each call, so a seed gives the same result on every platform
+SplitMix64 generator owned by each call, so a seed draws the same samples on every platform
 and no global random state is touched.
 """
 
@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-# A sample of 3 points is rejected as degenerate (collinear or coincident) when the area of
-# its triangle is below this fraction of the squared extent of the sample.
+# A sample of 3 points is rejected as degenerate (collinear or coincident) when the cross
+# product of its edges (twice the triangle's area) is below this fraction of the squared
+# length of its longer edge from the first point; checked on both the query and candidate side.
 COLLINEAR_RTOL = 1e-6
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -29,13 +30,13 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _min_range(v, lo, hi):
-    """min(v[lo:hi]) of finite values (inf if empty).
+def _min_range(v, lo, hi, acc):
+    """min(v[lo:hi]) of finite values (inf if empty); acc: float32 [16] scratch.
 
     16 independent running minima: LLVM does not vectorise a float min reduction here, and
     one dependency chain is 3-4 times slower than 16 interleaved ones.
     """
-    acc = np.full(16, np.inf, dtype=np.float32)
+    acc[:] = np.inf
     n16 = lo + (hi - lo) - (hi - lo) % 16
     for j0 in range(lo, n16, 16):
         for k in range(16):
@@ -50,7 +51,7 @@ def _min_range(v, lo, hi):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _row_values(g, norm_b, out):
+def _row_values(g, norm_b, out, acc):
     """out[j] = |b_j|^2 - 2 <a, b_j>: the squared distance less |a|^2. Returns min(out).
 
     fastmath only lets LLVM vectorise: 2 * g is exact, so a fused multiply-add rounds the same,
@@ -58,14 +59,16 @@ def _row_values(g, norm_b, out):
     """
     for j in range(g.shape[0]):
         out[j] = norm_b[j] - np.float32(2.0) * g[j]
-    return _min_range(out, 0, out.shape[0])
+    return _min_range(out, 0, out.shape[0], acc)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _update_columns(v, i, col_d, col_best):
+def _update_columns(v, shift, i, col_d, col_best):
+    """Fold row i (values v + shift) into the running column minima; ties keep the lower i."""
     for j in range(v.shape[0]):
-        better = v[j] < col_d[j]
-        col_d[j] = v[j] if better else col_d[j]
+        x = v[j] + shift
+        better = x < col_d[j]
+        col_d[j] = x if better else col_d[j]
         col_best[j] = i if better else col_best[j]
 
 
@@ -87,6 +90,7 @@ def nearest_neighbours(gram, norm_a, norm_b, max_sqdist, ratio, mutual):
     if nb == 0:
         return out[:0].copy()
     row = np.empty(nb, dtype=np.float32)
+    acc = np.empty(16, dtype=np.float32)
     # The column minima of |a|^2 - 2 <a, b> give each b's nearest a (for the mutual check).
     col_d = np.full(nb, np.inf, dtype=np.float32)
     col_best = np.full(nb, -1, dtype=np.int64)
@@ -94,11 +98,10 @@ def nearest_neighbours(gram, norm_a, norm_b, max_sqdist, ratio, mutual):
     use_ratio = ratio > 0.0
     r2 = ratio * ratio
     for i in range(na):
-        vmin = _row_values(gram[i], norm_b, row)
+        vmin = _row_values(gram[i], norm_b, row, acc)
         if mutual:
             # Column order needs |a_i|^2 too: shift the row by it (exact enough at 1e-6).
-            col_row = row + norm_a[i]
-            _update_columns(col_row, i, col_d, col_best)
+            _update_columns(row, norm_a[i], i, col_d, col_best)
         d1 = max(np.float64(norm_a[i]) + np.float64(vmin), 0.0)
         if not d1 < max_sqdist:
             continue
@@ -106,7 +109,7 @@ def nearest_neighbours(gram, norm_a, norm_b, max_sqdist, ratio, mutual):
         while row[j1] != vmin:
             j1 += 1
         if use_ratio and nb > 1:
-            v2 = min(_min_range(row, 0, j1), _min_range(row, j1 + 1, nb))
+            v2 = min(_min_range(row, 0, j1, acc), _min_range(row, j1 + 1, nb, acc))
             d2 = max(np.float64(norm_a[i]) + np.float64(v2), 0.0)
             if not d1 < r2 * d2:
                 continue

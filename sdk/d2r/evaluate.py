@@ -21,15 +21,18 @@ the last retrieved positive. Every mean is reported in percent::
     result.map["medium"], result.mp["hard"][10]
 
 ``ranks`` holds one row per query (unlike the revisitop code, whose array is [database, query]).
+Two cases the revisitop code does not define: when a query has positives but the ranking
+retrieves none of them, its AP and its P@k are 0 (revisitop fails on it); an image listed both
+as positive and as junk counts as a positive.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -201,8 +204,6 @@ def compute_ap(ranks_of_positives, n_positives: int) -> float:
         raise InputError("ranks_of_positives: expected strictly ascending ranks")
     if r.size > n_positives:
         raise InputError(f"ranks_of_positives: {r.size} ranks for only {n_positives} positives")
-    if r.size and r[0] < 0:
-        raise InputError("ranks_of_positives: ranks must be >= 0")
     i = np.arange(r.size, dtype=np.float64)
     rf = r.astype(np.float64)
     left = np.where(r == 0, 1.0, i / np.where(r == 0, 1.0, rf))

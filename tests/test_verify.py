@@ -404,18 +404,37 @@ def test_side_file_round_trip_and_corruption(tmp_path):
     path = tmp_path / "verify.d2rv"
     size = verify.save_features(path, [c, other, empty])
     assert size == path.stat().st_size
-    assert size == 8 + 4 + 4 + 8 * 4 + 2 * verify.feature_bytes(200, 64) + verify.feature_bytes(0, 64) + 4
+    assert size == 28 + 12 * 3 + 2 * verify.feature_bytes(200, 64) + verify.feature_bytes(0, 64)
     loaded = verify.load_features(path)
     assert [len(f) for f in loaded] == [200, 200, 0]
     assert verify.verify_pair(q, loaded[0]).inliers == 120
-    data = bytearray(path.read_bytes())
-    data[100] ^= 0x40
+    with verify.FeatureFile(path) as ff:
+        assert len(ff) == 3
+        np.testing.assert_array_equal(ff[-2].locations, loaded[1].locations)
+        with pytest.raises(d2r.InputError, match="out of range"):
+            ff[3]
     bad = tmp_path / "bad.d2rv"
+    # a flipped bit in image 1: the table and image 0 still read, image 1 is reported
+    data = bytearray(path.read_bytes())
+    data[28 + 12 * 3 + verify.feature_bytes(200, 64) + 50] ^= 0x40
     bad.write_bytes(bytes(data))
-    with pytest.raises(d2r.IndexFormatError, match="checksum"):
+    with verify.FeatureFile(bad) as ff:
+        assert len(ff[0]) == 200
+        with pytest.raises(d2r.IndexFormatError, match="image 1 fails its checksum"):
+            ff[1]
+    with pytest.raises(d2r.IndexFormatError, match="image 1"):
         verify.load_features(bad)
+    # a flipped bit in the table
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0x01
+    bad.write_bytes(bytes(data))
+    with pytest.raises(d2r.IndexFormatError, match="table checksum"):
+        verify.FeatureFile(bad)
     bad.write_bytes(path.read_bytes()[:-10])
-    with pytest.raises(d2r.IndexFormatError, match="bad.d2rv"):
+    with pytest.raises(d2r.IndexFormatError, match="bad.d2rv.*truncated"):
+        verify.load_features(bad)
+    bad.write_bytes(path.read_bytes()[:30])
+    with pytest.raises(d2r.IndexFormatError, match="truncated table"):
         verify.load_features(bad)
     bad.write_bytes(b"NOTVERIF" + path.read_bytes()[8:])
     with pytest.raises(d2r.IndexFormatError, match="magic"):

@@ -16,8 +16,9 @@ loops are Numba kernels in :mod:`d2r.verify_kernels`; the descriptor distance ma
 float32 GEMM in numpy's BLAS.
 
 Verification features can be stored compactly with :func:`pack_features` (uint16 pixel
-coordinates, int8 or float16 descriptors) and many images in one checksummed side file with
-:func:`save_features` / :func:`load_features`.
+coordinates, int8 or float16 descriptors: 4 + D bytes per feature in int8, so 132,010 bytes for
+an image of 1000 features of D = 128) and many images in one checksummed side file with
+:func:`save_features`, read one image at a time with :class:`FeatureFile`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ CONFIDENCE = 0.99
 
 __all__ = [
     "CONFIDENCE",
+    "FeatureFile",
     "MAX_DISTANCE",
     "MAX_TRIALS",
     "MIN_MATCHES",
@@ -483,63 +485,133 @@ def unpack_features(data: bytes, name: str = "packed features") -> LocalFeatures
     return LocalFeatures(loc, desc)
 
 
-# Side file: many images' packed features, each addressed by its position.
-#   magic  b"D2RVERIF" | uint32 version | uint32 count | uint64 offsets[count + 1] (from the
-#   start of the payload) | payload (the packed images back to back) | uint32 CRC-32 of
-#   everything before it.
+# Side file: many images' packed features, each read on its own (a phone need not load them all).
+#   header: magic b"D2RVERIF" | uint32 version | uint32 count
+#   table:  uint64 offsets[count + 1] (from the start of the payload) | uint32 crc[count]
+#           (CRC-32 of each packed image) | uint32 CRC-32 of header and table
+#   payload: the packed images back to back.
+# All little-endian. The table is checked on open, each image when it is read.
 _FILE_MAGIC = b"D2RVERIF"
 _FILE_VERSION = 1
 _FILE_HEADER = struct.Struct("<8sII")
+# Refuse absurd counts from a corrupt header before allocating a table for them.
+_MAX_IMAGES = 1 << 32
+
+
+def _table_size(count: int) -> int:
+    return _FILE_HEADER.size + 8 * (count + 1) + 4 * count + 4
 
 
 def save_features(path, images: Iterable, descriptor_dtype: str = "int8") -> int:
     """Write many images' verification features to one side file; returns its size in bytes.
 
-    ``images``: an iterable of features (see :func:`verify_pair`), in database order. The file
-    is written to a temporary name and renamed, so a crash never leaves a half-written file.
+    ``images``: an iterable of features (see :func:`verify_pair`), in database order; the
+    size is 28 + 12 * count + the sum of :func:`feature_bytes`. The file is written to a
+    temporary name and renamed, so a crash never leaves a half-written file.
     """
     blobs = [pack_features(f, descriptor_dtype) for f in images]
     offsets = np.zeros(len(blobs) + 1, dtype="<u8")
     offsets[1:] = np.cumsum([len(b) for b in blobs], dtype=np.int64)
-    body = _FILE_HEADER.pack(_FILE_MAGIC, _FILE_VERSION, len(blobs)) + offsets.tobytes() + b"".join(blobs)
-    crc = zlib.crc32(body) & 0xFFFFFFFF
+    crcs = np.array([zlib.crc32(b) & 0xFFFFFFFF for b in blobs], dtype="<u4")
+    table = _FILE_HEADER.pack(_FILE_MAGIC, _FILE_VERSION, len(blobs)) + offsets.tobytes() + crcs.tobytes()
+    table += struct.pack("<I", zlib.crc32(table) & 0xFFFFFFFF)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        fh.write(body)
-        fh.write(struct.pack("<I", crc))
+        fh.write(table)
+        for b in blobs:
+            fh.write(b)
     tmp.replace(path)
-    return len(body) + 4
+    return len(table) + int(offsets[-1])
+
+
+class FeatureFile:
+    """Random access to a side file written by :func:`save_features`.
+
+    ``len(f)`` images; ``f[i]`` reads, checks (CRC-32) and unpacks image i as
+    :class:`LocalFeatures`. Use as a context manager, or call :meth:`close`.
+
+    Raises :class:`IndexFormatError` naming the file: on open if it is truncated, of another
+    format or version, or its table fails its checksum; on ``f[i]`` if image i is corrupt.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "rb")
+        except OSError as exc:
+            raise IndexFormatError(f"{self.path}: cannot read verification features ({exc.strerror or exc})") from exc
+        try:
+            self._read_table()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _read_table(self) -> None:
+        path = self.path
+        size = self._fh.seek(0, 2)
+        self._fh.seek(0)
+        head = self._fh.read(_FILE_HEADER.size)
+        if len(head) < _FILE_HEADER.size:
+            raise IndexFormatError(f"{path}: truncated ({size} bytes), not a verification features file")
+        magic, version, count = _FILE_HEADER.unpack(head)
+        if magic != _FILE_MAGIC:
+            raise IndexFormatError(f"{path}: not a d2r verification features file (bad magic {magic!r})")
+        if version != _FILE_VERSION:
+            raise IndexFormatError(f"{path}: unknown version {version} (this d2r reads version {_FILE_VERSION})")
+        start = _table_size(count)
+        if count >= _MAX_IMAGES or size < start:
+            raise IndexFormatError(f"{path}: truncated table for {count} images ({size} bytes)")
+        rest = self._fh.read(start - _FILE_HEADER.size)
+        table = head + rest
+        (crc,) = struct.unpack_from("<I", table, start - 4)
+        if zlib.crc32(table[:-4]) & 0xFFFFFFFF != crc:
+            raise IndexFormatError(f"{path}: table checksum mismatch, the file is corrupt")
+        offsets = np.frombuffer(table, dtype="<u8", count=count + 1, offset=_FILE_HEADER.size).astype(np.int64)
+        if offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+            raise IndexFormatError(f"{path}: inconsistent offset table")
+        if start + int(offsets[-1]) != size:
+            raise IndexFormatError(
+                f"{path}: expected {start + int(offsets[-1])} bytes for {count} images, got {size} (truncated or padded)"
+            )
+        self._offsets = offsets
+        self._crcs = np.frombuffer(table, dtype="<u4", count=count, offset=_FILE_HEADER.size + 8 * (count + 1))
+        self._start = start
+
+    def __len__(self) -> int:
+        return len(self._crcs)
+
+    def __getitem__(self, i) -> LocalFeatures:
+        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+            raise InputError(f"image index: expected an integer, got {i!r}")
+        n = len(self)
+        if not -n <= i < n:
+            raise InputError(f"image index {i} out of range for {n} images in {self.path}")
+        i = int(i) % n
+        if self._fh.closed:
+            raise InputError(f"{self.path}: the feature file is closed")
+        lo, hi = int(self._offsets[i]), int(self._offsets[i + 1])
+        self._fh.seek(self._start + lo)
+        blob = self._fh.read(hi - lo)
+        if len(blob) != hi - lo or zlib.crc32(blob) & 0xFFFFFFFF != int(self._crcs[i]):
+            raise IndexFormatError(f"{self.path}: image {i} fails its checksum, the file is corrupt")
+        return unpack_features(blob, f"{self.path} image {i}")
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def load_features(path) -> list[LocalFeatures]:
-    """Read a side file written by :func:`save_features`.
+    """Every image of a side file written by :func:`save_features`, in order.
 
     Raises :class:`IndexFormatError` naming the file if it is truncated, of another format or
-    version, or fails its CRC-32 check.
+    version, or fails a checksum.
     """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise IndexFormatError(f"{path}: cannot read verification features ({exc.strerror or exc})") from exc
-    if len(data) < _FILE_HEADER.size + 8 + 4:
-        raise IndexFormatError(f"{path}: truncated ({len(data)} bytes), not a verification features file")
-    magic, version, count = _FILE_HEADER.unpack_from(data, 0)
-    if magic != _FILE_MAGIC:
-        raise IndexFormatError(f"{path}: not a d2r verification features file (bad magic {magic!r})")
-    if version != _FILE_VERSION:
-        raise IndexFormatError(f"{path}: unknown version {version} (this d2r reads version {_FILE_VERSION})")
-    body, (crc,) = data[:-4], struct.unpack("<I", data[-4:])
-    if zlib.crc32(body) & 0xFFFFFFFF != crc:
-        raise IndexFormatError(f"{path}: checksum mismatch, the file is corrupt or truncated")
-    start = _FILE_HEADER.size + 8 * (count + 1)
-    if len(body) < start:
-        raise IndexFormatError(f"{path}: truncated offset table for {count} images")
-    offsets = np.frombuffer(body, dtype="<u8", count=count + 1, offset=_FILE_HEADER.size)
-    if offsets[0] != 0 or np.any(np.diff(offsets.astype(np.int64)) < 0) or start + int(offsets[-1]) != len(body):
-        raise IndexFormatError(f"{path}: inconsistent offset table")
-    return [
-        unpack_features(body[start + int(offsets[i]) : start + int(offsets[i + 1])], f"{path} image {i}")
-        for i in range(count)
-    ]
+    with FeatureFile(path) as f:
+        return [f[i] for i in range(len(f))]

@@ -14,6 +14,7 @@ Device API::
     engine = d2r.Engine.open("museum.d2r")
 """
 
+from . import evaluate, verify
 from ._version import __version__
 from .aggregate import KINDS, Aggregation, aggregate, similarity
 from .codebook import Codebook
@@ -60,6 +61,8 @@ __all__ = [
     "InputError",
     "ModelError",
     "aggregate",
+    "evaluate",
     "similarity",
+    "verify",
     *_LAZY,
 ]

@@ -1,0 +1,471 @@
+"""Spatial verification: putative matches, affine RANSAC, re-ranking, packed features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import d2r
+from d2r import verify
+from d2r.verify import LocalFeatures, match, ransac_affine, rerank
+
+A_TRUE = np.array([[0.92, 0.15, 31.0], [-0.12, 1.07, -12.0]])
+# Maps [0, 500]^2 into positive pixel coordinates (packable as uint16).
+A_SCENE = np.array([[0.95, 0.1, 30.0], [-0.05, 1.05, 40.0]])
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def affine_scene(n_in=140, n_out=60, noise=0.5, seed=0, A=A_TRUE):
+    """Query locations, candidate locations and the truth mask: inliers follow A (plus bounded
+    noise), outliers are moved at least 40 px away from where A would put them."""
+    rng = np.random.default_rng(seed)
+    n = n_in + n_out
+    src = rng.uniform(0, 600, size=(n, 2))
+    dst = src @ A[:, :2].T + A[:, 2]
+    dst[:n_in] += rng.uniform(-noise, noise, size=(n_in, 2))
+    angle = rng.uniform(0, 2 * np.pi, size=n_out)
+    radius = rng.uniform(40, 300, size=n_out)
+    dst[n_in:] += np.stack([np.sin(angle), np.cos(angle)], 1) * radius[:, None]
+    truth = np.zeros(n, dtype=bool)
+    truth[:n_in] = True
+    perm = rng.permutation(n)
+    return src[perm].astype(np.float32), dst[perm].astype(np.float32), truth[perm]
+
+
+def identity_matches(n):
+    return np.stack([np.arange(n), np.arange(n)], 1)
+
+
+# --------------------------------------------------------------------------------------------
+# RANSAC
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+def test_ransac_recovers_known_inliers(seed):
+    src, dst, truth = affine_scene(seed=seed)
+    res = ransac_affine(src, dst, identity_matches(len(src)), seed=seed)
+    assert res.inliers == truth.sum() == 140
+    assert np.array_equal(res.inlier_mask, truth)
+    np.testing.assert_allclose(res.affine, A_TRUE, atol=0.05 * np.abs(A_TRUE).max())
+
+
+def test_ransac_refit_is_least_squares_on_inliers():
+    src, dst, truth = affine_scene(noise=2.0, seed=11)
+    res = ransac_affine(src, dst, identity_matches(len(src)), refit=True)
+    assert res.inliers == 140 and np.array_equal(res.inlier_mask, truth)
+    # the refit equals numpy's least squares on the true inliers
+    X = np.hstack([src[truth].astype(np.float64), np.ones((truth.sum(), 1))])
+    sol, *_ = np.linalg.lstsq(X, dst[truth].astype(np.float64), rcond=None)
+    np.testing.assert_allclose(res.affine, sol.T, atol=1e-6)
+
+
+def test_ransac_with_mostly_outliers():
+    src, dst, truth = affine_scene(n_in=30, n_out=170, seed=5)
+    res = ransac_affine(src, dst, identity_matches(len(src)), seed=3)
+    assert res.inliers == 30
+    assert np.array_equal(res.inlier_mask, truth)
+    assert res.trials == 1000  # w = 0.15 needs more than the budget: no early stop
+
+
+def test_ransac_stops_early_when_all_inliers():
+    src, dst, truth = affine_scene(n_in=100, n_out=0, seed=2)
+    res = ransac_affine(src, dst, identity_matches(100))
+    assert res.inliers == 100 and res.trials == 1  # w = 1: one sample is enough
+    full = ransac_affine(src, dst, identity_matches(100), confidence=1.0, max_trials=50)
+    assert full.inliers == 100 and full.trials == 50
+
+
+def test_ransac_is_deterministic_for_a_seed():
+    src, dst, _ = affine_scene(n_in=40, n_out=160, noise=4.0, seed=9)
+    m = identity_matches(len(src))
+    a = ransac_affine(src, dst, m, seed=123)
+    b = ransac_affine(src, dst, m, seed=123)
+    assert a.inliers == b.inliers and a.trials == b.trials
+    assert np.array_equal(a.inlier_mask, b.inlier_mask) and np.array_equal(a.affine, b.affine)
+
+
+def test_ransac_threshold_is_in_pixels():
+    # 10 points exactly on the model, 10 moved by 5 px in random directions
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 500, size=(20, 2))
+    dst = src @ A_TRUE[:, :2].T + A_TRUE[:, 2]
+    angle = rng.uniform(0, 2 * np.pi, size=10)
+    dst[10:] += 5.0 * np.stack([np.sin(angle), np.cos(angle)], 1)
+    m = identity_matches(20)
+    assert ransac_affine(src, dst, m, threshold=10.0).inliers == 20
+    for threshold in (10.0, 4.0):
+        res = ransac_affine(src, dst, m, threshold=threshold, confidence=1.0)
+        # the mask is exactly "Euclidean residual under the returned model < threshold"
+        mapped = src @ res.affine[:, :2].T + res.affine[:, 2]
+        residual = np.linalg.norm(mapped - dst, axis=1)
+        assert np.array_equal(res.inlier_mask, residual < threshold)
+    assert 10 <= res.inliers < 20
+
+
+def test_ransac_uses_only_the_given_matches():
+    src, dst, truth = affine_scene(seed=4)
+    # candidate rows reversed: the matches must undo the permutation
+    dst_rev = dst[::-1].copy()
+    n = len(src)
+    m = np.stack([np.arange(n), n - 1 - np.arange(n)], 1)
+    res = ransac_affine(src, dst_rev, m)
+    assert res.inliers == 140 and np.array_equal(res.inlier_mask, truth)
+    assert res.matches.dtype == np.int32 and res.matches.shape == (n, 2)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+def test_ransac_too_few_matches(n):
+    src, dst, _ = affine_scene(n_in=10, n_out=0)
+    res = ransac_affine(src, dst, identity_matches(n))
+    assert res.inliers == 0 and res.affine is None and res.inlier_mask.shape == (n,)
+
+
+def test_ransac_collinear_and_coincident_points_do_not_crash():
+    t = np.linspace(0, 100, 20)
+    src = np.stack([t, 2 * t + 1], 1)
+    res = ransac_affine(src, src + 3, identity_matches(20))
+    assert res.inliers == 0 and res.affine is None and res.trials == 1000
+    # a plane mapped onto a line: every sample is singular on the candidate side
+    rng = np.random.default_rng(0)
+    plane = rng.uniform(0, 100, size=(20, 2))
+    res = ransac_affine(plane, np.stack([plane[:, 0], plane[:, 0]], 1), identity_matches(20))
+    assert res.inliers == 0 and res.affine is None
+    same = np.full((10, 2), 7.0)
+    res = ransac_affine(same, same, identity_matches(10), refit=True)
+    assert res.inliers == 0 and res.affine is None
+
+
+def test_many_to_one_matches_do_not_make_inliers():
+    # 20 query features all matched to one candidate feature (repeated texture) plus 10
+    # random matches: a sample with coincident candidate points would map the plane onto a
+    # point or a line and "explain" the 20; such samples are rejected
+    rng = np.random.default_rng(1)
+    loc_a = rng.uniform(0, 500, size=(30, 2))
+    loc_b = rng.uniform(0, 500, size=(11, 2))
+    m = np.stack([np.arange(30), np.r_[np.zeros(20, int), np.arange(1, 11)]], 1)
+    res = ransac_affine(loc_a, loc_b, m, confidence=1.0)
+    assert res.inliers <= 4
+
+
+def test_ransac_refit_survives_degenerate_inlier_set():
+    # 3 general points + many points on a line: refit is still well defined or skipped cleanly
+    t = np.linspace(0, 100, 30)
+    src = np.concatenate([np.stack([t, t], 1), [[0, 80], [90, 5], [50, 300]]])
+    dst = src @ A_TRUE[:, :2].T + A_TRUE[:, 2]
+    res = ransac_affine(src, dst, identity_matches(len(src)), refit=True)
+    assert res.inliers == 33
+
+
+@pytest.mark.parametrize(
+    "kwargs, msg",
+    [
+        (dict(threshold=0), "threshold"),
+        (dict(threshold=float("nan")), "threshold"),
+        (dict(max_trials=0), "max_trials"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(confidence=0.0), "confidence"),
+    ],
+)
+def test_ransac_rejects_bad_parameters(kwargs, msg):
+    src, dst, _ = affine_scene(n_in=10, n_out=0)
+    with pytest.raises(d2r.InputError, match=msg):
+        ransac_affine(src, dst, identity_matches(10), **kwargs)
+
+
+def test_ransac_rejects_bad_arrays():
+    src, dst, _ = affine_scene(n_in=10, n_out=0)
+    m = identity_matches(10)
+    with pytest.raises(d2r.InputError, match="loc_a"):
+        ransac_affine(src[:, :1], dst, m)
+    bad = src.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(d2r.InputError, match="row 3"):
+        ransac_affine(bad, dst, m)
+    with pytest.raises(d2r.InputError, match="out of range"):
+        ransac_affine(src, dst[:5], m)
+    with pytest.raises(d2r.InputError, match="integer"):
+        ransac_affine(src, dst, m.astype(np.float32))
+    with pytest.raises(d2r.InputError, match=r"\[M, 2\]"):
+        ransac_affine(src, dst, np.arange(10))
+
+
+# --------------------------------------------------------------------------------------------
+# Putative matches
+# --------------------------------------------------------------------------------------------
+
+
+def brute_force_match(a, b, max_distance, ratio=None, mutual=False):
+    d = np.sqrt(((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1))
+    out = []
+    for i in range(len(a)):
+        order = np.argsort(d[i], kind="stable")
+        j = order[0]
+        if not d[i, j] < max_distance:
+            continue
+        if ratio is not None and len(b) > 1 and not d[i, j] < ratio * d[i, order[1]]:
+            continue
+        if mutual and np.argmin(d[:, j]) != i:
+            continue
+        out.append((i, j))
+    return np.array(out, dtype=np.int32).reshape(-1, 2)
+
+
+def test_match_small_sizes_equal_brute_force():
+    # row lengths around the kernel's 16-wide blocks, with ratio and mutual
+    rng = np.random.default_rng(3)
+    for nb in (1, 2, 15, 16, 17, 33):
+        a = unit(rng.normal(size=(20, 8)))
+        b = unit(np.concatenate([a[: nb // 2] + 0.3 * rng.normal(size=(nb // 2, 8)), rng.normal(size=(nb - nb // 2, 8))]))
+        for ratio, mutual in [(None, False), (0.9, False), (None, True), (0.95, True)]:
+            got = match(a, b, max_distance=1.2, ratio=ratio, mutual=mutual)
+            assert np.array_equal(got, brute_force_match(a, b, 1.2, ratio, mutual)), (nb, ratio, mutual)
+
+
+def test_match_recovers_a_permutation():
+    rng = np.random.default_rng(0)
+    a = unit(rng.normal(size=(300, 64)))
+    perm = rng.permutation(300)
+    b = unit(a[perm] + 0.02 * rng.normal(size=a.shape))
+    m = match(a, b)
+    assert m.dtype == np.int32 and m.shape == (300, 2)
+    assert np.array_equal(m[:, 0], np.arange(300))
+    assert np.array_equal(perm[m[:, 1]], np.arange(300))
+
+
+@pytest.mark.parametrize("ratio, mutual", [(None, False), (0.8, False), (None, True), (0.9, True)])
+def test_match_equals_brute_force(ratio, mutual):
+    rng = np.random.default_rng(1)
+    # half the rows have a close partner, the rest are random (distance about sqrt(2))
+    a = unit(rng.normal(size=(120, 32)))
+    b = unit(np.concatenate([a[:60] + 0.3 * rng.normal(size=(60, 32)), rng.normal(size=(90, 32))]))
+    ref = brute_force_match(a, b, 0.9, ratio, mutual)
+    got = match(a, b, max_distance=0.9, ratio=ratio, mutual=mutual)
+    assert 0 < len(ref) < 120
+    assert np.array_equal(got, ref)
+
+
+def test_match_distance_threshold_is_strict_and_euclidean():
+    a = unit([[1, 0, 0], [0, 1, 0]])
+    # distance from a[0]: 0.5 exactly (chord of the unit circle), from a[1]: sqrt(2)
+    c = np.cos(2 * np.arcsin(0.25))
+    b = unit([[c, np.sqrt(1 - c * c), 0]])
+    assert match(a, b, max_distance=0.6).tolist() == [[0, 0]]
+    assert match(a, b, max_distance=0.45).shape == (0, 2)
+
+
+def test_ratio_test_rejects_ambiguous_matches():
+    a = unit([[1, 0, 0, 0]])
+    b = unit([[1, 0.10, 0, 0], [1, 0, 0.11, 0], [0, 0, 0, 1]])
+    assert match(a, b).tolist() == [[0, 0]]
+    assert match(a, b, ratio=0.8).shape == (0, 2)
+    # a single candidate has no second neighbour: the ratio test passes
+    assert match(a, b[:1], ratio=0.8).tolist() == [[0, 0]]
+
+
+def test_mutual_keeps_one_of_two_queries_on_the_same_feature():
+    a = unit([[1, 0.05, 0], [1, 0.2, 0]])
+    b = unit([[1, 0, 0], [0, 0, 1]])
+    assert match(a, b).tolist() == [[0, 0], [1, 0]]
+    assert match(a, b, mutual=True).tolist() == [[0, 0]]
+
+
+def test_match_empty_and_bad_inputs():
+    a = unit(np.eye(4, dtype=np.float32))
+    assert match(a, np.zeros((0, 4), np.float32)).shape == (0, 2)
+    with pytest.raises(d2r.InputError, match="dimension"):
+        match(a, np.ones((3, 5), np.float32))
+    with pytest.raises(d2r.InputError, match="ratio"):
+        match(a, a, ratio=1.5)
+    with pytest.raises(d2r.InputError, match="max_distance"):
+        match(a, a, max_distance=0)
+    with pytest.raises(d2r.InputError, match="mutual"):
+        match(a, a, mutual="yes")
+    with pytest.raises(d2r.InputError, match="floating"):
+        match(a.astype(np.int32), a)
+
+
+# --------------------------------------------------------------------------------------------
+# Re-ranking
+# --------------------------------------------------------------------------------------------
+
+
+def scene_features(seed=0, n=200, n_shared=120, dim=32):
+    """A query and a matching candidate (n_shared features related by A_TRUE), plus a
+    candidate with unrelated features."""
+    rng = np.random.default_rng(seed)
+    q_loc = rng.uniform(0, 500, size=(n, 2)).astype(np.float32)
+    q_desc = unit(rng.normal(size=(n, dim)))
+    c_loc = rng.uniform(0, 500, size=(n, 2)).astype(np.float32)
+    c_desc = unit(rng.normal(size=(n, dim)))
+    c_loc[:n_shared] = (q_loc[:n_shared] @ A_SCENE[:, :2].T + A_SCENE[:, 2]).astype(np.float32)
+    c_desc[:n_shared] = unit(q_desc[:n_shared] + 0.05 * rng.normal(size=(n_shared, dim)))
+    other = LocalFeatures(rng.uniform(0, 500, size=(n, 2)), unit(rng.normal(size=(n, dim))))
+    return LocalFeatures(q_loc, q_desc), LocalFeatures(c_loc, c_desc), other
+
+
+def test_verify_pair_counts_shared_features():
+    q, c, other = scene_features()
+    assert verify.verify_pair(q, c).inliers == 120
+    # unrelated features: a few chance matches at most, and 3 points always fit an affine
+    assert verify.verify_pair(q, other).inliers <= 3
+    # tuples work too
+    assert verify.verify_pair((q.locations, q.descriptors), (c.locations, c.descriptors)).inliers == 120
+
+
+@pytest.mark.parametrize("kwargs", [dict(seed=5), dict(seed=7, confidence=1.0, max_trials=300), dict(refit=True, threshold=4.0)])
+def test_verify_pair_and_rerank_equal_match_then_ransac(kwargs):
+    q, c, _ = scene_features(seed=2, n_shared=30)
+    m = match(q.descriptors, c.descriptors)
+    ref = ransac_affine(q.locations, c.locations, m, **kwargs)
+    got = verify.verify_pair(q, c, **kwargs)
+    assert (got.inliers, got.trials) == (ref.inliers, ref.trials)
+    assert np.array_equal(got.matches, m) and np.array_equal(got.affine, ref.affine)
+    assert rerank(q, [("c", 1.0, c)], **kwargs)[0].inliers == ref.inliers
+
+
+def test_rerank_sorts_by_inliers_then_score():
+    q, c, other = scene_features()
+    cands = [("o1", 0.9, other), ("match", 0.5, c), ("o2", 0.7, other), ("tail", 0.2, None)]
+    out = rerank(q, cands, top_r=3)
+    assert [r.id for r in out] == ["match", "o1", "o2", "tail"]
+    assert out[0].inliers == 120 and out[1].inliers == out[2].inliers <= 3 and out[3].inliers == -1
+    assert [r.score for r in out] == [0.5, 0.9, 0.7, 0.2]
+
+
+def test_rerank_ties_keep_initial_order():
+    q, _, other = scene_features()
+    out = rerank(q, [("a", 0.5, other), ("b", 0.5, other), ("c", 0.6, other)])
+    assert [r.id for r in out] == ["c", "a", "b"]
+
+
+def test_rerank_bad_candidates():
+    q, c, _ = scene_features()
+    with pytest.raises(d2r.InputError, match=r"candidates\[0\]"):
+        rerank(q, [("a", 0.5)])
+    with pytest.raises(d2r.InputError, match=r"candidates\[0\] features"):
+        rerank(q, [("a", 0.5, None)])
+    with pytest.raises(d2r.InputError, match="top_r"):
+        rerank(q, [("a", 0.5, c)], top_r=0)
+    with pytest.raises(d2r.InputError, match=r"candidates\[1\] features: descriptors of dimension D = 8"):
+        rerank(q, [("a", 0.5, c), ("b", 0.4, (np.zeros((3, 2)), unit(np.ones((3, 8)))))])
+    with pytest.raises(d2r.InputError, match="refit"):
+        rerank(q, [("a", 0.5, c)], refit="no")
+
+
+# --------------------------------------------------------------------------------------------
+# Compact storage
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_pack_round_trip(dtype):
+    q, c, _ = scene_features(dim=128)
+    blob = verify.pack_features(c, dtype)
+    assert len(blob) == verify.feature_bytes(len(c), 128, dtype)
+    back = verify.unpack_features(blob)
+    assert np.abs(back.locations - c.locations).max() <= 0.5
+    cos = np.einsum("ij,ij->i", back.descriptors, c.descriptors)
+    assert cos.min() > 0.999
+    # verification on packed features finds the same inliers
+    assert verify.verify_pair(q, back).inliers == 120
+
+
+def test_feature_bytes_documented_cost():
+    assert verify.feature_bytes(1000, 128, "int8") == 10 + 1000 * 132
+    assert verify.feature_bytes(1000, 128, "float16") == 10 + 1000 * 260
+
+
+def test_pack_rejects_unpackable():
+    with pytest.raises(d2r.InputError, match="65535"):
+        verify.pack_features(([[-3.0, 1.0]], unit([[1, 0]])))
+    with pytest.raises(d2r.InputError, match="descriptor_dtype"):
+        verify.pack_features(([[3.0, 1.0]], unit([[1, 0]])), "int4")
+
+
+def test_unpack_detects_bad_bytes():
+    blob = verify.pack_features(([[3.0, 1.0]], unit([[1, 0]])))
+    with pytest.raises(d2r.IndexFormatError, match="expected"):
+        verify.unpack_features(blob[:-1])
+    with pytest.raises(d2r.IndexFormatError, match="magic"):
+        verify.unpack_features(b"XX" + blob[2:])
+    with pytest.raises(d2r.IndexFormatError, match="truncated"):
+        verify.unpack_features(blob[:4])
+
+
+def test_side_file_round_trip_and_corruption(tmp_path):
+    q, c, other = scene_features(dim=64)
+    empty = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, 64), np.float32))
+    path = tmp_path / "verify.d2rv"
+    size = verify.save_features(path, [c, other, empty])
+    assert size == path.stat().st_size
+    assert size == 28 + 12 * 3 + 2 * verify.feature_bytes(200, 64) + verify.feature_bytes(0, 64)
+    loaded = verify.load_features(path)
+    assert [len(f) for f in loaded] == [200, 200, 0]
+    assert verify.verify_pair(q, loaded[0]).inliers == 120
+    with verify.FeatureFile(path) as ff:
+        assert len(ff) == 3
+        np.testing.assert_array_equal(ff[-2].locations, loaded[1].locations)
+        with pytest.raises(d2r.InputError, match="out of range"):
+            ff[3]
+    bad = tmp_path / "bad.d2rv"
+    # a flipped bit in image 1: the table and image 0 still read, image 1 is reported
+    data = bytearray(path.read_bytes())
+    data[28 + 12 * 3 + verify.feature_bytes(200, 64) + 50] ^= 0x40
+    bad.write_bytes(bytes(data))
+    with verify.FeatureFile(bad) as ff:
+        assert len(ff[0]) == 200
+        with pytest.raises(d2r.IndexFormatError, match="image 1 fails its checksum"):
+            ff[1]
+    with pytest.raises(d2r.IndexFormatError, match="image 1"):
+        verify.load_features(bad)
+    # a flipped bit in the table
+    data = bytearray(path.read_bytes())
+    data[20] ^= 0x01
+    bad.write_bytes(bytes(data))
+    with pytest.raises(d2r.IndexFormatError, match="table checksum"):
+        verify.FeatureFile(bad)
+    bad.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(d2r.IndexFormatError, match="bad.d2rv.*truncated"):
+        verify.load_features(bad)
+    bad.write_bytes(path.read_bytes()[:30])
+    with pytest.raises(d2r.IndexFormatError, match="truncated table"):
+        verify.load_features(bad)
+    bad.write_bytes(b"NOTVERIF" + path.read_bytes()[8:])
+    with pytest.raises(d2r.IndexFormatError, match="magic"):
+        verify.load_features(bad)
+    with pytest.raises(d2r.IndexFormatError, match="cannot read"):
+        verify.load_features(tmp_path / "missing.d2rv")
+
+
+# --------------------------------------------------------------------------------------------
+# A real image pair (optional: needs scikit-image and OpenCV, not project dependencies)
+# --------------------------------------------------------------------------------------------
+
+
+def test_real_stereo_pair_against_opencv():
+    skdata = pytest.importorskip("skimage.data")
+    cv2 = pytest.importorskip("cv2")
+    left, right, _ = skdata.stereo_motorcycle()
+    sift = cv2.SIFT_create(nfeatures=1000)
+    feats = []
+    for img in (left, right):
+        kp, desc = sift.detectAndCompute(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), None)
+        desc = np.sqrt(desc / np.maximum(desc.sum(1, keepdims=True), 1e-12))  # RootSIFT, unit L2
+        loc = np.array([(k.pt[1], k.pt[0]) for k in kp], dtype=np.float32)
+        feats.append(LocalFeatures(loc, desc.astype(np.float32)))
+    m = match(feats[0].descriptors, feats[1].descriptors, ratio=0.8)
+    res = ransac_affine(feats[0].locations, feats[1].locations, m, threshold=10.0)
+    # a rectified stereo pair: a near-identity affine explains most ratio-test matches
+    assert res.inliers > 0.5 * len(m) > 50
+    assert abs(res.affine[0, 0] - 1) < 0.1 and abs(res.affine[1, 1] - 1) < 0.1
+    src = feats[0].locations[m[:, 0]][:, ::-1]  # OpenCV wants (x, y)
+    dst = feats[1].locations[m[:, 1]][:, ::-1]
+    _, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=10.0, maxIters=1000)
+    # same model family and threshold: the counts agree closely
+    assert abs(res.inliers - int(mask.sum())) <= 0.1 * len(m)

@@ -1,0 +1,357 @@
+"""``d2r eval``: run one retrieval method on a dataset folder and score it (Revisited protocol).
+
+The method is the SDK's own pipeline: local features from a converted model (cached on disk,
+so sweeps over codebooks, kinds and regions are cheap), a codebook trained on the database
+(or loaded), aggregation of a kind, regions from an R-MAC grid or a detector, the index, and
+optional spatial verification of the top 100. Metrics come from :mod:`d2r.evaluate`.
+
+Region features: detector boxes re-extract features on each crop (ALGORITHM.md section 2);
+R-MAC grid cells pool the whole-image features that fall inside them (a grid of up to 14
+cells per image would multiply extraction time, and the grid is a baseline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import evaluate, verify
+from .aggregate import aggregate, similarity
+from .codebook import Codebook
+from .errors import InputError
+from .features import Features
+from .image import load_image
+from .index import Index
+
+EVAL_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star", "asmk", "rasmk", "vlad", "rvlad")
+
+
+def rmac_boxes(height: int, width: int, levels: int) -> list:
+    """R-MAC regions (Tolias et al.): square cells of side 2*min(H, W)/(l+1) at levels l=1..L,
+    evenly spread with about 40% overlap; normalised (ymin, xmin, ymax, xmax)."""
+    boxes = []
+    short = min(height, width)
+    for level in range(1, levels + 1):
+        side = 2.0 * short / (level + 1)
+        ny = max(1, int(round((height - side) / (side * 0.6))) + 1) if height > side else 1
+        nx = max(1, int(round((width - side) / (side * 0.6))) + 1) if width > side else 1
+        for iy in range(ny):
+            for ix in range(nx):
+                y0 = 0.0 if ny == 1 else iy * (height - side) / (ny - 1)
+                x0 = 0.0 if nx == 1 else ix * (width - side) / (nx - 1)
+                boxes.append((y0 / height, x0 / width, min(1.0, (y0 + side) / height), min(1.0, (x0 + side) / width)))
+    return boxes
+
+
+def parse_regions(value: str):
+    """``none`` | ``rmac:L`` | ``detector:NAME@THRESH`` -> (source, parameter)."""
+    if value == "none":
+        return "none", None
+    if value.startswith("rmac:"):
+        try:
+            levels = int(value[5:])
+        except ValueError:
+            levels = 0
+        if not 1 <= levels <= 5:
+            raise InputError(f"--regions: rmac:L needs L in 1..5, got {value!r}")
+        return "rmac", levels
+    if value.startswith("detector:"):
+        name, _, thresh = value[9:].partition("@")
+        try:
+            t = float(thresh) if thresh else 0.1
+        except ValueError:
+            raise InputError(f"--regions: expected detector:NAME@THRESHOLD, got {value!r}") from None
+        return "detector", (name or "ssd", t)
+    raise InputError(f"--regions: expected none, rmac:L or detector:NAME@THRESH, got {value!r}")
+
+
+class FeatureCache:
+    """Features per image on disk, keyed by the model file's sha256, the extractor settings,
+    and the image path, size and mtime. One .npz per image and setting."""
+
+    def __init__(self, root: Path, key: str):
+        self.dir = Path(root) / key
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, image: Path, tag: str) -> Path:
+        st = image.stat()
+        h = hashlib.sha256(f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}|{tag}".encode()).hexdigest()[:24]
+        return self.dir / f"{h}.npz"
+
+    def get(self, image: Path, tag: str, compute):
+        path = self._path(image, tag)
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    return {k: z[k] for k in z.files}
+            except (OSError, ValueError):
+                pass  # a damaged cache entry is recomputed
+        value = compute()
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **value)
+        os.replace(tmp, path)
+        return value
+
+
+def _pack(f: Features) -> dict:
+    return {"locations": f.locations, "descriptors": f.descriptors, "scores": f.scores, "scales": f.scales}
+
+
+def _unpack(d: dict) -> Features:
+    return Features(d["locations"], d["descriptors"], d["scores"], d["scales"])
+
+
+def run(
+    dataset,
+    features: str = "xfeat",
+    precision: str = "int8",
+    backend: str = "tflite",
+    codebook=None,
+    codebook_size: int = 1024,
+    kind: str = "rasmk_star",
+    pooling: str = "max",
+    regions: str = "none",
+    verify_top: int = 0,
+    limit: int | None = None,
+    cache_dir=None,
+    seed: int = 0,
+    threads: int | None = None,
+    progress=True,
+) -> dict:
+    """Evaluate one method; returns the JSON-ready result (mAP in percent)."""
+    from .engine import Engine
+
+    if kind not in EVAL_KINDS:
+        raise InputError(f"--kind: expected one of {', '.join(EVAL_KINDS)}, got {kind!r}")
+    source, param = parse_regions(regions)
+    if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "rvlad") and source == "none":
+        raise InputError(f"--kind {kind} needs regions (--regions rmac:L or detector:NAME@THRESH)")
+    ds = evaluate.load_dataset(dataset)
+    timings = {}
+    t0 = time.perf_counter()
+    detector = param[0] if source == "detector" else None
+    engine = Engine.create(features=features, detector=detector, kind="asmk_star", backend=backend, precision=precision,
+                           threads=threads, detector_threshold=param[1] if source == "detector" else 0.1, max_regions=25)
+    ex = engine.extractor
+    model_sha = engine.feature_entry.sha256
+    setting = f"{model_sha}|{ex.scales}|{ex.max_features}|{ex.score_threshold}"
+    if engine.detector_entry is not None:
+        setting += f"|{engine.detector_entry.sha256}|{engine.config.detector_threshold}"
+    cache_root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "d2r" / "eval"
+    cache = FeatureCache(cache_root, hashlib.sha256(setting.encode()).hexdigest()[:16])
+
+    db_paths = ds.image_paths
+    q_paths = ds.query_paths
+    if limit:
+        q_paths = q_paths[:limit]
+    report = _progress(progress)
+
+    def whole(p):
+        return _unpack(cache.get(p, "whole", lambda: _pack(ex.extract(p))))
+
+    def detected_regions(p):
+        def compute():
+            rgb = load_image(p)
+            det = engine.detector.detect(rgb)
+            out = {"boxes": det.boxes.astype(np.float32), "scores": det.scores.astype(np.float32), "n": np.array([len(det)])}
+            h, w = rgb.shape[:2]
+            for i, box in enumerate(det.boxes):
+                y0, x0 = int(np.floor(box[0] * h)), int(np.floor(box[1] * w))
+                y1, x1 = int(np.ceil(box[2] * h)), int(np.ceil(box[3] * w))
+                crop = rgb[y0:y1, x0:x1]
+                f = ex.extract(crop) if crop.shape[0] and crop.shape[1] else Features.empty(ex.dim)
+                f.locations = f.locations + np.array([y0, x0], np.float32)
+                for k, v in _pack(f).items():
+                    out[f"r{i}_{k}"] = v
+            return out
+
+        d = cache.get(p, "detector", compute)
+        keep = [i for i in range(int(d["n"][0])) if d["scores"][i] >= param[1]]
+        return [Features(d[f"r{i}_locations"], d[f"r{i}_descriptors"], d[f"r{i}_scores"], d[f"r{i}_scales"]) for i in keep]
+
+    db_feats = []
+    for i, p in enumerate(db_paths):
+        db_feats.append(whole(p))
+        report("database features", i + 1, len(db_paths))
+    q_feats = []
+    for i, p in enumerate(q_paths):
+        q_feats.append(whole(p))
+        report("query features", i + 1, len(q_paths))
+    timings["features_s"] = time.perf_counter() - t0
+
+    region_feats = []
+    t1 = time.perf_counter()
+    for i, (p, f) in enumerate(zip(db_paths, db_feats)):
+        if source == "none":
+            region_feats.append([])
+        elif source == "rmac":
+            h, w = load_image(p).shape[:2]
+            region_feats.append([f.in_box(b, (h, w)) for b in rmac_boxes(h, w, param)])
+        else:
+            region_feats.append(detected_regions(p))
+        if source != "none":
+            report("regions", i + 1, len(db_paths))
+    timings["regions_s"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    if codebook is None:
+        x = np.concatenate([f.descriptors for f in db_feats])
+        if len(x) > 500_000:
+            x = x[np.sort(np.random.default_rng(seed).choice(len(x), 500_000, replace=False))]
+        cb = Codebook.train(x, size=codebook_size, seed=seed, progress=lambda it, n, moved: report("k-means", it, n))
+        codebook_source = f"trained on the database, K={codebook_size}, seed {seed}"
+    else:
+        cb = codebook if isinstance(codebook, Codebook) else Codebook.load(codebook)
+        codebook_source = str(codebook)
+    timings["codebook_s"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    binary = kind in ("asmk_star", "rasmk_star", "d2r_asmk_star")
+    qkind = "asmk_star" if binary else "vlad" if "vlad" in kind else "asmk"
+    index = None
+    vectors = None
+    index_bytes = 0
+    if kind in ("vlad", "rvlad"):
+        rows = []
+        for f, regs in zip(db_feats, region_feats):
+            if kind == "vlad":
+                rows.append(aggregate(f.descriptors, cb, kind="vlad").vector)
+            else:
+                allf = [f] + regs
+                rows.append(aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind="rvlad", region_sizes=[len(r) for r in allf]).vector)
+        vectors = np.stack(rows)
+        index_bytes = vectors.nbytes
+    else:
+        index = Index(cb, kind="asmk_star" if kind == "d2r_asmk_star" else ("asmk" if kind == "asmk" else kind))
+        for i, (f, regs) in enumerate(zip(db_feats, region_feats)):
+            name = str(i)
+            if kind in ("asmk_star", "asmk"):
+                index.add(name, aggregate(f.descriptors, cb, kind=kind))
+            elif kind in ("rasmk_star", "rasmk"):
+                allf = [f] + regs
+                index.add(name, aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind=kind, region_sizes=[len(r) for r in allf]))
+            else:
+                index.add_regions(name, [aggregate(r.descriptors, cb, kind="asmk_star") for r in [f] + regs])
+        tmp = Path(cache.dir) / f"index-{os.getpid()}.d2ri"
+        index.save(tmp)
+        index_bytes = tmp.stat().st_size
+        tmp.unlink()
+    timings["index_s"] = time.perf_counter() - t3
+
+    t4 = time.perf_counter()
+    n = ds.n_images
+    ranks = []
+    q_times = []
+    for f in q_feats:
+        tq = time.perf_counter()
+        q = aggregate(f.descriptors, cb, kind=qkind)
+        if vectors is not None:
+            scores = vectors @ q.vector
+            ranks.append(np.argsort(-scores.astype(np.float64), kind="stable"))
+        else:
+            hits = index.search(q, top_k=n, pooling=pooling)
+            order = [int(h.image_id) for h in hits]
+            seen = set(order)
+            ranks.append(np.array(order + [i for i in range(n) if i not in seen], dtype=np.int64))
+        q_times.append((time.perf_counter() - tq) * 1e3)
+    timings["query_ms_median"] = float(np.median(q_times)) if q_times else 0.0
+
+    gnd = ds.gnd[: len(q_paths)]
+    if verify_top:
+        tv = time.perf_counter()
+        per_protocol = {}
+        for protocol in evaluate.PROTOCOLS:
+            _, junk = evaluate.protocol_lists(gnd, protocol)
+            out = []
+            for qi, (f, r) in enumerate(zip(q_feats, ranks)):
+                clean = evaluate.remove_junk(r, junk[qi])
+                cands = [(int(c), float(-k), verify.LocalFeatures(db_feats[c].locations, db_feats[c].descriptors) if k < verify_top else None)
+                         for k, c in enumerate(clean)]
+                rr = verify.rerank(verify.LocalFeatures(f.locations, f.descriptors), cands, top_r=verify_top)
+                out.append(np.array([x.id for x in rr], dtype=np.int64))
+            per_protocol[protocol] = out
+        timings["verify_ms_per_query"] = (time.perf_counter() - tv) * 1e3 / max(1, len(q_feats) * 3)
+        result = evaluate.compute_map(per_protocol, gnd)
+    else:
+        result = evaluate.compute_map(ranks, gnd)
+    timings["search_s"] = time.perf_counter() - t4
+    engine.close()
+    regions_per_image = float(np.mean([1 + len(r) for r in region_feats])) if source != "none" else 1.0
+    out = result.to_dict()
+    return {
+        "dataset": str(ds.root),
+        "options": {
+            "features": features, "precision": precision, "backend": backend, "codebook": codebook_source,
+            "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions, "verify": bool(verify_top),
+            "max_features": ex.max_features, "scales": list(ex.scales),
+        },
+        "map": out["map"],
+        "mp": {p: out["mp"][p] for p in ("medium", "hard")},
+        "n_queries": len(q_paths),
+        "n_evaluated": out["n_evaluated"],
+        "n_images": n,
+        "regions_per_image": regions_per_image,
+        "index_bytes": int(index_bytes),
+        "index_bytes_per_image": index_bytes / max(n, 1),
+        "timings": timings,
+        "table": result.table(),
+    }
+
+
+def _progress(enabled):
+    if not enabled:
+        return lambda what, done, total: None
+    last = {"t": 0.0}
+
+    def report(what, done, total):
+        now = time.monotonic()
+        if done == total or now - last["t"] > 2.0:
+            last["t"] = now
+            print(f"\r{what}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+    return report
+
+
+def cmd_eval(args) -> int:
+    res = run(
+        args.dataset, features=args.features, precision=args.precision, backend=args.backend,
+        codebook=args.codebook, codebook_size=args.codebook_size, kind=args.kind, pooling=args.pooling,
+        regions=args.regions, verify_top=100 if args.verify else 0, limit=args.limit, cache_dir=args.cache,
+        seed=args.seed, threads=args.threads, progress=not args.quiet,
+    )
+    o = res["options"]
+    print(f"{res['dataset']}: {res['n_queries']} queries, {res['n_images']} images; {o['features']} {o['precision']} {o['backend']}, "
+          f"{o['kind']} ({o['pooling']}), regions {o['regions']} ({res['regions_per_image']:.1f}/image), K={o['codebook_size']}, verify {o['verify']}")
+    print(res["table"])
+    print(f"index {res['index_bytes_per_image'] / 1024:.1f} KiB/image; query {res['timings']['query_ms_median']:.1f} ms (aggregation + search)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=1) + "\n")
+    return 0
+
+
+def register_cli(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a retrieval method on a dataset folder (gnd.json, db/, queries/)")
+    e.add_argument("--dataset", required=True, help="folder in the roxford5k-mini layout")
+    e.add_argument("--features", default="xfeat")
+    e.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"])
+    e.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--codebook", help="codebook file trained elsewhere")
+    g.add_argument("--codebook-size", type=int, default=1024, help="train a codebook of K words on the database (default 1024)")
+    e.add_argument("--kind", default="asmk_star", choices=list(EVAL_KINDS))
+    e.add_argument("--pooling", default="max", choices=["max", "avg"], help="regional search (d2r_asmk_star): max or mean over regions")
+    e.add_argument("--regions", default="none", help="none | rmac:L | detector:NAME@THRESH")
+    e.add_argument("--verify", action="store_true", help="spatial verification of the top 100")
+    e.add_argument("--limit", type=int, help="only the first N queries (quick runs)")
+    e.add_argument("--cache", help="feature cache folder (default ~/.cache/d2r/eval)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int)
+    e.add_argument("--quiet", action="store_true")
+    e.add_argument("--json", help="write every number to this JSON file")
+    e.set_defaults(func=cmd_eval)

@@ -378,7 +378,7 @@ def test_pack_round_trip(dtype):
 
 def test_int8_packing_uses_the_whole_range_per_row():
     # RootSIFT-like rows: non-negative, largest component about 0.3; a fixed scale of 127
-    # would leave about 40 levels, the per-row scale uses all 127
+    # would leave about 50 levels, the per-row scale uses all 127
     rng = np.random.default_rng(4)
     d = unit(rng.gamma(0.5, size=(300, 128)))
     loc = rng.uniform(0, 100, size=(300, 2))

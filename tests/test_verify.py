@@ -376,6 +376,19 @@ def test_pack_round_trip(dtype):
     assert verify.verify_pair(q, back).inliers == 120
 
 
+def test_int8_packing_uses_the_whole_range_per_row():
+    # RootSIFT-like rows: non-negative, largest component about 0.3; a fixed scale of 127
+    # would leave about 50 levels, the per-row scale uses all 127
+    rng = np.random.default_rng(4)
+    d = unit(rng.gamma(0.5, size=(300, 128)))
+    loc = rng.uniform(0, 100, size=(300, 2))
+    back = verify.unpack_features(verify.pack_features((loc, d), "int8")).descriptors
+    fixed = unit(np.rint(d * 127))
+    err = np.linalg.norm(back - d, axis=1).max()
+    assert err < 0.02 and err < 0.7 * np.linalg.norm(fixed - d, axis=1).max()
+    np.testing.assert_allclose(np.linalg.norm(back, axis=1), 1.0, rtol=1e-5)
+
+
 def test_feature_bytes_documented_cost():
     assert verify.feature_bytes(1000, 128, "int8") == 10 + 1000 * 132
     assert verify.feature_bytes(1000, 128, "float16") == 10 + 1000 * 260

@@ -409,8 +409,9 @@ _PACK_VERSION = 1
 _DESC_CODES = {"int8": 1, "float16": 2}
 _DESC_DTYPES = {1: np.int8, 2: np.float16}
 _HEADER = struct.Struct("<2sBBIH")  # magic, version, descriptor code, N, D -> 10 bytes
-# int8 descriptors store round(127 * x) of unit vectors; components of a unit vector are in [-1, 1].
-_INT8_SCALE = 127.0
+# int8 descriptors store each row scaled so that its largest component is +-127: the row is
+# re-normalised on reading, so only its direction matters and no scale needs storing.
+_INT8_MAX = 127.0
 
 
 def feature_bytes(n: int, dim: int, descriptor_dtype: str = "int8") -> int:
@@ -432,8 +433,10 @@ def pack_features(features, descriptor_dtype: str = "int8") -> bytes:
 
     Locations are rounded to whole pixels and stored as uint16 (at most 0.5 px of error,
     far below the 10 px RANSAC threshold); they must lie in [0, 65535]. Descriptors are stored
-    as int8 ``round(127 * x)`` (for L2-normalised descriptors, whose components lie in
-    [-1, 1]; larger values are clipped) or as float16.
+    as float16, or as int8 ``round(127 * x / max|x|)`` per row: only the direction is kept, and
+    :func:`unpack_features` returns unit vectors (the descriptors of verification are
+    L2-normalised). Scaling each row to its own maximum, rather than by a fixed 127, uses the
+    whole int8 range for descriptors with small components such as RootSIFT.
     """
     f = _features(features, "features")
     if descriptor_dtype not in _DESC_CODES:
@@ -446,7 +449,9 @@ def pack_features(features, descriptor_dtype: str = "int8") -> bytes:
         raise InputError("features: locations must lie in [0, 65535] pixels to be packed as uint16")
     loc = loc.astype("<u2")
     if descriptor_dtype == "int8":
-        desc = np.clip(np.rint(f.descriptors * _INT8_SCALE), -127, 127).astype(np.int8)
+        peak = np.abs(f.descriptors).max(axis=1, initial=0.0)
+        scale = _INT8_MAX / np.where(peak > 0, peak, 1.0)
+        desc = np.clip(np.rint(f.descriptors * scale[:, None]), -127, 127).astype(np.int8)
     else:
         desc = f.descriptors.astype("<f2")
     header = _HEADER.pack(_PACK_MAGIC, _PACK_VERSION, _DESC_CODES[descriptor_dtype], n, dim)
@@ -456,8 +461,7 @@ def pack_features(features, descriptor_dtype: str = "int8") -> bytes:
 def unpack_features(data: bytes, name: str = "packed features") -> LocalFeatures:
     """Inverse of :func:`pack_features`: float32 locations and descriptors.
 
-    int8 descriptors are scaled back by 1/127 and re-normalised to unit length (rows of zeros
-    stay zero). Raises :class:`IndexFormatError` naming ``name`` if the bytes are malformed.
+    int8 descriptors are re-normalised to unit length (rows of zeros stay zero). Raises :class:`IndexFormatError` naming ``name`` if the bytes are malformed.
     """
     data = bytes(data)
     if len(data) < _HEADER.size:

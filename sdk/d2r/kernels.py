@@ -67,18 +67,35 @@ def update_nearest(gram, cnorm, k0, x, xnorm, c, cmax, best_d, best_k):
     """
     nb, kb = gram.shape
     m = best_d.shape[1]
+    n_chunks = (kb + _CHUNK - 1) // _CHUNK
+    chunk_min = np.empty(n_chunks, dtype=np.float64)
+    small = np.empty(m, dtype=np.float64)
     # Serial on purpose: the GEMM before it is multi-threaded BLAS, and BLAS threads that
     # spin after a call would fight a Numba thread pool for the same cores.
     for i in range(nb):
         xn = xnorm[i]
         tol = ASSIGN_RTOL * (xn + cmax) + 1e-30
-        for c0 in range(0, kb, _CHUNK):
-            c1 = min(c0 + _CHUNK, kb)
-            if xn + np.float64(_chunk_min(gram[i], cnorm, c0, c1)) > best_d[i, m - 1] + tol:
+        # Pass 1 (vectorised): chunk minima of the approximate distance minus |x|^2. The m-th
+        # smallest chunk minimum bounds the m-th smallest distance of the block from above.
+        small[:] = np.inf
+        for ci in range(n_chunks):
+            v = np.float64(_chunk_min(gram[i], cnorm, ci * _CHUNK, min((ci + 1) * _CHUNK, kb)))
+            chunk_min[ci] = v
+            if v < small[m - 1]:
+                p = m - 1
+                while p > 0 and small[p - 1] > v:
+                    small[p] = small[p - 1]
+                    p -= 1
+                small[p] = v
+        bound = min(small[m - 1], best_d[i, m - 1] - xn) + tol
+        # Pass 2: exact float64 distances only for codewords within the tolerance of the bound
+        # (usually one per descriptor), inserted in (distance, id) order.
+        for ci in range(n_chunks):
+            if chunk_min[ci] > bound:
                 continue
-            for k in range(c0, c1):
-                a = xn + np.float64(cnorm[k]) - 2.0 * np.float64(gram[i, k])
-                if a > best_d[i, m - 1] + tol:
+            for k in range(ci * _CHUNK, min((ci + 1) * _CHUNK, kb)):
+                a = np.float64(cnorm[k]) - 2.0 * np.float64(gram[i, k])
+                if a > bound:
                     continue
                 kk = k0 + k
                 d = _exact_sqdist(x[i], c[kk])
@@ -90,6 +107,7 @@ def update_nearest(gram, cnorm, k0, x, xnorm, c, cmax, best_d, best_k):
                         p -= 1
                     best_d[i, p] = d
                     best_k[i, p] = kk
+                    bound = min(bound, best_d[i, m - 1] - xn + tol)
 
 
 @njit(cache=True, nogil=True)

@@ -108,7 +108,17 @@ class ServerThread:
                                              max_request_body_size=limit + (1 << 20), ident="d2r")
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from waitress import wasyncore
+
+        # waitress's own run() cannot be stopped from another thread cleanly: poll, then close here.
+        while not self._stop.is_set():
+            wasyncore.loop(timeout=0.05, map=self.server._map, count=1)
+        self.server.close()
+        self.server.task_dispatcher.shutdown(timeout=5)
 
     def __enter__(self):
         self.thread.start()
@@ -118,8 +128,8 @@ class ServerThread:
         self.close()
 
     def close(self):
-        self.server.close()
-        self.thread.join(timeout=5)
+        self._stop.set()
+        self.thread.join(timeout=10)
 
 
 class FlakyProxy:

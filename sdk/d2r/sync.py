@@ -778,7 +778,7 @@ def parse_interval(text: str) -> float:
 def _cli_sync(args) -> int:
     interval = parse_interval(args.every) if args.every else None
     client = SyncClient(args.server, args.collection, args.token, args.dest, args.public_key,
-                        timeout=args.timeout, log=lambda msg: print(f"d2r sync: {msg}", file=sys.stderr, flush=True))
+                        timeout=args.timeout, prefer_delta=not args.no_delta, log=lambda msg: print(f"d2r sync: {msg}", file=sys.stderr, flush=True))
     while True:
         try:
             r = client.sync()
@@ -805,4 +805,5 @@ def register_cli(sub) -> None:
     p.add_argument("--public-key", required=True, help="the publisher's public key (KEYFILE.pub), pinned")
     p.add_argument("--every", default=None, help="keep running, syncing at this interval (e.g. 15m)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation (default 30)")
+    p.add_argument("--no-delta", action="store_true", help="always download the full bundle")
     p.set_defaults(func=_cli_sync)

@@ -318,3 +318,29 @@ def test_live_bundle_picks_up_a_new_version_between_queries(server, bundles, tmp
         client.sync()
         assert live.query("new-a") and not live.query("img0003")
         assert live.get() is not held and live.version_path.name == "2"
+
+
+def test_index_get_returns_the_stored_items():
+    """d2r.Index.get: the accessor deltas are made with (base and in-memory delta, regions, float kind)."""
+    import numpy as np
+
+    from d2r_server.testing import synthetic_codebook
+
+    cb = synthetic_codebook(32, 16)
+    rng = np.random.default_rng(1)
+    for kind in ("rasmk_star", "asmk"):
+        idx = d2r.Index(cb, kind=kind)
+        stored = {}
+        for i in range(20):
+            aggs = [d2r.aggregate(rng.standard_normal((30, 16)).astype(np.float32), cb, kind=kind) for _ in range(1 + i % 3)]
+            idx.add_regions(f"im{i}", aggs)
+            stored[f"im{i}"] = aggs
+        idx.remove("im4")
+        with pytest.raises(d2r.InputError):
+            idx.get("im4")
+        for image_id in ("im0", "im5", "im19"):
+            got = idx.get(image_id)
+            assert len(got) == len(stored[image_id])
+            for g, e in zip(got, stored[image_id]):
+                assert g.kind == kind and np.array_equal(g.words, e.words)
+                assert np.array_equal(g.codes, e.codes) if kind == "rasmk_star" else np.array_equal(g.vectors, e.vectors)

@@ -28,9 +28,11 @@ def _cli_serve(args) -> int:
     app = create_app(config)
     print(f"d2r serve: data {args.data}, listening on http://{args.host}:{args.port}", file=sys.stderr, flush=True)
     # waitress refuses bodies over max_request_body_size itself (413) before the app sees them.
+    proxy = {}
+    if args.trusted_proxy:  # TLS terminated by a reverse proxy in front (docs/sync-protocol.md)
+        proxy = {"trusted_proxy": args.trusted_proxy, "trusted_proxy_headers": {"x-forwarded-proto", "x-forwarded-for"}}
     waitress.serve(app, host=args.host, port=args.port, threads=args.threads, ident="d2r",
-                   max_request_body_size=config["MAX_BUNDLE_BYTES"] + (1 << 20), trusted_proxy=args.trusted_proxy,
-                   trusted_proxy_headers={"x-forwarded-proto", "x-forwarded-for"} if args.trusted_proxy else None)
+                   max_request_body_size=config["MAX_BUNDLE_BYTES"] + (1 << 20), **proxy)
     return 0
 
 

@@ -31,7 +31,7 @@ def metrics():
         ("d2r_devices", "Registered devices by state", [({"state": "active"}, live), ({"state": "revoked"}, len(devices) - live)]),
     ]
     text = current_app.extensions["d2r_metrics"].render(gauges)
-    return Response(text, mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @bp.get("/status")

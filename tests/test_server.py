@@ -8,7 +8,6 @@ import hashlib
 import http.client
 import io
 import json
-import os
 import re
 import shutil
 import socket

@@ -320,7 +320,7 @@ def test_live_bundle_picks_up_a_new_version_between_queries(server, bundles, tmp
         assert live.get() is not held and live.version_path.name == "2"
 
 
-def test_index_get_returns_the_stored_items():
+def test_index_get_returns_the_stored_items(tmp_path):
     """d2r.Index.get: the accessor deltas are made with (base and in-memory delta, regions, float kind)."""
     import numpy as np
 
@@ -338,9 +338,14 @@ def test_index_get_returns_the_stored_items():
         idx.remove("im4")
         with pytest.raises(d2r.InputError):
             idx.get("im4")
-        for image_id in ("im0", "im5", "im19"):
-            got = idx.get(image_id)
+        idx.save(tmp_path / f"{kind}.d2ri")
+        opened = d2r.Index.open(tmp_path / f"{kind}.d2ri")  # base segment (memory-mapped) + a new delta image
+        opened.add_regions("late", stored["im7"])
+        stored["late"] = stored["im7"]
+        for image_id, where in (("im0", idx), ("im5", idx), ("im19", idx), ("im0", opened), ("im19", opened), ("late", opened)):
+            got = where.get(image_id)
             assert len(got) == len(stored[image_id])
             for g, e in zip(got, stored[image_id]):
                 assert g.kind == kind and np.array_equal(g.words, e.words)
                 assert np.array_equal(g.codes, e.codes) if kind == "rasmk_star" else np.array_equal(g.vectors, e.vectors)
+        opened.close()

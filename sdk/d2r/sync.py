@@ -27,19 +27,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import sys
 import tarfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
@@ -420,6 +419,24 @@ class Destination:
         self.versions = self.root / "versions"
         self.staging = self.root / "staging"
 
+    @contextmanager
+    def lock(self):
+        """Exclusive lock of the folder for one sync (a second concurrent sync is refused)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fh = open(self.root / ".lock", "a+b")
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # pragma: no cover - not POSIX: no lock
+                pass
+            except OSError:
+                raise SyncError(f"{self.root}: another sync is running on this folder") from None
+            yield
+        finally:
+            fh.close()
+
     def prepare(self) -> None:
         """Create the folders and remove what an interrupted run left (but keep partial
         downloads, ``*.part``, to resume them)."""
@@ -579,9 +596,10 @@ class SyncClient:
         """The latest version record of the collection (JSON of ``GET .../latest``)."""
         return self._json(self._url("/latest"))
 
-    def _download(self, url: str, part: Path, expect_sha: str | None) -> tuple[Path, int, str]:
+    def _download(self, url: str, part: Path, expect_sha: str | None, max_size: int | None = None) -> tuple[Path, int, str]:
         """Download ``url`` to ``part``, resuming with Range after a dropped connection (within
-        this call and across runs), then check the sha256. Returns (path, bytes received, sha)."""
+        this call and across runs), then check the sha256. Stops a response that grows past
+        ``max_size`` bytes. Returns (path, bytes received, sha)."""
         received = 0
         etag = None
         last_error = None
@@ -611,6 +629,10 @@ class SyncClient:
                             fh.write(chunk)
                             received += len(chunk)
                             _crash_point("download-chunk")
+                            if max_size is not None and fh.tell() > max_size:
+                                fh.close()
+                                part.unlink(missing_ok=True)
+                                raise SyncError(f"{url}: the server sends more than the announced {max_size} bytes; discarded")
                         fh.flush()
                         os.fsync(fh.fileno())
                     length = resp.headers.get("Content-Length")
@@ -637,6 +659,10 @@ class SyncClient:
     def sync(self) -> SyncResult:
         """Bring ``dest`` to the latest version (delta if possible, else full). Raises
         :class:`SyncError` (the active bundle unchanged) on any failure."""
+        with self.dest.lock():
+            return self._sync()
+
+    def _sync(self) -> SyncResult:
         dest = self.dest
         dest.prepare()
         cur_dir = dest.current
@@ -667,7 +693,8 @@ class SyncClient:
                 downloaded += getattr(exc, "downloaded", 0)
         if staged is None:
             part = dest.staging / f"bundle-{latest['archive_sha256']}.part"
-            part, n, _ = self._download(self._url(f"/versions/{version}/bundle"), part, latest["archive_sha256"])
+            part, n, _ = self._download(self._url(f"/versions/{version}/bundle"), part, latest["archive_sha256"],
+                                        int(latest["archive_size"]))
             downloaded += n
             _crash_point("downloaded")
             staged = dest.staging / f"unpack-{version}"
@@ -685,6 +712,8 @@ class SyncClient:
         _crash_point("verified")
         final = dest.install(staged, version)
         dest.prune()
+        for p in dest.staging.glob("*.part"):  # partial downloads of versions no longer wanted
+            p.unlink(missing_ok=True)
         self._report(version, method, downloaded)
         return SyncResult(version, int(cur["version"]) if cur else None, method, downloaded, final)
 

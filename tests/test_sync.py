@@ -349,3 +349,27 @@ def test_index_get_returns_the_stored_items(tmp_path):
                 assert g.kind == kind and np.array_equal(g.words, e.words)
                 assert np.array_equal(g.codes, e.codes) if kind == "rasmk_star" else np.array_equal(g.vectors, e.vectors)
         opened.close()
+
+
+def test_no_delta_when_the_codebook_changed_falls_back_to_full(server, bundles, tmp_path):
+    server.admin.publish(bundles["v1"], "museum", bundles["key"])
+    token = _device(server)
+    client = SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"])
+    client.sync()
+    rebuilt = Collection(k=48)  # a new codebook: every image's words change
+    rebuilt.add(["only-one", "and-two"])
+    rebuilt.version = 1
+    v2 = rebuilt.save(tmp_path / "rebuilt.d2r")
+    server.admin.publish(v2, "museum", bundles["key"])
+    r = client.sync()
+    assert (r.version, r.method) == (2, "full")
+    assert _same_bundle(Destination(tmp_path / "dev").current, v2)
+
+
+def test_every_interval_parsing():
+    from d2r.sync import parse_interval
+
+    assert parse_interval("15m") == 900 and parse_interval("30s") == 30 and parse_interval("2h") == 7200
+    assert parse_interval("45") == 45
+    with pytest.raises(d2r.InputError):
+        parse_interval("soon")

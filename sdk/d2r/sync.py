@@ -589,12 +589,23 @@ class SyncClient:
             raise SyncError(f"{url}: server unreachable ({getattr(exc, 'reason', exc)})") from None
 
     def _json(self, url: str):
-        with self._request(url) as resp:
-            return json.loads(resp.read())
+        try:
+            with self._request(url) as resp:
+                return json.loads(resp.read())
+        except (OSError, HTTPException, ValueError) as exc:
+            raise SyncError(f"{url}: unreadable answer ({exc})") from None
 
     def latest(self) -> dict:
         """The latest version record of the collection (JSON of ``GET .../latest``)."""
-        return self._json(self._url("/latest"))
+        rec = self._json(self._url("/latest"))
+        try:
+            ok = (isinstance(rec["version"], int) and isinstance(rec["archive_size"], int)
+                  and all(isinstance(rec[k], str) for k in ("archive_sha256", "bundle_checksum", "signature")))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise SyncError(f"{self._url('/latest')}: not a version record")
+        return rec
 
     def _download(self, url: str, part: Path, expect_sha: str | None, max_size: int | None = None) -> tuple[Path, int, str]:
         """Download ``url`` to ``part``, resuming with Range after a dropped connection (within
@@ -816,7 +827,7 @@ def _cli_sync(args) -> int:
             else:
                 print(f"{args.collection}: version {r.version} active ({r.method}, {r.downloaded} bytes"
                       f"{', previous ' + str(r.previous) if r.previous else ''})", flush=True)
-        except SyncError as exc:
+        except D2RError as exc:
             if interval is None:
                 raise
             print(f"d2r sync: error: {exc}; retrying in {args.every}", file=sys.stderr, flush=True)

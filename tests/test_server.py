@@ -344,3 +344,27 @@ def test_exact_commands_serve_keygen_publish_device_sync(tmp_path, bundles):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_chunked_publish_and_state_survives_a_restart(tmp_path, bundles):
+    data = bundles["archive"].read_bytes()
+    with ServerThread(tmp_path / "data") as srv:
+        con = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+        con.putrequest("POST", "/api/v1/collections/museum/versions")
+        con.putheader("Authorization", f"Bearer {ADMIN_TOKEN}")
+        con.putheader("X-D2R-Signature", _signature(bundles))
+        con.putheader("Transfer-Encoding", "chunked")
+        con.endheaders()
+        for i in range(0, len(data), 50_000):  # streamed without a Content-Length
+            piece = data[i : i + 50_000]
+            con.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        con.send(b"0\r\n\r\n")
+        resp = con.getresponse()
+        assert resp.status == 201 and json.loads(resp.read())["archive_size"] == len(data)
+        con.close()
+        dev = AdminClient(srv.url, ADMIN_TOKEN).add_device(["museum"], "kiosk")
+    (tmp_path / "data" / "tmp" / "upload-left-by-a-crash").write_bytes(b"x")
+    with ServerThread(tmp_path / "data") as srv:  # same data folder, new process state
+        st, _, body = request(srv, "GET", "/api/v1/collections/museum/latest", token=dev["token"])
+        assert st == 200 and json.loads(body)["version"] == 1
+        assert not any((tmp_path / "data" / "tmp").iterdir())

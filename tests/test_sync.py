@@ -373,3 +373,42 @@ def test_every_interval_parsing():
     assert parse_interval("45") == 45
     with pytest.raises(d2r.InputError):
         parse_interval("soon")
+
+
+def test_a_tampered_delta_cannot_install_and_the_full_bundle_is_used(server, bundles, tmp_path):
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    server.admin.publish(bundles["v1"], "museum", bundles["key"])
+    token = _device(server)
+    client = SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"])
+    client.sync()
+    server.admin.publish(bundles["v2"], "museum", bundles["key"])
+    client._request(client._url("/delta/1/2"), method="HEAD").close()  # the server builds the delta
+    storage = server.app.extensions["d2r_storage"]
+    with storage.db() as con:
+        sha = con.execute("SELECT sha256 FROM deltas").fetchone()[0]
+    out = io.BytesIO()
+    with tarfile.open(storage.blob_path(sha)) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()
+            if m.name == "delta.json":  # the attacker also deletes an image the publisher kept
+                d = json.loads(data)
+                d["index"]["remove"].append("img0001")
+                data = json.dumps(d).encode()
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    evil = out.getvalue()
+    evil_sha = hashlib.sha256(evil).hexdigest()
+    storage.blob_path(evil_sha).parent.mkdir(exist_ok=True)
+    storage.blob_path(evil_sha).write_bytes(evil)
+    with storage.db() as con:
+        con.execute("UPDATE deltas SET sha256 = ?, size = ?", (evil_sha, len(evil)))
+    logs = []
+    client.log = logs.append
+    r = client.sync()
+    assert (r.version, r.method) == (2, "full")
+    assert any("delta rejected" in line for line in logs), logs
+    assert _same_bundle(Destination(tmp_path / "dev").current, bundles["v2"])

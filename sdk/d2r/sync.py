@@ -719,7 +719,10 @@ class SyncClient:
         if info["checksum"] != latest["bundle_checksum"] or int(info["version"]) != version:
             raise SyncError(f"version {version}: the bundle received is not the one announced; active bundle kept")
         verify_signature(self.public_key, self.collection, info["checksum"], latest["signature"])
-        (staged / SIGNATURE_FILE).write_text(latest["signature"] + "\n")
+        with open(staged / SIGNATURE_FILE, "w") as fh:
+            fh.write(latest["signature"] + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         _crash_point("verified")
         final = dest.install(staged, version)
         dest.prune()

@@ -334,8 +334,9 @@ def test_exact_commands_serve_keygen_publish_device_sync(tmp_path, bundles):
         assert "version 1 active" in out
         verify_bundle_folder(Destination(tmp_path / "dev").current)
         run("publish", str(bundles["v2"]), "--server", url, "--collection", "museum", "--token", admin, "--signing-key", str(key))
-        out = run("sync", "--server", url, "--collection", "museum", "--token", device_token, "--dest", str(tmp_path / "dev"),
-                  "--public-key", str(key) + ".pub")
+        (tmp_path / "device.token").write_text(device_token + "\n")
+        out = run("sync", "--server", url, "--collection", "museum", "--token-file", str(tmp_path / "device.token"),
+                  "--dest", str(tmp_path / "dev"), "--public-key", str(key) + ".pub")
         assert "version 2 active (delta" in out
         assert "museum" in run("device", "list", "--server", url, "--token", admin)
         bad = subprocess.run(d2r_cmd + ["sync", "--server", url, "--collection", "museum", "--token", "wrong", "--dest",

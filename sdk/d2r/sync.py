@@ -820,7 +820,15 @@ def parse_interval(text: str) -> float:
 
 def _cli_sync(args) -> int:
     interval = parse_interval(args.every) if args.every else None
-    client = SyncClient(args.server, args.collection, args.token, args.dest, args.public_key,
+    token = args.token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise InputError(f"{args.token_file}: cannot read the device token ({exc.strerror or exc})") from None
+    if not token:
+        raise InputError("a device token is required: --token T or --token-file F")
+    client = SyncClient(args.server, args.collection, token, args.dest, args.public_key,
                         timeout=args.timeout, prefer_delta=not args.no_delta, log=lambda msg: print(f"d2r sync: {msg}", file=sys.stderr, flush=True))
     while True:
         try:
@@ -843,7 +851,8 @@ def register_cli(sub) -> None:
     p = sub.add_parser("sync", help="fetch the latest signed bundle of a collection and swap it in atomically")
     p.add_argument("--server", required=True, help="edge server URL, e.g. https://edge.local:8443")
     p.add_argument("--collection", required=True)
-    p.add_argument("--token", required=True, help="device token from `d2r device add`")
+    p.add_argument("--token", default=None, help="device token from `d2r device add`")
+    p.add_argument("--token-file", default=None, help="read the device token from this file instead (keeps it out of `ps`)")
     p.add_argument("--dest", required=True, help="destination folder (DEST/current is the active bundle)")
     p.add_argument("--public-key", required=True, help="the publisher's public key (KEYFILE.pub), pinned")
     p.add_argument("--every", default=None, help="keep running, syncing at this interval (e.g. 15m)")

@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from d2r.sync import Destination, SyncClient, generate_keypair, pack_bundle
+from d2r.sync import Destination, SyncClient, generate_keypair
 from d2r_server.client import AdminClient
 from d2r_server.testing import Collection
 

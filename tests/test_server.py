@@ -231,7 +231,7 @@ def test_healthz_and_metrics(server, bundles):
     st, h, body = request(server, "GET", "/metrics", token=None)
     assert st == 200 and h["Content-Type"].startswith("text/plain; version=0.0.4")
     text = body.decode()
-    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? -?[0-9.e+]+$')
+    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="[^"]*",?)*\})? -?[0-9.]+(e[+-]?[0-9]+)?$')
     for line in text.splitlines():
         assert line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line
     assert 'd2r_collection_latest_version{collection="museum"} 1' in text

@@ -745,7 +745,6 @@ class Index:
                     3: "posting lists disagree with the per-item word counts"}[int(err)]
             raise IndexFormatError(f"{self._path}: inconsistent inverted file: {what}")
 
-
     def get(self, image_id: str) -> list:
         """The stored items of a live image as :class:`d2r.Aggregation` objects, one per item
         (one for :meth:`add`, one per region for :meth:`add_regions`), in insertion order.
@@ -765,7 +764,7 @@ class Index:
         out = []
         for item in range(int(start[img]), int(start[img + 1])):
             seg = self._base if item < self._base_items else self._delta
-            block, low = (item >> seg.shift, item & ((1 << seg.shift) - 1))
+            block, low = item >> seg.shift, item & ((1 << seg.shift) - 1)
             hits = np.flatnonzero(seg.low == low)
             # Entry e lies in run r = (word * n_blocks + block) with offsets[r] <= e < offsets[r + 1].
             runs = np.searchsorted(seg.offsets, hits, side="right") - 1

@@ -745,6 +745,39 @@ class Index:
                     3: "posting lists disagree with the per-item word counts"}[int(err)]
             raise IndexFormatError(f"{self._path}: inconsistent inverted file: {what}")
 
+    def get(self, image_id: str) -> list:
+        """The stored items of a live image as :class:`d2r.Aggregation` objects, one per item
+        (one for :meth:`add`, one per region for :meth:`add_regions`), in insertion order.
+
+        Each is of the index's kind with ``n_regions=1`` (the region count is not stored);
+        adding them to an index with the same codebook stores the same items. Scans the
+        inverted file once per item: O(entries), meant for syncing changed images, not search.
+        """
+        ids = self._ids()
+        if not isinstance(image_id, str) or image_id not in ids:
+            raise InputError(f"image_id: {image_id!r} is not in the index")
+        if self._closed:
+            raise InputError(f"{self._name()}: the index is closed")
+        self._flush()
+        start = self._all_item_start()
+        img = ids[image_id]
+        out = []
+        for item in range(int(start[img]), int(start[img + 1])):
+            seg = self._base if item < self._base_items else self._delta
+            block, low = item >> seg.shift, item & ((1 << seg.shift) - 1)
+            hits = np.flatnonzero(seg.low == low)
+            # Entry e lies in run r = (word * n_blocks + block) with offsets[r] <= e < offsets[r + 1].
+            runs = np.searchsorted(seg.offsets, hits, side="right") - 1
+            n_blocks = max(seg.n_blocks, 1)
+            mine = runs % n_blocks == block
+            words = (runs[mine] // n_blocks).astype(np.uint32)
+            codes = np.asarray(seg.codes[hits[mine]])
+            if _family(self._kind) == "binary":
+                out.append(Aggregation(self._kind, self._dim, words, codes=codes))
+            else:
+                out.append(Aggregation(self._kind, self._dim, words, vectors=codes.view("<f4").reshape(-1, self._dim)))
+        return out
+
 
 # -- helpers ------------------------------------------------------------------------------------
 def _check_kind(kind) -> str:

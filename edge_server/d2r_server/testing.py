@@ -1,0 +1,217 @@
+"""Helpers for tests and benchmarks: synthetic bundles (no models needed), a real waitress
+server on loopback in a thread, and a TCP proxy that drops or corrupts responses."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+import d2r
+from d2r.engine import BUNDLE_FORMAT, BUNDLE_VERSION, EngineConfig, _canonical
+
+ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+
+
+def synthetic_codebook(k: int = 64, dim: int = 32, seed: int = 0) -> d2r.Codebook:
+    return d2r.Codebook(np.random.default_rng(seed).standard_normal((k, dim)).astype(np.float32))
+
+
+def synthetic_aggregations(codebook, image_id: str, n_features: int = 60, regions: int = 2, kind: str = "rasmk_star"):
+    """Deterministic R-ASMK* aggregation of random descriptors, seeded by the image id."""
+    seed = int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_features * regions, codebook.dim)).astype(np.float32)
+    return d2r.aggregate(x, codebook, kind=kind, region_sizes=[n_features] * regions)
+
+
+def write_bundle(path, index: d2r.Index, codebook: d2r.Codebook, version: int, extra_files: dict | None = None) -> Path:
+    """A bundle folder as :meth:`d2r.Engine.save` writes it (same bundle.json), without models:
+    index.d2ri, codebook.d2rcb, models/manifest.json (empty) and ``extra_files`` {rel: bytes}."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    index.save(tmp / "index.d2ri")
+    codebook.save(tmp / "codebook.d2rcb")
+    (tmp / "models").mkdir()
+    (tmp / "models" / "manifest.json").write_text(json.dumps({"schema_version": 1, "models": []}) + "\n")
+    for rel, data in (extra_files or {}).items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(data)
+    files = {}
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        files[f.relative_to(tmp).as_posix()] = {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}
+    body = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "version": int(version),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "d2r_version": d2r.__version__,
+        "config": asdict(EngineConfig(detector=None)),
+        "models": {"features": None, "detector": None},
+        "codebook_sha256": codebook.checksum,
+        "n_images": len(index),
+        "files": files,
+    }
+    body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
+    (tmp / "bundle.json").write_text(json.dumps(body, indent=1) + "\n")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+class Collection:
+    """A synthetic collection evolving like a publisher's: open, add/remove images, save."""
+
+    def __init__(self, k: int = 64, dim: int = 32, n_features: int = 60, regions: int = 2):
+        self.codebook = synthetic_codebook(k, dim)
+        self.index = d2r.Index(self.codebook, kind="rasmk_star")
+        self.n_features, self.regions = n_features, regions
+        self.version = 0
+
+    def add(self, ids):
+        for i in ids:
+            self.index.add(i, synthetic_aggregations(self.codebook, i, self.n_features, self.regions), metadata={"title": i})
+
+    def remove(self, ids):
+        for i in ids:
+            self.index.remove(i)
+
+    def save(self, path, extra_files=None) -> Path:
+        self.version += 1
+        return write_bundle(path, self.index, self.codebook, self.version, extra_files)
+
+
+class ServerThread:
+    """The real app under waitress on 127.0.0.1 (random port), in a background thread."""
+
+    def __init__(self, data_dir, admin_token: str = ADMIN_TOKEN, threads: int = 16, **config):
+        import waitress
+
+        from .app import create_app
+
+        cfg = {"DATA_DIR": str(data_dir), "ADMIN_TOKEN": admin_token}
+        cfg.update(config)
+        self.app = create_app(cfg)
+        limit = int(self.app.config["MAX_BUNDLE_BYTES"])
+        self.server = waitress.create_server(self.app, host="127.0.0.1", port=0, threads=threads,
+                                             max_request_body_size=limit + (1 << 20), ident="d2r")
+        self.port = self.server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from waitress import wasyncore
+
+        # waitress's own run() cannot be stopped from another thread cleanly: poll, then close here.
+        while not self._stop.is_set():
+            wasyncore.loop(timeout=0.05, map=self.server._map, count=1)
+        self.server.close()
+        self.server.task_dispatcher.shutdown(timeout=5)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self._stop.set()
+        self.thread.join(timeout=10)
+
+
+class FlakyProxy:
+    """TCP proxy on 127.0.0.1 in front of ``upstream_port``. For the first ``faults``
+    connections whose request line matches ``match``, it cuts the response after ``cut_after``
+    bytes (mode "drop") or flips one byte at offset ``cut_after`` (mode "corrupt")."""
+
+    def __init__(self, upstream_port: int, match: bytes = b"/bundle", mode: str = "drop", cut_after: int = 20000, faults: int = 1):
+        self.upstream = upstream_port
+        self.match, self.mode, self.cut_after, self.faults = match, mode, cut_after, faults
+        self.requests: list[bytes] = []
+        self._lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    def _handle(self, client):
+        up = socket.create_connection(("127.0.0.1", self.upstream))
+        head = b""
+        while b"\r\n\r\n" not in head:
+            data = client.recv(65536)
+            if not data:
+                break
+            head += data
+        with self._lock:
+            self.requests.append(head.split(b"\r\n\r\n")[0])
+            faulty = self.match in head.split(b"\r\n")[0] and head.startswith(b"GET") and self.faults > 0
+            if faulty:
+                self.faults -= 1
+        up.sendall(head)
+
+        def upstream_to_client():
+            sent = 0
+            try:
+                while True:
+                    data = up.recv(65536)
+                    if not data:
+                        break
+                    if faulty and self.mode == "drop" and sent + len(data) > self.cut_after:
+                        client.sendall(data[: self.cut_after - sent])
+                        break
+                    if faulty and self.mode == "corrupt" and sent <= self.cut_after < sent + len(data):
+                        i = self.cut_after - sent
+                        data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+                    client.sendall(data)
+                    sent += len(data)
+            except OSError:
+                pass
+            finally:
+                for s in (client, up):
+                    try:
+                        s.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    s.close()
+
+        def client_to_upstream():
+            try:
+                while True:
+                    data = client.recv(65536)
+                    if not data:
+                        break
+                    up.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=client_to_upstream, daemon=True).start()
+        upstream_to_client()
+
+    def close(self):
+        self._stop = True
+        self.sock.close()

@@ -1,0 +1,861 @@
+"""Device sync: fetch the latest signed bundle of a collection from an edge server and swap it in.
+
+    client = d2r.sync.SyncClient("http://10.0.0.2:8080", "museum", token, "/var/lib/d2r", "museum.pub")
+    result = client.sync()                  # SyncResult(version=7, previous=6, method="delta", ...)
+    live = d2r.sync.LiveBundle("/var/lib/d2r")   # opens DEST/current with d2r.Engine.open
+    live.query(photo)                       # reopens the bundle between queries after a swap
+
+Layout of the destination folder (``docs/sync-protocol.md``)::
+
+    DEST/current -> versions/7      symlink, replaced atomically: the active bundle
+    DEST/previous -> versions/6     the bundle before it (rollback)
+    DEST/versions/N/                complete, verified bundle folders (+ bundle.sig)
+    DEST/staging/                   partial downloads (*.part, resumed) and unfinished folders
+
+A version folder appears only by one rename once it is complete and verified, and ``current``
+changes only by one rename of a symlink; a crash (kill -9 included) at any point leaves the
+previous bundle active, and the next run removes the leftovers and resumes the download.
+
+Device side: only the standard library (urllib) plus ``cryptography`` for the Ed25519
+signature check (imported on use, with a clear error when it is missing).
+
+The transport forms of a bundle (an uncompressed tar of the bundle folder) and of a delta are
+defined here, on both sides: :func:`pack_bundle`, :func:`unpack_bundle`, :func:`apply_delta`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+
+from .errors import D2RError, InputError
+
+ARCHIVE_MEDIA_TYPE = "application/x-tar"
+DELTA_FORMAT = "d2r-delta"
+DELTA_VERSION = 1
+SIGNATURE_CONTEXT = b"d2r-bundle-signature-v1"
+SIGNATURE_FILE = "bundle.sig"
+# bundle.json and delta.json are small; refuse a giant one before parsing it.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_CHUNK = 1 << 20
+
+
+class SyncError(D2RError, RuntimeError):
+    """A sync could not complete (server unreachable, refused, corrupt or unverifiable data).
+    The active bundle is unchanged when this is raised."""
+
+
+class SignatureError(SyncError):
+    """A bundle's Ed25519 signature does not verify with the pinned public key."""
+
+
+class ArchiveError(D2RError, ValueError):
+    """A bundle or delta archive is malformed, unsafe (paths outside the bundle) or does not
+    match its bundle.json."""
+
+
+# -- signatures -------------------------------------------------------------------------------------
+def _ed25519():
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise SyncError("bundle signatures need the 'cryptography' package: pip install cryptography "
+                        "(or pip install 'd2r[server]')") from None
+    return ed25519, serialization, InvalidSignature
+
+
+def signed_message(collection: str, bundle_checksum: str) -> bytes:
+    """The bytes a publisher signs: a context string, the collection and the bundle checksum
+    (which covers bundle.json, hence the version and the sha256 of every file)."""
+    return b"\n".join([SIGNATURE_CONTEXT, collection.encode("utf-8"), bundle_checksum.encode("ascii")])
+
+
+def generate_keypair(path) -> tuple[Path, Path]:
+    """Write a new Ed25519 private key to ``path`` (PEM, mode 0600) and its public key to
+    ``path.pub`` (PEM). Refuses to overwrite an existing key."""
+    ed25519, serialization, _ = _ed25519()
+    path = Path(path)
+    pub = path.with_name(path.name + ".pub")
+    for p in (path, pub):
+        if p.exists():
+            raise InputError(f"{p}: exists already; not overwriting a key")
+    key = ed25519.Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_pem)
+    pub.write_bytes(public_pem)
+    return path, pub
+
+
+def load_private_key(path):
+    ed25519, serialization, _ = _ed25519()
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: not a readable PEM private key ({exc})") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise InputError(f"{path}: not an Ed25519 private key (made by `d2r keygen`)")
+    return key
+
+
+def load_public_key(path):
+    ed25519, serialization, _ = _ed25519()
+    try:
+        key = serialization.load_pem_public_key(Path(path).read_bytes())
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: not a readable PEM public key ({exc})") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise InputError(f"{path}: not an Ed25519 public key (KEYFILE.pub made by `d2r keygen`)")
+    return key
+
+
+def sign_bundle(private_key, collection: str, bundle_checksum: str) -> str:
+    """Base64 Ed25519 signature of :func:`signed_message`."""
+    return base64.b64encode(private_key.sign(signed_message(collection, bundle_checksum))).decode("ascii")
+
+
+def verify_signature(public_key, collection: str, bundle_checksum: str, signature: str) -> None:
+    """Raise :class:`SignatureError` unless ``signature`` signs (collection, checksum)."""
+    _, _, invalid = _ed25519()
+    try:
+        raw = base64.b64decode(signature or "", validate=True)
+        public_key.verify(raw, signed_message(collection, bundle_checksum))
+    except (invalid, ValueError, TypeError):
+        raise SignatureError(f"collection {collection!r}: the signature of bundle {bundle_checksum[:12]}... does not verify "
+                             "with the pinned public key (wrong key, or the bundle was substituted)") from None
+
+
+# -- transport form of a bundle: an uncompressed tar ------------------------------------------------
+def _bundle_info(folder):
+    from .engine import read_bundle_info
+
+    return read_bundle_info(folder)
+
+
+def _sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_bundle_folder(folder) -> dict:
+    """bundle.json of ``folder`` after checking every listed file's size and sha256."""
+    from .engine import BundleError
+
+    folder = Path(folder)
+    info = _bundle_info(folder)
+    for rel, meta in info["files"].items():
+        f = folder / rel
+        if not f.is_file() or f.is_symlink():
+            raise BundleError(f"{folder}: file {rel} listed in bundle.json is missing")
+        if f.stat().st_size != meta["size"] or _sha256_file(f) != meta["sha256"]:
+            raise BundleError(f"{folder}: file {rel} does not match bundle.json (size or sha256)")
+    return info
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+    return ti
+
+
+def pack_bundle(folder, out) -> dict:
+    """Write the transport form of bundle ``folder`` to ``out`` (a path or binary file): an
+    uncompressed POSIX (pax) tar holding ``bundle.json`` first, then every file it lists in
+    sorted order, regular files only, mtime 0, so equal bundles give equal bytes.
+    Verifies the folder first; returns its bundle.json."""
+    folder = Path(folder)
+    info = verify_bundle_folder(folder)
+    own = not hasattr(out, "write")
+    fh = open(out, "wb") if own else out
+    try:
+        with tarfile.open(fileobj=fh, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for rel in ["bundle.json"] + sorted(info["files"]):
+                f = folder / rel
+                with open(f, "rb") as src:
+                    tar.addfile(_tarinfo(rel, os.fstat(src.fileno()).st_size), src)
+    finally:
+        if own:
+            fh.close()
+    return info
+
+
+def _safe_member(member: tarfile.TarInfo, where: str) -> str:
+    name = member.name
+    if not member.isreg():
+        raise ArchiveError(f"{where}: member {name!r} is not a regular file (links and folders are refused)")
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or "\x00" in name or any(p in ("", ".", "..") for p in parts)
+            or len(name) > 1024):
+        raise ArchiveError(f"{where}: member {name!r} has an unsafe path (absolute, '..' or empty parts)")
+    return name
+
+
+def _write_member(tar: tarfile.TarFile, member, target: Path, expect_sha: str | None = None, where: str = "") -> str:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    src = tar.extractfile(member)
+    h = hashlib.sha256()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb") as dst:
+        for chunk in iter(lambda: src.read(_CHUNK), b""):
+            h.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    digest = h.hexdigest()
+    if expect_sha is not None and digest != expect_sha:
+        raise ArchiveError(f"{where}: {member.name} does not match its sha256 in bundle.json")
+    return digest
+
+
+def unpack_bundle(archive, dest) -> dict:
+    """Extract the tar ``archive`` (path) made by :func:`pack_bundle` into the new folder
+    ``dest`` and verify it: bundle.json first and self-consistent, then exactly the files it
+    lists with their sizes and sha256, nothing else. Returns bundle.json.
+    Raises :class:`ArchiveError` (or ``BundleError`` for a bad bundle.json)."""
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=False, exist_ok=False)
+    try:
+        with tarfile.open(archive, mode="r:") as tar:
+            first = tar.next()
+            if first is None or _safe_member(first, str(archive)) != "bundle.json":
+                raise ArchiveError(f"{archive}: the first member must be bundle.json")
+            if first.size > MAX_JSON_BYTES:
+                raise ArchiveError(f"{archive}: bundle.json is {first.size} bytes, over the limit")
+            _write_member(tar, first, dest / "bundle.json")
+            info = _bundle_info(dest)
+            expected = dict(info["files"])
+            while (member := tar.next()) is not None:
+                rel = _safe_member(member, str(archive))
+                meta = expected.pop(rel, None)
+                if meta is None:
+                    raise ArchiveError(f"{archive}: member {rel!r} is not listed in bundle.json (or appears twice)")
+                if member.size != meta["size"]:
+                    raise ArchiveError(f"{archive}: {rel} has {member.size} bytes, bundle.json says {meta['size']}")
+                _write_member(tar, member, dest / rel, meta["sha256"], str(archive))
+            if expected:
+                raise ArchiveError(f"{archive}: files listed in bundle.json are missing: {', '.join(sorted(expected)[:5])}")
+    except tarfile.TarError as exc:
+        raise ArchiveError(f"{archive}: not a valid uncompressed tar ({exc})") from exc
+    return info
+
+
+# -- deltas -------------------------------------------------------------------------------------------
+def replay_index(old_index, remove, add, compact: bool, out) -> None:
+    """The delta's index recipe: open ``old_index``, tombstone the ids ``remove``, add the images
+    ``add`` (id, metadata, list of Aggregation), save to ``out`` (compacted if ``compact``).
+    The server keeps a delta only if this reproduces the new index byte for byte."""
+    from .index import Index
+
+    idx = Index.open(old_index, mmap=True, verify=False)
+    try:
+        for image_id in remove:
+            idx.remove(image_id)
+        for image_id, metadata, aggs in add:
+            idx.add_regions(image_id, aggs, metadata=metadata)
+        idx.save(out, compact=compact)
+    finally:
+        idx.close()
+
+
+def _delta_images(d: dict, words_blob: bytes, payload_blob: bytes, kind: str, dim: int):
+    """Yield (id, metadata, [Aggregation]) of the images a delta adds."""
+    import numpy as np
+
+    from .aggregate import BINARY_KINDS, Aggregation
+
+    binary = kind in BINARY_KINDS
+    payload = (dim + 7) // 8 if binary else 4 * dim
+    words = np.frombuffer(words_blob, dtype="<u4")
+    codes = np.frombuffer(payload_blob, dtype=np.uint8)
+    if codes.shape[0] != words.shape[0] * payload:
+        raise ArchiveError(f"delta: payload.bin has {codes.shape[0]} bytes for {words.shape[0]} words of {payload} bytes")
+    codes = codes.reshape(words.shape[0], payload)
+    pos = 0
+    for image in d["add"]:
+        aggs = []
+        for n in image["items"]:
+            n = int(n)
+            if n < 0 or pos + n > words.shape[0]:
+                raise ArchiveError("delta: item sizes run past words.bin")
+            w, c = words[pos : pos + n], codes[pos : pos + n]
+            pos += n
+            if binary:
+                aggs.append(Aggregation(kind, dim, w, codes=c))
+            else:
+                aggs.append(Aggregation(kind, dim, w, vectors=c.view("<f4").reshape(n, dim)))
+        yield image["id"], image.get("metadata"), aggs
+    if pos != words.shape[0]:
+        raise ArchiveError("delta: words.bin holds more words than the images use")
+
+
+def apply_delta(old_dir, delta, new_dir) -> dict:
+    """Build the new bundle folder ``new_dir`` from the verified bundle ``old_dir`` and the
+    delta archive ``delta`` (path), then verify every file against the new bundle.json (which
+    the caller checks against its signature). Returns the new bundle.json.
+
+    Delta archive (uncompressed tar, see docs/sync-protocol.md): ``delta.json`` (recipe),
+    ``bundle.json`` (of the new version), ``words.bin`` (uint32 LE visual words of the added
+    items), ``payload.bin`` (their codes, item after item), ``files/REL`` (changed files other
+    than the index). Unchanged files are hard-linked (or copied) from ``old_dir``.
+    """
+    from .index import Index
+
+    old_dir, delta, new_dir = Path(old_dir), Path(delta), Path(new_dir)
+    old = _bundle_info(old_dir)
+    new_dir.mkdir(parents=False, exist_ok=False)
+    try:
+        with tarfile.open(delta, mode="r:") as tar:
+            members = {}
+            for m in tar.getmembers():
+                name = _safe_member(m, str(delta))
+                if name in members:
+                    raise ArchiveError(f"{delta}: member {name!r} appears twice")
+                members[name] = m
+            for need in ("delta.json", "bundle.json", "words.bin", "payload.bin"):
+                if need not in members:
+                    raise ArchiveError(f"{delta}: not a d2r delta (no {need})")
+            if members["delta.json"].size > MAX_JSON_BYTES or members["bundle.json"].size > MAX_JSON_BYTES:
+                raise ArchiveError(f"{delta}: delta.json or bundle.json is over the size limit")
+            try:
+                d = json.loads(tar.extractfile(members["delta.json"]).read())
+            except ValueError as exc:
+                raise ArchiveError(f"{delta}: delta.json is not JSON ({exc})") from None
+            if not isinstance(d, dict) or d.get("format") != DELTA_FORMAT or d.get("format_version") != DELTA_VERSION:
+                raise ArchiveError(f"{delta}: unknown delta format {d.get('format') if isinstance(d, dict) else None!r}")
+            if d["from"]["checksum"] != old["checksum"]:
+                raise ArchiveError(f"{delta}: made for bundle {d['from']['checksum'][:12]}..., not the active {old['checksum'][:12]}...")
+            _write_member(tar, members["bundle.json"], new_dir / "bundle.json")
+            new = _bundle_info(new_dir)
+            if d["to"]["checksum"] != new["checksum"]:
+                raise ArchiveError(f"{delta}: delta.json and bundle.json disagree on the target bundle")
+            index_rel = d["index"]["file"]
+            if index_rel not in new["files"] or index_rel not in old["files"]:
+                raise ArchiveError(f"{delta}: index file {index_rel!r} is not in both bundles")
+            for rel, meta in new["files"].items():
+                if rel == index_rel:
+                    continue
+                target = new_dir / rel
+                if "files/" + rel in members:
+                    _write_member(tar, members["files/" + rel], target, meta["sha256"], str(delta))
+                elif old["files"].get(rel, {}).get("sha256") == meta["sha256"]:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(old_dir / rel, target)  # bundle files are never modified in place
+                    except OSError:
+                        shutil.copyfile(old_dir / rel, target)
+                else:
+                    raise ArchiveError(f"{delta}: {rel} changed but the delta does not carry it")
+            words_blob = tar.extractfile(members["words.bin"]).read()
+            payload_blob = tar.extractfile(members["payload.bin"]).read()
+        head = Index.open(old_dir / index_rel, mmap=True, verify=False)
+        kind, dim = head.kind, head.dim
+        head.close()
+        adds = list(_delta_images(d["index"], words_blob, payload_blob, kind, dim))
+        replay_index(old_dir / index_rel, d["index"]["remove"], adds, bool(d["index"]["compact"]), new_dir / index_rel)
+    except tarfile.TarError as exc:
+        raise ArchiveError(f"{delta}: not a valid uncompressed tar ({exc})") from exc
+    except (KeyError, TypeError) as exc:
+        raise ArchiveError(f"{delta}: delta.json lacks or mistypes {exc}") from None
+    except D2RError as exc:
+        if isinstance(exc, ArchiveError):
+            raise
+        raise ArchiveError(f"{delta}: cannot be applied to {old_dir} ({exc})") from exc
+    return verify_bundle_folder(new_dir)
+
+
+# -- the device's destination folder ------------------------------------------------------------------
+def _crash_point(stage: str) -> None:
+    """Test hook: ``D2R_SYNC_CRASH_AT=<stage>`` kills this process with SIGKILL at that stage
+    (the crash-safety tests use it to stop a sync at every step of the swap)."""
+    if os.environ.get("D2R_SYNC_CRASH_AT") == stage:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: Path) -> None:
+    if sys.platform == "win32":  # pragma: no cover
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*"), reverse=True):
+        if p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(path)
+
+
+class Destination:
+    """The device's folder of bundle versions, with an atomically switched ``current``."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.versions = self.root / "versions"
+        self.staging = self.root / "staging"
+
+    @contextmanager
+    def lock(self):
+        """Exclusive lock of the folder for one sync (a second concurrent sync is refused)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fh = open(self.root / ".lock", "a+b")
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # pragma: no cover - not POSIX: no lock
+                pass
+            except OSError:
+                raise SyncError(f"{self.root}: another sync is running on this folder") from None
+            yield
+        finally:
+            fh.close()
+
+    def prepare(self) -> None:
+        """Create the folders and remove what an interrupted run left (but keep partial
+        downloads, ``*.part``, to resume them)."""
+        self.versions.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        for p in self.staging.iterdir():
+            if not p.name.endswith(".part"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        for p in self.root.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+        for p in self.versions.glob(".*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _link(self, name: str) -> Path | None:
+        link = self.root / name
+        try:
+            target = os.readlink(link)
+        except OSError:
+            return None
+        path = (self.root / target)
+        return path if path.is_dir() else None
+
+    @property
+    def current(self) -> Path | None:
+        """The active version folder (resolved), or None before the first sync."""
+        return self._link("current")
+
+    @property
+    def previous(self) -> Path | None:
+        return self._link("previous")
+
+    def current_info(self) -> dict | None:
+        cur = self.current
+        return _bundle_info(cur) if cur is not None else None
+
+    def _point(self, name: str, version_dir: Path) -> None:
+        tmp = self.root / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.relpath(version_dir, self.root), tmp)
+        _crash_point(f"{name}-link-created")
+        os.replace(tmp, self.root / name)
+        _fsync_dir(self.root)
+
+    def install(self, staged: Path, version: int) -> Path:
+        """Move the verified folder ``staged`` to versions/N and make it current (previous =
+        the old current). Each step is one rename; the old bundle stays active until the last."""
+        final = self.versions / str(int(version))
+        old = self.current
+        if old is not None and old.resolve() == final.resolve():
+            raise SyncError(f"{self.root}: version {version} is already active")
+        _fsync_tree(staged)
+        if final.exists():  # left by a crash after the rename: replace it by the fresh copy
+            trash = self.versions / f".trash-{version}-{time.monotonic_ns()}"
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(staged, final)
+        _fsync_dir(self.versions)
+        _crash_point("installed")
+        if old is not None:
+            self._point("previous", old)
+        self._point("current", final)
+        _crash_point("swapped")
+        return final
+
+    def rollback(self) -> Path:
+        """Make the previous version current again (and the current one previous)."""
+        cur, prev = self.current, self.previous
+        if prev is None:
+            raise SyncError(f"{self.root}: no previous version to roll back to")
+        self._point("current", prev)
+        if cur is not None:
+            self._point("previous", cur)
+        return prev
+
+    def prune(self) -> None:
+        """Delete version folders other than current and previous."""
+        keep = {p.resolve() for p in (self.current, self.previous) if p is not None}
+        for p in self.versions.iterdir():
+            if p.resolve() not in keep and not p.name.startswith("."):
+                trash = self.versions / f".trash-{p.name}-{time.monotonic_ns()}"
+                os.replace(p, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+
+
+# -- the client ----------------------------------------------------------------------------------------
+@dataclass
+class SyncResult:
+    """What one :meth:`SyncClient.sync` did: ``method`` is "none" (already current), "delta"
+    or "full"; ``downloaded`` counts the bytes received in this run."""
+
+    version: int
+    previous: int | None
+    method: str
+    downloaded: int = 0
+    path: Path | None = None
+
+
+class _HTTPStatus(SyncError):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class SyncClient:
+    """Syncs one collection from an edge server into a destination folder.
+
+    Args:
+        server: base URL (``https://host:port``; put the server behind TLS in production).
+        collection: collection name. token: the device token (``d2r device add``).
+        dest: destination folder. public_key: path of the publisher's pinned public key (PEM)
+            or a loaded key. timeout: seconds per network operation. retries: attempts per
+            download (each resumes with HTTP Range where the last stopped).
+        prefer_delta: ask for a delta from the active version first.
+    """
+
+    def __init__(self, server: str, collection: str, token: str, dest, public_key, timeout: float = 30.0,
+                 retries: int = 4, prefer_delta: bool = True, log=None):
+        if not COLLECTION_NAME.match(collection or ""):
+            raise InputError(f"collection: expected letters, digits, '.', '_' or '-' (at most 64), got {collection!r}")
+        self.server = server.rstrip("/")
+        self.collection = collection
+        self.token = token
+        self.dest = Destination(dest)
+        self.public_key = load_public_key(public_key) if isinstance(public_key, (str, os.PathLike)) else public_key
+        self.timeout = timeout
+        self.retries = max(int(retries), 1)
+        self.prefer_delta = prefer_delta
+        self.log = log or (lambda msg: None)
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+    def _url(self, path: str) -> str:
+        return f"{self.server}/api/v1/collections/{urllib.parse.quote(self.collection, safe='')}{path}"
+
+    def _request(self, url: str, headers=None, data=None, method=None):
+        h = {"Authorization": f"Bearer {self.token}", "User-Agent": "d2r-sync"}
+        h.update(headers or {})
+        req = urllib.request.Request(url, data=data, headers=h, method=method)
+        try:
+            return urllib.request.urlopen(req, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            try:
+                body = json.loads(exc.read() or b"{}").get("error", "")
+            except ValueError:
+                body = ""
+            exc.close()
+            what = {401: "the token is wrong or revoked", 403: "the token may not read this collection",
+                    404: "not found"}.get(exc.code, body or exc.reason)
+            raise _HTTPStatus(exc.code, f"{url}: HTTP {exc.code}: {what}" + (f" ({body})" if body and body != what else "")) from None
+        except (urllib.error.URLError, OSError, HTTPException) as exc:
+            raise SyncError(f"{url}: server unreachable ({getattr(exc, 'reason', exc)})") from None
+
+    def _json(self, url: str):
+        try:
+            with self._request(url) as resp:
+                return json.loads(resp.read())
+        except (OSError, HTTPException, ValueError) as exc:
+            raise SyncError(f"{url}: unreadable answer ({exc})") from None
+
+    def latest(self) -> dict:
+        """The latest version record of the collection (JSON of ``GET .../latest``)."""
+        rec = self._json(self._url("/latest"))
+        try:
+            ok = (isinstance(rec["version"], int) and isinstance(rec["archive_size"], int)
+                  and all(isinstance(rec[k], str) for k in ("archive_sha256", "bundle_checksum", "signature")))
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise SyncError(f"{self._url('/latest')}: not a version record")
+        return rec
+
+    def _download(self, url: str, part: Path, expect_sha: str | None, max_size: int | None = None) -> tuple[Path, int, str]:
+        """Download ``url`` to ``part``, resuming with Range after a dropped connection (within
+        this call and across runs), then check the sha256. Stops a response that grows past
+        ``max_size`` bytes. Returns (path, bytes received, sha)."""
+        received = 0
+        etag = None
+        last_error = None
+        for attempt in range(self.retries):
+            have = part.stat().st_size if part.exists() else 0
+            headers = {}
+            if have:
+                headers["Range"] = f"bytes={have}-"
+                if expect_sha:
+                    headers["If-Range"] = f'"{expect_sha}"'
+            try:
+                resp = self._request(url, headers)
+            except _HTTPStatus as exc:
+                if exc.status == 416 and have:  # nothing left to send: the file may be complete
+                    break
+                raise
+            except SyncError as exc:
+                last_error = exc
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+                continue
+            try:
+                with resp:
+                    etag = (resp.headers.get("ETag") or "").strip('"') or etag
+                    mode = "ab" if resp.status == 206 else "wb"
+                    with open(part, mode) as fh:
+                        for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                            fh.write(chunk)
+                            received += len(chunk)
+                            _crash_point("download-chunk")
+                            if max_size is not None and fh.tell() > max_size:
+                                fh.close()
+                                part.unlink(missing_ok=True)
+                                raise SyncError(f"{url}: the server sends more than the announced {max_size} bytes; discarded")
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    length = resp.headers.get("Content-Length")
+                    if length is not None and resp.status in (200, 206):
+                        expected_end = int(length) + (have if resp.status == 206 else 0)
+                        if part.stat().st_size < expected_end:
+                            raise HTTPException(f"connection closed after {part.stat().st_size} of {expected_end} bytes")
+                last_error = None
+                break
+            except (OSError, HTTPException, ValueError) as exc:
+                last_error = SyncError(f"{url}: download interrupted ({exc}); resuming")
+                self.log(str(last_error))
+                time.sleep(min(0.2 * 2**attempt, 5.0))
+        if last_error is not None:
+            raise SyncError(f"{url}: download failed after {self.retries} attempts ({last_error})")
+        sha = _sha256_file(part)
+        want = expect_sha or etag
+        if want and sha != want:
+            part.unlink(missing_ok=True)  # start over next time: resuming a corrupt file cannot help
+            raise SyncError(f"{url}: downloaded data is corrupt (sha256 {sha[:12]}... instead of {want[:12]}...); discarded")
+        return part, received, sha
+
+    # -- one sync -------------------------------------------------------------------------------------
+    def sync(self) -> SyncResult:
+        """Bring ``dest`` to the latest version (delta if possible, else full). Raises
+        :class:`SyncError` (the active bundle unchanged) on any failure."""
+        with self.dest.lock():
+            return self._sync()
+
+    def _sync(self) -> SyncResult:
+        dest = self.dest
+        dest.prepare()
+        cur_dir = dest.current
+        cur = _bundle_info(cur_dir) if cur_dir is not None else None
+        latest = self.latest()
+        version = int(latest["version"])
+        verify_signature(self.public_key, self.collection, latest["bundle_checksum"], latest["signature"])
+        if cur is not None:
+            if cur["checksum"] == latest["bundle_checksum"]:
+                return SyncResult(int(cur["version"]), None, "none", 0, cur_dir)
+            if version <= int(cur["version"]):
+                raise SyncError(f"server offers version {version}, not newer than the active {cur['version']}: refused "
+                                "(use Destination.rollback() to go back on purpose)")
+        downloaded = 0
+        staged = None
+        method = "full"
+        if cur is not None and self.prefer_delta:
+            try:
+                staged, n = self._fetch_delta(cur_dir, int(cur["version"]), version)
+                downloaded += n
+                method = "delta"
+            except _HTTPStatus as exc:
+                if exc.status in (401, 403):
+                    raise
+                self.log(f"no delta ({exc}); downloading the full bundle")
+            except (SyncError, ArchiveError, D2RError) as exc:
+                self.log(f"delta rejected ({exc}); downloading the full bundle")
+                downloaded += getattr(exc, "downloaded", 0)
+        if staged is None:
+            part = dest.staging / f"bundle-{latest['archive_sha256']}.part"
+            part, n, _ = self._download(self._url(f"/versions/{version}/bundle"), part, latest["archive_sha256"],
+                                        int(latest["archive_size"]))
+            downloaded += n
+            _crash_point("downloaded")
+            staged = dest.staging / f"unpack-{version}"
+            try:
+                unpack_bundle(part, staged)
+            except D2RError as exc:
+                part.unlink(missing_ok=True)
+                raise SyncError(f"version {version}: the bundle archive is unusable ({exc}); active bundle kept") from exc
+            part.unlink(missing_ok=True)
+        info = _bundle_info(staged)
+        if info["checksum"] != latest["bundle_checksum"] or int(info["version"]) != version:
+            raise SyncError(f"version {version}: the bundle received is not the one announced; active bundle kept")
+        verify_signature(self.public_key, self.collection, info["checksum"], latest["signature"])
+        with open(staged / SIGNATURE_FILE, "w") as fh:
+            fh.write(latest["signature"] + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        _crash_point("verified")
+        final = dest.install(staged, version)
+        dest.prune()
+        for p in dest.staging.glob("*.part"):  # partial downloads of versions no longer wanted
+            p.unlink(missing_ok=True)
+        self._report(version, method, downloaded)
+        return SyncResult(version, int(cur["version"]) if cur else None, method, downloaded, final)
+
+    def _fetch_delta(self, cur_dir: Path, from_version: int, to_version: int):
+        url = self._url(f"/delta/{from_version}/{to_version}")
+        with self._request(url, {"Accept": ARCHIVE_MEDIA_TYPE}, method="HEAD") as resp:
+            sha = (resp.headers.get("ETag") or "").strip('"')
+        part = self.dest.staging / f"delta-{from_version}-{to_version}-{sha}.part"
+        part, n, _ = self._download(url, part, sha or None)
+        staged = self.dest.staging / f"delta-unpack-{to_version}"
+        try:
+            apply_delta(cur_dir, part, staged)
+        except D2RError as exc:
+            shutil.rmtree(staged, ignore_errors=True)
+            part.unlink(missing_ok=True)
+            exc.downloaded = n
+            raise
+        part.unlink(missing_ok=True)
+        return staged, n
+
+    def _report(self, version: int, method: str, downloaded: int) -> None:
+        body = json.dumps({"version": version, "method": method, "bytes": downloaded}).encode()
+        try:
+            self._request(self._url("/sync-report"), {"Content-Type": "application/json"}, data=body, method="POST").close()
+        except SyncError as exc:  # the swap is done; a lost report only delays the status page
+            self.log(f"sync report not delivered ({exc})")
+
+
+# -- a running engine that follows DEST/current ---------------------------------------------------------
+class LiveBundle:
+    """The object opened from ``DEST/current`` (a :class:`d2r.Engine` by default), reopened
+    between calls when a sync has swapped the active version. Old versions stay on disk until
+    the next-but-one sync, so a query running during a swap finishes on the bundle it started.
+
+        live = LiveBundle("/var/lib/d2r")
+        live.query(photo)          # d2r.Engine.query on the active bundle
+    """
+
+    def __init__(self, dest, opener=None, close=True):
+        self.dest = Destination(dest)
+        if opener is None:
+            from .engine import Engine
+
+            opener = Engine.open
+        self._opener = opener
+        self._close = close
+        self._target = None
+        self._obj = None
+
+    def get(self):
+        """The opened active bundle (reopened if ``current`` changed since the last call)."""
+        target = self.dest.current
+        if target is None:
+            raise SyncError(f"{self.dest.root}: no active bundle yet (run d2r sync)")
+        target = target.resolve()
+        if target != self._target:
+            new = self._opener(target)
+            old, self._obj, self._target = self._obj, new, target
+            if old is not None and self._close and hasattr(old, "close"):
+                old.close()
+        return self._obj
+
+    @property
+    def version_path(self) -> Path | None:
+        return self._target
+
+    def query(self, *args, **kwargs):
+        return self.get().query(*args, **kwargs)
+
+    def close(self) -> None:
+        if self._obj is not None and self._close and hasattr(self._obj, "close"):
+            self._obj.close()
+        self._obj = self._target = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# -- command line ---------------------------------------------------------------------------------------
+def parse_interval(text: str) -> float:
+    """'90', '90s', '15m', '2h' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text or "")
+    if not m:
+        raise InputError(f"--every: expected a duration like 30s, 15m or 2h, got {text!r}")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _cli_sync(args) -> int:
+    interval = parse_interval(args.every) if args.every else None
+    token = args.token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise InputError(f"{args.token_file}: cannot read the device token ({exc.strerror or exc})") from None
+    if not token:
+        raise InputError("a device token is required: --token T or --token-file F")
+    client = SyncClient(args.server, args.collection, token, args.dest, args.public_key,
+                        timeout=args.timeout, prefer_delta=not args.no_delta, log=lambda msg: print(f"d2r sync: {msg}", file=sys.stderr, flush=True))
+    while True:
+        try:
+            r = client.sync()
+            if r.method == "none":
+                print(f"{args.collection}: version {r.version} is current", flush=True)
+            else:
+                print(f"{args.collection}: version {r.version} active ({r.method}, {r.downloaded} bytes"
+                      f"{', previous ' + str(r.previous) if r.previous else ''})", flush=True)
+        except D2RError as exc:
+            if interval is None:
+                raise
+            print(f"d2r sync: error: {exc}; retrying in {args.every}", file=sys.stderr, flush=True)
+        if interval is None:
+            return 0
+        time.sleep(interval)
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("sync", help="fetch the latest signed bundle of a collection and swap it in atomically")
+    p.add_argument("--server", required=True, help="edge server URL, e.g. https://edge.local:8443")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--token", default=None, help="device token from `d2r device add`")
+    p.add_argument("--token-file", default=None, help="read the device token from this file instead (keeps it out of `ps`)")
+    p.add_argument("--dest", required=True, help="destination folder (DEST/current is the active bundle)")
+    p.add_argument("--public-key", required=True, help="the publisher's public key (KEYFILE.pub), pinned")
+    p.add_argument("--every", default=None, help="keep running, syncing at this interval (e.g. 15m)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation (default 30)")
+    p.add_argument("--no-delta", action="store_true", help="always download the full bundle")
+    p.set_defaults(func=_cli_sync)

@@ -34,7 +34,8 @@ def images():
 @pytest.fixture(scope="module")
 def built(images, tmp_path_factory):
     """One engine per backend, same codebook (trained through TFLite), same images."""
-    engine = Engine.create(features="xfeat", detector="ssd", kind="rasmk_star", backend="tflite", precision="int8", threads=2)
+    engine = Engine.create(features="xfeat", detector="ssd", kind="rasmk_star", backend="tflite", precision="int8", threads=2,
+                           verification_features=500)
     engine.train_codebook(images, size=K, progress=False)
     engine.add_images(images, progress=False)
     path = tmp_path_factory.mktemp("bundles") / "ukbench.d2r"
@@ -78,6 +79,24 @@ def test_fp32_features_agree_between_runtimes(images):
     idx = [(i, common[tuple(v)]) for i, v in enumerate(a.locations.astype(int).tolist()) if tuple(v) in common]
     cos = np.sum(a.descriptors[[i for i, _ in idx]] * b.descriptors[[j for _, j in idx]], axis=1)
     assert np.median(cos) > 0.999 and cos.min() > 0.98
+
+
+def test_query_with_spatial_verification(built, images):
+    engine, path = built
+    res = engine.query(images[8], top_k=4, verify=True, verify_top=20)
+    assert [h.image_id for h in res.hits][0] == images[8].name
+    assert set(res.inliers) == {h.image_id for h in res.hits}
+    inl = [res.inliers[h.image_id] for h in res.hits]
+    assert inl == sorted(inl, reverse=True) and inl[0] >= 100  # the image itself
+    assert "verify" in res.timings
+    with Engine.open(path) as opened:  # the features travel in the bundle
+        again = opened.query(images[8], top_k=4, verify=True, verify_top=20)
+        assert [h.image_id for h in again.hits] == [h.image_id for h in res.hits]
+        assert (path / "features.d2rv").is_file()
+    plain = Engine.create(detector=None, kind="asmk_star", codebook=engine.codebook)
+    plain.add_images(images[:4], progress=False)
+    with pytest.raises(d2r.InputError, match="no verification features"):
+        plain.query(images[0], verify=True)
 
 
 def test_bundle_round_trip(built, images, tmp_path):

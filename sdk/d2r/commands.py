@@ -71,6 +71,7 @@ def cmd_build(args) -> int:
         options["detector_threshold"] = thresh
     if args.regions:
         options["regions"] = args.regions
+    options["verification_features"] = args.verification_features
     codebook = Codebook.load(args.codebook) if args.codebook else None
     metadata = read_metadata_csv(args.metadata) if args.metadata else None
     t0 = time.perf_counter()
@@ -92,13 +93,14 @@ def cmd_query(args) -> int:
     results = {}
     with Engine.open(args.bundle, threads=args.threads) as engine:
         for image in args.images:
-            res = engine.query(image, top_k=args.top_k)
+            res = engine.query(image, top_k=args.top_k, verify=args.verify)
             results[str(image)] = res
             if not args.json:
                 print(f"{image}  ({res.timings['total']:.0f} ms: features {res.timings['features']:.0f}, search {res.timings['search']:.1f})")
                 for rank, hit in enumerate(res.hits, start=1):
                     meta = f"  {json.dumps(hit.metadata, ensure_ascii=False)}" if hit.metadata else ""
-                    print(f"  {rank:3d}. {hit.image_id}  {hit.score:.4f}{meta}")
+                    inl = f"  inliers {res.inliers[hit.image_id]}" if hit.image_id in res.inliers else ""
+                    print(f"  {rank:3d}. {hit.image_id}  {hit.score:.4f}{inl}{meta}")
     if args.json:
         json.dump({k: v.to_json() for k, v in results.items()}, sys.stdout, indent=1, ensure_ascii=False)
         print()
@@ -119,6 +121,8 @@ def register_cli(sub) -> None:
     g.add_argument("--codebook-size", type=int, default=1024, help="train a codebook of K words on the folder (default 1024)")
     g.add_argument("--codebook", help="use a codebook file trained elsewhere")
     b.add_argument("--metadata", help="CSV with an image_id (or file) column and any metadata columns")
+    b.add_argument("--verification-features", type=int, default=1000,
+                   help="whole-image features kept per image for `d2r query --verify` (default 1000, about 68 KB per image with XFeat; 0 to leave out)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int)
     b.set_defaults(func=cmd_build)
@@ -127,6 +131,7 @@ def register_cli(sub) -> None:
     q.add_argument("bundle", help="bundle folder written by d2r build")
     q.add_argument("images", nargs="+", help="query images")
     q.add_argument("--top-k", type=int, default=10)
+    q.add_argument("--verify", action="store_true", help="re-rank the top 100 by spatial verification (RANSAC inliers)")
     q.add_argument("--json", action="store_true", help="print results as JSON")
     q.add_argument("--threads", type=int)
     q.set_defaults(func=cmd_query)

@@ -73,6 +73,9 @@ class EngineConfig:
     scales: list | None = None
     score_threshold: float | None = None
     approximate_assignment: bool = False
+    # Spatial verification: keep the top-N whole-image features of every database image in
+    # the bundle (features.d2rv, int8 descriptors: N * (4 + D) bytes per image).
+    verification_features: int = 0
 
     def check(self) -> "EngineConfig":
         if self.kind not in ENGINE_KINDS:
@@ -87,6 +90,8 @@ class EngineConfig:
             raise InputError(f"pooling: expected 'max' or 'avg', got {self.pooling!r}")
         if not 0.0 <= float(self.detector_threshold) <= 1.0:
             raise InputError(f"detector_threshold: expected a score in [0, 1], got {self.detector_threshold}")
+        if int(self.verification_features) < 0:
+            raise InputError(f"verification_features: expected >= 0, got {self.verification_features}")
         if int(self.max_regions) < 0:
             raise InputError(f"max_regions: expected >= 0, got {self.max_regions}")
         return self
@@ -94,18 +99,24 @@ class EngineConfig:
 
 @dataclass
 class QueryResult:
-    """Ranked :class:`d2r.Hit` list and the time spent in each stage (milliseconds)."""
+    """Ranked :class:`d2r.Hit` list and the time spent in each stage (milliseconds).
+
+    inliers: with ``verify=True``, image_id -> RANSAC inlier count of the verified hits.
+    """
 
     hits: list
     timings: dict = field(default_factory=dict)
     n_features: int = 0
+    inliers: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {
-            "hits": [{"image_id": h.image_id, "score": h.score, "metadata": h.metadata} for h in self.hits],
-            "timings_ms": self.timings,
-            "n_features": self.n_features,
-        }
+        hits = []
+        for h in self.hits:
+            item = {"image_id": h.image_id, "score": h.score, "metadata": h.metadata}
+            if h.image_id in self.inliers:
+                item["inliers"] = self.inliers[h.image_id]
+            hits.append(item)
+        return {"hits": hits, "timings_ms": self.timings, "n_features": self.n_features}
 
 
 def _sha256_file(path: Path) -> str:
@@ -154,6 +165,11 @@ class Engine:
         self.index = index
         self.bundle_path = bundle_path
         self.bundle_version = bundle_version
+        # Verification features: packed bytes of images added in this session, and the side
+        # file of the bundle this engine was opened from (image_id -> position in it).
+        self._vfeats: dict = {}
+        self._vfile = None
+        self._vfile_ids: dict = {}
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -201,6 +217,8 @@ class Engine:
                 model.close()
         if self.index is not None:
             self.index.close()
+        if self._vfile is not None:
+            self._vfile.close()
 
     def __enter__(self):
         return self
@@ -282,6 +300,12 @@ class Engine:
         feats, _ = self.regions(image)
         cfg = self.config
         ap = cfg.approximate_assignment
+        if cfg.verification_features:
+            from .verify import pack_features
+
+            top = feats[0]
+            n = cfg.verification_features
+            self._vfeats[image_id] = pack_features((top.locations[:n], top.descriptors[:n]))
         if cfg.kind == "rasmk_star":
             sizes = [len(f) for f in feats]
             allx = np.concatenate([f.descriptors for f in feats])
@@ -332,9 +356,24 @@ class Engine:
         self.index.remove(image_id)
 
     # -- query ----------------------------------------------------------------------------------
-    def query(self, image, top_k: int = 10, normalize: bool = False) -> QueryResult:
-        """Rank the indexed images for a query photo (whole image, no detector: ALGORITHM.md)."""
+    def _verification_features(self, image_id: str):
+        from .verify import unpack_features
+
+        if image_id in self._vfeats:
+            return unpack_features(self._vfeats[image_id], image_id)
+        if self._vfile is not None and image_id in self._vfile_ids:
+            return self._vfile[self._vfile_ids[image_id]]
+        return None
+
+    def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool = False, verify_top: int = 100) -> QueryResult:
+        """Rank the indexed images for a query photo (whole image, no detector: ALGORITHM.md).
+
+        verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
+        (ALGORITHM.md section 6); needs an engine built with ``verification_features > 0``.
+        """
         self._require_index()
+        if verify and not self.config.verification_features:
+            raise InputError("verify: this bundle stores no verification features (build it with verification_features=1000)")
         t = {}
         t0 = time.perf_counter()
         rgb = load_image(image)
@@ -343,10 +382,23 @@ class Engine:
         t2 = time.perf_counter()
         agg = aggregate(feats.descriptors, self.codebook, kind="asmk_star", approximate=self.config.approximate_assignment)
         t3 = time.perf_counter()
-        hits = self.index.search(agg, top_k=top_k, normalize=normalize, pooling=self.config.pooling)
+        hits = self.index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling)
         t4 = time.perf_counter()
-        t.update(load_image=(t1 - t0) * 1e3, features=(t2 - t1) * 1e3, aggregation=(t3 - t2) * 1e3, search=(t4 - t3) * 1e3, total=(t4 - t0) * 1e3)
-        return QueryResult(list(hits), t, len(feats))
+        t.update(load_image=(t1 - t0) * 1e3, features=(t2 - t1) * 1e3, aggregation=(t3 - t2) * 1e3, search=(t4 - t3) * 1e3)
+        inliers = {}
+        if verify:
+            from .verify import LocalFeatures, rerank
+
+            n = self.config.verification_features
+            q = LocalFeatures(feats.locations[:n], feats.descriptors[:n])
+            none = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, feats.descriptors.shape[1]), np.float32))
+            cands = [(h, h.score, (self._verification_features(h.image_id) or none) if i < verify_top else None) for i, h in enumerate(hits)]
+            ranked = rerank(q, cands, top_r=verify_top)
+            hits = [r.id for r in ranked]
+            inliers = {r.id.image_id: r.inliers for r in ranked if r.inliers >= 0}
+            t["verify"] = (time.perf_counter() - t4) * 1e3
+        t["total"] = (time.perf_counter() - t0) * 1e3
+        return QueryResult(list(hits[:top_k]), t, len(feats), {h.image_id: inliers[h.image_id] for h in hits[:top_k] if h.image_id in inliers})
 
     # -- bundles --------------------------------------------------------------------------------
     def save(self, path, version: int | None = None) -> Path:
@@ -365,6 +417,15 @@ class Engine:
         try:
             self.index.save(tmp / "index.d2ri")
             self.codebook.save(tmp / "codebook.d2rcb")
+            if self.config.verification_features:
+                from .verify import save_features
+
+                ids = self.index.image_ids()
+                missing = [i for i in ids if self._verification_features(i) is None]
+                if missing:
+                    raise BundleError(f"{path}: no verification features for {len(missing)} image(s), e.g. {missing[0]!r}")
+                save_features(tmp / "features.d2rv", [self._verification_features(i) for i in ids])
+                (tmp / "features.ids.json").write_text(json.dumps(ids))
             (tmp / "models").mkdir()
             entries = []
             for role, entry in (("features", self.feature_entry), ("detector", self.detector_entry)):
@@ -442,7 +503,17 @@ class Engine:
             index = Index.open(path / "index.d2ri", mmap=mmap, codebook=codebook)
         except D2RError as exc:
             raise BundleError(f"{path}: {exc}") from exc
-        return cls(config, fe, de, codebook, index, threads, accelerator, bundle_path=path, bundle_version=int(info["version"]))
+        engine = cls(config, fe, de, codebook, index, threads, accelerator, bundle_path=path, bundle_version=int(info["version"]))
+        if config.verification_features:
+            from .verify import FeatureFile
+
+            try:
+                engine._vfile_ids = {image_id: i for i, image_id in enumerate(json.loads((path / "features.ids.json").read_text()))}
+                engine._vfile = FeatureFile(path / "features.d2rv")
+            except (OSError, ValueError, D2RError) as exc:
+                engine.close()
+                raise BundleError(f"{path}: verification features unusable ({exc})") from exc
+        return engine
 
 
 def read_bundle_info(path) -> dict:

@@ -202,3 +202,31 @@ def test_cli_build_and_query(images, tmp_path):
     assert res["hits"][0]["metadata"] == {"title": "Object 1"}
     bad = subprocess.run([sys.executable, "-m", "d2r.cli", "query", str(tmp_path / "none.d2r"), str(images[0])], capture_output=True, text=True)
     assert bad.returncode == 1 and "none.d2r" in bad.stderr
+
+
+def test_real_bundle_syncs_to_a_device_and_answers_there(built, images, tmp_path):
+    """The whole path: Engine bundle -> signed publish -> loopback edge server -> device sync ->
+    LiveBundle opens it with Engine.open and answers like the original; a new version
+    (one image removed) is picked up between queries."""
+    pytest.importorskip("waitress")
+    from d2r.sync import LiveBundle, SyncClient, generate_keypair
+    from d2r_server.client import AdminClient
+    from d2r_server.testing import ADMIN_TOKEN, ServerThread
+
+    engine, path = built
+    key, pub = generate_keypair(tmp_path / "publisher.key")
+    with ServerThread(tmp_path / "data") as srv:
+        admin = AdminClient(srv.url, ADMIN_TOKEN)
+        admin.publish(path, "museum", key)
+        token = admin.add_device(["museum"], "kiosk")["token"]
+        client = SyncClient(srv.url, "museum", token, tmp_path / "device", pub)
+        client.sync()
+        with LiveBundle(tmp_path / "device") as live:
+            got = [h.image_id for h in live.query(images[12], top_k=4).hits]
+            assert got == [h.image_id for h in engine.query(images[12], top_k=4).hits]
+            with Engine.open(path) as v2:
+                v2.remove(images[12].name)
+                v2.save(tmp_path / "v2.d2r")
+            admin.publish(tmp_path / "v2.d2r", "museum", key)
+            client.sync()
+            assert images[12].name not in [h.image_id for h in live.query(images[12], top_k=4).hits]

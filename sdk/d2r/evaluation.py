@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluate, verify
-from .aggregate import aggregate, similarity
+from .aggregate import aggregate
 from .codebook import Codebook
 from .errors import InputError
 from .features import Features
@@ -153,7 +153,14 @@ def run(
     report = _progress(progress)
 
     def whole(p):
-        return _unpack(cache.get(p, "whole", lambda: _pack(ex.extract(p))))
+        def compute():
+            rgb = load_image(p)
+            out = _pack(ex.extract(rgb))
+            out["shape"] = np.array(rgb.shape[:2])
+            return out
+
+        d = cache.get(p, "whole+shape", compute)
+        return _unpack(d), tuple(int(v) for v in d["shape"])
 
     def detected_regions(p):
         def compute():
@@ -175,35 +182,36 @@ def run(
         keep = [i for i in range(int(d["n"][0])) if d["scores"][i] >= param[1]]
         return [Features(d[f"r{i}_locations"], d[f"r{i}_descriptors"], d[f"r{i}_scores"], d[f"r{i}_scales"]) for i in keep]
 
-    db_feats = []
+    def regions_of(p, f, shape):
+        if source == "none":
+            return []
+        if source == "rmac":
+            return [f.in_box(b, shape) for b in rmac_boxes(shape[0], shape[1], param)]
+        return detected_regions(p)
+
+    # Pass 1: features (and regions) of every image into the disk cache; only a bounded
+    # sample of descriptors stays in memory, for the codebook.
+    rng = np.random.default_rng(seed)
+    per_image = -(-500_000 // max(len(db_paths), 1))
+    sample = []
+    n_regions = []
     for i, p in enumerate(db_paths):
-        db_feats.append(whole(p))
-        report("database features", i + 1, len(db_paths))
+        f, shape = whole(p)
+        if codebook is None:
+            take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else []
+            sample.append(f.descriptors[np.sort(take)])
+        n_regions.append(1 + len(regions_of(p, f, shape)))
+        report("database features" + (" and regions" if source != "none" else ""), i + 1, len(db_paths))
     q_feats = []
     for i, p in enumerate(q_paths):
-        q_feats.append(whole(p))
+        q_feats.append(whole(p)[0])
         report("query features", i + 1, len(q_paths))
     timings["features_s"] = time.perf_counter() - t0
 
-    region_feats = []
-    t1 = time.perf_counter()
-    for i, (p, f) in enumerate(zip(db_paths, db_feats)):
-        if source == "none":
-            region_feats.append([])
-        elif source == "rmac":
-            h, w = load_image(p).shape[:2]
-            region_feats.append([f.in_box(b, (h, w)) for b in rmac_boxes(h, w, param)])
-        else:
-            region_feats.append(detected_regions(p))
-        if source != "none":
-            report("regions", i + 1, len(db_paths))
-    timings["regions_s"] = time.perf_counter() - t1
-
     t2 = time.perf_counter()
     if codebook is None:
-        x = np.concatenate([f.descriptors for f in db_feats])
-        if len(x) > 500_000:
-            x = x[np.sort(np.random.default_rng(seed).choice(len(x), 500_000, replace=False))]
+        x = np.concatenate(sample)
+        del sample
         cb = Codebook.train(x, size=codebook_size, seed=seed, progress=lambda it, n, moved: report("k-means", it, n))
         codebook_source = f"trained on the database, K={codebook_size}, seed {seed}"
     else:
@@ -211,37 +219,38 @@ def run(
         codebook_source = str(codebook)
     timings["codebook_s"] = time.perf_counter() - t2
 
+    # Pass 2: aggregate image by image from the cache.
     t3 = time.perf_counter()
     binary = kind in ("asmk_star", "rasmk_star", "d2r_asmk_star")
     qkind = "asmk_star" if binary else "vlad" if "vlad" in kind else "asmk"
     index = None
     vectors = None
-    index_bytes = 0
     if kind in ("vlad", "rvlad"):
-        rows = []
-        for f, regs in zip(db_feats, region_feats):
-            if kind == "vlad":
-                rows.append(aggregate(f.descriptors, cb, kind="vlad").vector)
-            else:
-                allf = [f] + regs
-                rows.append(aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind="rvlad", region_sizes=[len(r) for r in allf]).vector)
-        vectors = np.stack(rows)
-        index_bytes = vectors.nbytes
+        vectors = np.zeros((len(db_paths), cb.size * cb.dim), np.float32)
     else:
         index = Index(cb, kind="asmk_star" if kind == "d2r_asmk_star" else ("asmk" if kind == "asmk" else kind))
-        for i, (f, regs) in enumerate(zip(db_feats, region_feats)):
-            name = str(i)
-            if kind in ("asmk_star", "asmk"):
-                index.add(name, aggregate(f.descriptors, cb, kind=kind))
-            elif kind in ("rasmk_star", "rasmk"):
-                allf = [f] + regs
-                index.add(name, aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind=kind, region_sizes=[len(r) for r in allf]))
-            else:
-                index.add_regions(name, [aggregate(r.descriptors, cb, kind="asmk_star") for r in [f] + regs])
+    for i, p in enumerate(db_paths):
+        f, shape = whole(p)
+        allf = [f] + regions_of(p, f, shape)
+        sizes = [len(r) for r in allf]
+        if kind == "vlad":
+            vectors[i] = aggregate(f.descriptors, cb, kind="vlad").vector
+        elif kind == "rvlad":
+            vectors[i] = aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind="rvlad", region_sizes=sizes).vector
+        elif kind in ("asmk_star", "asmk"):
+            index.add(str(i), aggregate(f.descriptors, cb, kind=kind))
+        elif kind in ("rasmk_star", "rasmk"):
+            index.add(str(i), aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind=kind, region_sizes=sizes))
+        else:
+            index.add_regions(str(i), [aggregate(r.descriptors, cb, kind="asmk_star") for r in allf])
+        report("index", i + 1, len(db_paths))
+    if index is not None:
         tmp = Path(cache.dir) / f"index-{os.getpid()}.d2ri"
         index.save(tmp)
         index_bytes = tmp.stat().st_size
         tmp.unlink()
+    else:
+        index_bytes = vectors.nbytes
     timings["index_s"] = time.perf_counter() - t3
 
     t4 = time.perf_counter()
@@ -266,14 +275,22 @@ def run(
     if verify_top:
         tv = time.perf_counter()
         per_protocol = {}
+        loaded = {}
+
+        def vfeats(c):
+            # ALGORITHM.md section 6 verifies with whole-image features; the top 1000 by score.
+            if c not in loaded:
+                f = whole(db_paths[c])[0]
+                loaded[c] = verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000])
+            return loaded[c]
+
         for protocol in evaluate.PROTOCOLS:
             _, junk = evaluate.protocol_lists(gnd, protocol)
             out = []
             for qi, (f, r) in enumerate(zip(q_feats, ranks)):
                 clean = evaluate.remove_junk(r, junk[qi])
-                cands = [(int(c), float(-k), verify.LocalFeatures(db_feats[c].locations, db_feats[c].descriptors) if k < verify_top else None)
-                         for k, c in enumerate(clean)]
-                rr = verify.rerank(verify.LocalFeatures(f.locations, f.descriptors), cands, top_r=verify_top)
+                cands = [(int(c), float(-k), vfeats(int(c)) if k < verify_top else None) for k, c in enumerate(clean)]
+                rr = verify.rerank(verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000]), cands, top_r=verify_top)
                 out.append(np.array([x.id for x in rr], dtype=np.int64))
             per_protocol[protocol] = out
         timings["verify_ms_per_query"] = (time.perf_counter() - tv) * 1e3 / max(1, len(q_feats) * 3)
@@ -282,7 +299,7 @@ def run(
         result = evaluate.compute_map(ranks, gnd)
     timings["search_s"] = time.perf_counter() - t4
     engine.close()
-    regions_per_image = float(np.mean([1 + len(r) for r in region_feats])) if source != "none" else 1.0
+    regions_per_image = float(np.mean(n_regions)) if n_regions else 1.0
     out = result.to_dict()
     return {
         "dataset": str(ds.root),

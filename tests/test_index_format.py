@@ -133,6 +133,7 @@ def try_open_and_search(path, queries, verify):
         "im1" in idx
         idx.image_ids()
         if verify is False:
+            idx.save(str(path) + ".out")  # merging an unverified file: checked too
             idx.verify()
     except d2r.IndexFormatError as exc:
         assert str(path) in str(exc)

@@ -126,9 +126,13 @@ def add_images(idx, data, start, n, chunk=50_000):
             idx.add(f"img{c0 + i:07d}", d2r.Aggregation("asmk_star", DIM, words[a:b], codes=codes[a:b]))
 
 
-def build_d2r(data, n, folder: Path, cb, round_size):
+def build_d2r(data, n, folder: Path, cb, round_size, reuse=False):
     """Build an N-image index file: in memory up to round_size images, then incrementally
-    (open the file mapped, add the next round, save a new file)."""
+    (open the file mapped, add the next round, save a new file). Returns (path, seconds);
+    with ``reuse`` an existing file of a previous --keep run is taken (seconds = nan)."""
+    final = folder / f"index_{n}.d2ri"
+    if reuse and final.exists():
+        return final, float("nan")
     t0 = time.perf_counter()
     path = None
     done = 0
@@ -147,7 +151,8 @@ def build_d2r(data, n, folder: Path, cb, round_size):
         path = new_path
         done += m
         r += 1
-    return path, time.perf_counter() - t0
+    path.rename(final)
+    return final, time.perf_counter() - t0
 
 
 def time_queries(idx, queries, threads, top_k=100):
@@ -202,6 +207,7 @@ def main(argv=None):
     ap.add_argument("--round", type=int, default=200_000, help="images added per incremental build round")
     ap.add_argument("--folder", default="/tmp/d2r_bench_index")
     ap.add_argument("--keep", action="store_true", help="keep the index files")
+    ap.add_argument("--reuse", action="store_true", help="time index files kept by an earlier --keep run instead of building")
     args = ap.parse_args(argv)
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -214,7 +220,7 @@ def main(argv=None):
           f"{args.queries} queries of 500 words, top 100", flush=True)
     rows = []
     for n in args.sizes:
-        path, build = build_d2r(data, n, folder, cb, args.round)
+        path, build = build_d2r(data, n, folder, cb, args.round, args.reuse)
         size = path.stat().st_size
         gc.collect()
         r0 = rss()

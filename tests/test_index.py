@@ -86,6 +86,9 @@ def test_binary_search_equals_brute_force(dim, regions):
     k = 32
     _, idx, db = build(rng, k, dim, 60, kind="rasmk_star", regions=regions)
     check(idx, db, rng, k, dim, "rasmk_star")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(d2r.index, "PARALLEL_MIN_ENTRIES", 0)
+        check(idx, db, rng, k, dim, "rasmk_star", n_queries=2)
     # Removing images (ties and order of the rest unchanged).
     for i in (0, 5, 17, 59):
         idx.remove(db[i][0])
@@ -96,11 +99,13 @@ def test_binary_search_equals_brute_force(dim, regions):
 
 
 @pytest.mark.parametrize("kind", ["asmk", "rasmk"])
-def test_float_search_equals_brute_force(kind):
+def test_float_search_equals_brute_force(kind, monkeypatch):
     rng = np.random.default_rng(3)
     k, dim = 16, 4
     _, idx, db = build(rng, k, dim, 40, kind=kind, regions=True)
     check(idx, db, rng, k, dim, kind)
+    monkeypatch.setattr(d2r.index, "PARALLEL_MIN_ENTRIES", 0)  # the parallel kernel too
+    check(idx, db, rng, k, dim, kind, n_queries=2)
 
 
 @pytest.mark.parametrize("alpha,tau", [(1.0, -0.5), (3.0, 0.25), (2.5, -1.0)])

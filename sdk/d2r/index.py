@@ -502,7 +502,7 @@ class Index:
                     if hi > lo and seg.n_entries:
                         codes = seg.codes.view(np.uint64) if self._payload % 8 == 0 else seg.codes
                         if n_chunks == 1:  # no parallel launch: waking idle threads costs more than small jobs
-                            ok &= kernels._ivf_binary_range(qwords, qcodes, seg.offsets, seg.n_blocks, seg.shift, seg.low,
+                            ok &= kernels.ivf_binary_range(qwords, qcodes, seg.offsets, seg.n_blocks, seg.shift, seg.low,
                                                             codes, table, lo, hi, hi, scores)
                         else:
                             ok &= kernels.ivf_score_binary(qwords, qcodes, seg.offsets, seg.n_blocks, seg.shift, seg.low,
@@ -513,7 +513,7 @@ class Index:
                     if hi > lo and seg.n_entries:
                         vecs = seg.codes.view("<f4")
                         if n_chunks == 1:
-                            ok &= kernels._ivf_float_range(qwords, qvecs, seg.offsets, seg.n_blocks, seg.shift, seg.low,
+                            ok &= kernels.ivf_float_range(qwords, qvecs, seg.offsets, seg.n_blocks, seg.shift, seg.low,
                                                            vecs, self._alpha, self._tau, lo, hi, hi, scores)
                         else:
                             ok &= kernels.ivf_score_float(qwords, qvecs, seg.offsets, seg.n_blocks, seg.shift, seg.low,

@@ -391,7 +391,7 @@ def _run_bounds(offsets, low, run, block, shift, item_lo, item_hi):
 
 
 @njit(cache=True, nogil=True)
-def _ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, item_lo, item_hi, n_items, scores):
+def ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, item_lo, item_hi, n_items, scores):
     """Add the ASMK* contributions of the items in [item_lo, item_hi); return False if an
     entry names an item >= n_items (corrupt file)."""
     ok = True
@@ -419,8 +419,8 @@ def _ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, tabl
 
 
 @njit(cache=True, nogil=True)
-def _ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, item_lo, item_hi, n_items, scores):
-    """As ``_ivf_binary_range`` for ASMK: s = dot product of unit residuals (float64)."""
+def ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, item_lo, item_hi, n_items, scores):
+    """As ``ivf_binary_range`` for ASMK: s = dot product of unit residuals (float64)."""
     ok = True
     if n_blocks == 0:
         return ok
@@ -460,7 +460,7 @@ def ivf_score_binary(qwords, qcodes, offsets, n_blocks, shift, low, codes, table
         lo = item_lo + span * c // n_chunks
         hi = item_lo + span * (c + 1) // n_chunks
         if hi > lo:
-            flags[c] = _ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, lo, hi, n_items, scores)
+            flags[c] = ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, lo, hi, n_items, scores)
     return flags.all()
 
 
@@ -473,7 +473,7 @@ def ivf_score_float(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, t
         lo = item_lo + span * c // n_chunks
         hi = item_lo + span * (c + 1) // n_chunks
         if hi > lo:
-            flags[c] = _ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, lo, hi, n_items, scores)
+            flags[c] = ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, lo, hi, n_items, scores)
     return flags.all()
 
 

@@ -16,8 +16,8 @@ Synthetic databases with ASMK*-like word statistics at K = 65536, D = 128:
 For every N it prints build time (add + save), file size, bytes per stored entry, open time
 (memory-mapped, verify=False: header, directory and offsets checked, file in the page
 cache), the time of the full check ``idx.verify()`` (sha256 of the inverted file + entry scan), query latency (median and p95 over the queries) with
-1 thread (a first pass, which maps the pages of the posting lists into the process, then a
-warm pass) and with all cores, and RSS (anonymous and file-backed) before opening, after opening
+1 thread (a first pass, which maps the pages of the posting lists into the process, then 3
+warm passes) and with all cores (3 passes, interleaved with the 1-thread ones), and RSS (anonymous and file-backed) before opening, after opening
 and after the queries. The `asmk` package (0.1.1) builds its IVF from the same entries (its
 Python loop over entries is slow: by default only up to N = 100k, --asmk-max), pickles its
 state and answers the same queries (binary kernel, alpha = 3, threshold 0).
@@ -155,15 +155,19 @@ def build_d2r(data, n, folder: Path, cb, round_size, reuse=False):
     return final, time.perf_counter() - t0
 
 
-def time_queries(idx, queries, threads, top_k=100):
-    """(median, p95) ms of one pass over the queries."""
+def query_times(idx, queries, threads, top_k=100):
+    """Seconds of each query of one pass over the queries."""
     numba.set_num_threads(threads)
     times = []
     for q in queries:
         t = time.perf_counter()
         idx.search(q, top_k=top_k)
         times.append(time.perf_counter() - t)
-    times.sort()
+    return times
+
+
+def median_p95(times):
+    times = sorted(times)
     return 1000 * statistics.median(times), 1000 * times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]
 
 
@@ -240,10 +244,14 @@ def main(argv=None):
         rare = int(data.perm[-1])
         idx.search(d2r.Aggregation("asmk_star", DIM, np.array([rare], np.uint32), codes=np.zeros((1, NBYTES), np.uint8)))
         # First pass: the posting lists are in the page cache but not yet mapped into this
-        # process (page faults); then warm passes with 1 thread and with all threads.
-        cold = time_queries(idx, queries, 1)
-        single = time_queries(idx, queries, 1)
-        multi = time_queries(idx, queries, all_threads)
+        # process (page faults); then 3 warm passes with 1 thread interleaved with 3 with all
+        # threads (interleaved so that other jobs on the machine hit both alike).
+        cold = median_p95(query_times(idx, queries, 1))
+        single, multi = [], []
+        for _ in range(3):
+            single += query_times(idx, queries, 1)
+            multi += query_times(idx, queries, all_threads)
+        single, multi = median_p95(single), median_p95(multi)
         r2 = rss()
         row = {"N": n, "entries": entries, "build": build, "size": size, "bpe": size / entries, "open": t_open, "verify": t_verify,
                "q0": cold, "q1": single, "qall": multi, "rss": (r0, r1, r2)}

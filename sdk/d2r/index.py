@@ -461,6 +461,10 @@ class Index:
         the mean (``"avg"``: sequential sum over its items in insertion order, divided by their
         number) over its items. Ties rank the image added first first. ``normalize=None`` uses
         the index's default.
+
+        Threads: queries whose posting lists hold at least ``PARALLEL_MIN_ENTRIES`` entries are
+        split over numba's threads (``numba.set_num_threads``); where other work shares the
+        cores, ``numba.set_num_threads(1)`` gives steadier latency.
         """
         if not isinstance(query, Aggregation):
             raise InputError(f"query: expected a d2r.Aggregation, got {type(query).__name__}")

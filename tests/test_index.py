@@ -86,6 +86,9 @@ def test_binary_search_equals_brute_force(dim, regions):
     k = 32
     _, idx, db = build(rng, k, dim, 60, kind="rasmk_star", regions=regions)
     check(idx, db, rng, k, dim, "rasmk_star")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(d2r.index, "PARALLEL_MIN_ENTRIES", 0)
+        check(idx, db, rng, k, dim, "rasmk_star", n_queries=2)
     # Removing images (ties and order of the rest unchanged).
     for i in (0, 5, 17, 59):
         idx.remove(db[i][0])
@@ -96,11 +99,13 @@ def test_binary_search_equals_brute_force(dim, regions):
 
 
 @pytest.mark.parametrize("kind", ["asmk", "rasmk"])
-def test_float_search_equals_brute_force(kind):
+def test_float_search_equals_brute_force(kind, monkeypatch):
     rng = np.random.default_rng(3)
     k, dim = 16, 4
     _, idx, db = build(rng, k, dim, 40, kind=kind, regions=True)
     check(idx, db, rng, k, dim, kind)
+    monkeypatch.setattr(d2r.index, "PARALLEL_MIN_ENTRIES", 0)  # the parallel kernel too
+    check(idx, db, rng, k, dim, kind, n_queries=2)
 
 
 @pytest.mark.parametrize("alpha,tau", [(1.0, -0.5), (3.0, 0.25), (2.5, -1.0)])
@@ -142,7 +147,7 @@ def test_reference_vector_normalised():
     assert hit.score == d2r.similarity(x, y, normalize=True)
 
 
-def test_many_blocks_and_threads(tmp_path):
+def test_many_blocks_and_threads(tmp_path, monkeypatch):
     """More than 2**16 items (several stored blocks), in memory and from a file (plus a delta
     on top of it), scored with 1 and with all threads."""
     rng = np.random.default_rng(5)
@@ -173,14 +178,27 @@ def test_many_blocks_and_threads(tmp_path):
     want_delta = [("extra" if i == n else str(i), float(want_delta_all[i])) for i in order]
     default = numba.get_num_threads()
     try:
-        for threads in sorted({1, 2, default}):
-            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-            for index in (idx, opened):
-                assert [(h.image_id, h.score) for h in index.search(q, top_k=50)] == want
-            assert [(h.image_id, h.score) for h in opened_delta.search(q, top_k=50)] == want_delta
+        for min_entries in (d2r.index.PARALLEL_MIN_ENTRIES, 0):  # 0: always the parallel kernel
+            monkeypatch.setattr(d2r.index, "PARALLEL_MIN_ENTRIES", min_entries)
+            for threads in sorted({1, 2, default}):
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                for index in (idx, opened):
+                    assert [(h.image_id, h.score) for h in index.search(q, top_k=50)] == want
+                assert [(h.image_id, h.score) for h in opened_delta.search(q, top_k=50)] == want_delta
     finally:
         numba.set_num_threads(default)
     assert opened._base.n_blocks == 2
+    # Any number of item chunks (chunk edges inside and across blocks) gives the same scores.
+    b = opened._base
+    table = d2r.kernels.selectivity_table(dim, 3.0, 0.0)
+    qc = np.ascontiguousarray(q.codes).view(np.uint64)
+    ref = None
+    for n_chunks in (1, 2, 3, 7, 64):
+        scores = np.zeros(n)
+        assert d2r.kernels.ivf_score_binary(q.words, qc, b.offsets, b.n_blocks, b.shift, b.low, b.codes.view(np.uint64),
+                                            table, 0, n, n, n_chunks, scores)
+        ref = scores if ref is None else ref
+        assert np.array_equal(scores, ref)
 
 
 def test_add_after_search_and_remove_delta():

@@ -133,6 +133,7 @@ def try_open_and_search(path, queries, verify):
         "im1" in idx
         idx.image_ids()
         if verify is False:
+            idx.save(str(path) + ".out")  # merging an unverified file: checked too
             idx.verify()
     except d2r.IndexFormatError as exc:
         assert str(path) in str(exc)
@@ -238,3 +239,22 @@ def test_fuzz_mutated_and_truncated_files(tmp_path):
             raised[kind] += try_open_and_search(path, queries, verify=False)
     assert n_cases > 2500
     assert raised["plain"] > 1000 and raised["resigned"] > 100
+
+
+def test_readd_removed_id_across_save(tmp_path):
+    cb = make_codebook(8, 8)
+    a = d2r.Aggregation("asmk_star", 8, np.array([1, 3], np.uint32), codes=np.array([[7], [9]], np.uint8))
+    idx = d2r.Index(cb, kind="asmk_star")
+    for name in "cabd":
+        idx.add(name, a, metadata={"n": name})
+    idx.remove("a")
+    idx.add("a", a, metadata={"n": "a2"})
+    idx.save(tmp_path / "r.d2ri")
+    j = d2r.Index.open(tmp_path / "r.d2ri")
+    assert [(h.image_id, h.metadata["n"]) for h in j.search(a)] == [("c", "c"), ("b", "b"), ("d", "d"), ("a", "a2")]
+    assert len(j) == 4 and j.n_items == 5
+    j.remove("a")
+    j.add("a", a, metadata={"n": "a3"})
+    j.compact()
+    assert [(h.image_id, h.metadata["n"]) for h in j.search(a)] == [("c", "c"), ("b", "b"), ("d", "d"), ("a", "a3")]
+    assert len(j) == 4 and j.n_items == 4

@@ -57,6 +57,9 @@ ALIGN = 64
 # Index.open(verify=None) checks the full sha256 of files up to this size; larger files get the
 # eager checks only (header, directory sections, all offsets) and idx.verify() on demand.
 VERIFY_AUTO_MAX_BYTES = 64 * 1024 * 1024
+# A query scans its posting lists with all of numba's threads only when they hold at least
+# this many entries (~1 ms of work); below that, waking the threads costs more than it saves.
+PARALLEL_MIN_ENTRIES = 1 << 18
 # Entries per chunk when merging inverted files (bounds the temporary memory of save/compact).
 _MERGE_CHUNK_ENTRIES = 1 << 22
 
@@ -421,7 +424,8 @@ class Index:
         counts = np.zeros(self._k * n_blocks, dtype=np.int64)
         n = kernels.merge_ivf_words(0, self._k, a.offsets, a.n_blocks, a.shift, a.low, a.codes, b.offsets, b.n_blocks,
                                     b.shift, b.low, b.codes, item_map, n_blocks, shift, low, codes, counts)
-        assert n == expected, (n, expected)
+        if n != expected:
+            raise self._inconsistent()
         offsets = np.zeros(self._k * n_blocks + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         return _Postings(offsets, n_blocks, shift, low, codes)
@@ -457,6 +461,10 @@ class Index:
         the mean (``"avg"``: sequential sum over its items in insertion order, divided by their
         number) over its items. Ties rank the image added first first. ``normalize=None`` uses
         the index's default.
+
+        Threads: queries whose posting lists hold at least ``PARALLEL_MIN_ENTRIES`` entries are
+        split over numba's threads (``numba.set_num_threads``); where other work shares the
+        cores, ``numba.set_num_threads(1)`` gives steadier latency.
         """
         if not isinstance(query, Aggregation):
             raise InputError(f"query: expected a d2r.Aggregation, got {type(query).__name__}")
@@ -484,7 +492,7 @@ class Index:
         n_items = self.n_items
         scores = np.zeros(n_items)
         if qwords.size and n_items:
-            n_chunks = numba.get_num_threads()
+            n_chunks = self._chunks_for(qwords)
             ok = True
             if _family(self._kind) == "binary":
                 table = self._cache.get("table")
@@ -497,20 +505,41 @@ class Index:
                 for seg, lo, hi in ((self._base, 0, self._base_items), (self._delta, self._base_items, n_items)):
                     if hi > lo and seg.n_entries:
                         codes = seg.codes.view(np.uint64) if self._payload % 8 == 0 else seg.codes
-                        ok &= kernels.ivf_score_binary(qwords, qcodes, seg.offsets, seg.n_blocks, seg.shift, seg.low, codes,
-                                                       table, lo, hi, n_items, n_chunks, scores)
+                        if n_chunks == 1:  # no parallel launch: waking idle threads costs more than small jobs
+                            ok &= kernels.ivf_binary_range(qwords, qcodes, seg.offsets, seg.n_blocks, seg.shift, seg.low,
+                                                            codes, table, lo, hi, hi, scores)
+                        else:
+                            ok &= kernels.ivf_score_binary(qwords, qcodes, seg.offsets, seg.n_blocks, seg.shift, seg.low,
+                                                           codes, table, lo, hi, hi, n_chunks, scores)
             else:
                 qvecs = np.ascontiguousarray(query.vectors, dtype=np.float32)
                 for seg, lo, hi in ((self._base, 0, self._base_items), (self._delta, self._base_items, n_items)):
                     if hi > lo and seg.n_entries:
                         vecs = seg.codes.view("<f4")
-                        ok &= kernels.ivf_score_float(qwords, qvecs, seg.offsets, seg.n_blocks, seg.shift, seg.low, vecs,
-                                                      self._alpha, self._tau, lo, hi, n_items, n_chunks, scores)
+                        if n_chunks == 1:
+                            ok &= kernels.ivf_float_range(qwords, qvecs, seg.offsets, seg.n_blocks, seg.shift, seg.low,
+                                                           vecs, self._alpha, self._tau, lo, hi, hi, scores)
+                        else:
+                            ok &= kernels.ivf_score_float(qwords, qvecs, seg.offsets, seg.n_blocks, seg.shift, seg.low,
+                                                          vecs, self._alpha, self._tau, lo, hi, hi, n_chunks, scores)
             if not ok:
                 raise IndexFormatError(f"{self._name()}: the inverted file names an item beyond the {self._base_items} "
                                        "stored items (the file is corrupt; idx.verify() checks it fully)")
         kernels.finish_item_scores(scores, self._all_item_words(), int(qwords.size), normalize)
         return scores
+
+    def _chunks_for(self, qwords) -> int:
+        """Threads for one query: numba's thread count, or 1 when the posting lists of the
+        query hold fewer than ``PARALLEL_MIN_ENTRIES`` entries."""
+        threads = numba.get_num_threads()
+        if threads == 1:
+            return 1
+        w = qwords.astype(np.int64)
+        work = 0
+        for seg in (self._base, self._delta):
+            if seg.n_blocks:
+                work += int(np.sum(seg.offsets[(w + 1) * seg.n_blocks] - seg.offsets[w * seg.n_blocks]))
+        return threads if work >= PARALLEL_MIN_ENTRIES else 1
 
     # -- compaction and persistence ---------------------------------------------------------------
     def _plan(self, drop_dead: bool):
@@ -561,8 +590,14 @@ class Index:
             a, b = self._base, self._delta
             n = kernels.merge_ivf_words(w0, w1, a.offsets, a.n_blocks, a.shift, a.low, a.codes, b.offsets, b.n_blocks, b.shift,
                                         b.low, b.codes, item_map, n_blocks, BLOCK_SHIFT, low, codes, counts)
+            if n < 0:
+                raise self._inconsistent()
             yield low[:n], codes[:n], counts
             w0 = w1
+
+    def _inconsistent(self) -> IndexFormatError:
+        return IndexFormatError(f"{self._name()}: the inverted file disagrees with the per-item word counts "
+                                "(the file is corrupt; idx.verify() checks it fully)")
 
     def compact(self) -> None:
         """Drop tombstoned images for good, renumbering the rest (in memory).
@@ -649,7 +684,7 @@ class Index:
                 written += low.shape[0]
                 counts.append(c)
             if written != n_entries:
-                raise AssertionError(f"merged {written} entries, expected {n_entries}")
+                raise self._inconsistent()
             ivf_offsets = np.zeros(self._k * n_blocks + 1, dtype="<u8")
             if counts:
                 np.cumsum(np.concatenate(counts), out=ivf_offsets[1:])

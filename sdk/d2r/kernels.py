@@ -513,7 +513,7 @@ def _run_bounds(offsets, low, run, block, shift, item_lo, item_hi):
 
 
 @njit(cache=True, nogil=True)
-def _ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, item_lo, item_hi, n_items, scores):
+def ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, item_lo, item_hi, n_items, scores):
     """Add the ASMK* contributions of the items in [item_lo, item_hi); return False if an
     entry names an item >= n_items (corrupt file)."""
     ok = True
@@ -541,8 +541,8 @@ def _ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, tabl
 
 
 @njit(cache=True, nogil=True)
-def _ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, item_lo, item_hi, n_items, scores):
-    """As ``_ivf_binary_range`` for ASMK: s = dot product of unit residuals (float64)."""
+def ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, item_lo, item_hi, n_items, scores):
+    """As ``ivf_binary_range`` for ASMK: s = dot product of unit residuals (float64)."""
     ok = True
     if n_blocks == 0:
         return ok
@@ -574,7 +574,7 @@ def ivf_score_binary(qwords, qcodes, offsets, n_blocks, shift, low, codes, table
     qwords: uint32 [q] ascending; qcodes: [q, W] and codes: [E, W] packed codes as uint8 or
     uint64 words (same dtype); offsets: uint64/int64 [K * n_blocks + 1]; low: uint16/uint32
     [E]; table: ``selectivity_table``. The item range is cut into ``n_chunks`` parts scored in
-    parallel. Returns False if the inverted file names an item >= n_items.
+    parallel. Returns False if the inverted file names an item >= n_items (the segment's end).
     """
     span = item_hi - item_lo
     flags = np.ones(n_chunks, dtype=np.bool_)
@@ -582,7 +582,7 @@ def ivf_score_binary(qwords, qcodes, offsets, n_blocks, shift, low, codes, table
         lo = item_lo + span * c // n_chunks
         hi = item_lo + span * (c + 1) // n_chunks
         if hi > lo:
-            flags[c] = _ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, lo, hi, n_items, scores)
+            flags[c] = ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, lo, hi, n_items, scores)
     return flags.all()
 
 
@@ -595,7 +595,7 @@ def ivf_score_float(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, t
         lo = item_lo + span * c // n_chunks
         hi = item_lo + span * (c + 1) // n_chunks
         if hi > lo:
-            flags[c] = _ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, lo, hi, n_items, scores)
+            flags[c] = ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, lo, hi, n_items, scores)
     return flags.all()
 
 
@@ -727,9 +727,14 @@ def _copy_word(w, offsets, n_blocks, shift, low, codes, item_map, row, out_block
     for blk in range(n_blocks):
         base = np.int64(blk) << shift
         for e in range(offsets[w * n_blocks + blk], offsets[w * n_blocks + blk + 1]):
-            new = item_map[base + np.int64(low[e])]
+            item = base + np.int64(low[e])
+            if item >= item_map.shape[0]:
+                return -1  # corrupt input: an item out of range
+            new = item_map[item]
             if new < 0:
                 continue
+            if n >= out_low.shape[0]:
+                return -1  # more entries than the word counts say
             out_low[n] = new & mask
             out_codes[n, :] = codes[e, :]
             out_counts[row * out_blocks + (new >> out_shift)] += 1
@@ -743,11 +748,16 @@ def merge_ivf_words(w0, w1, a_offsets, a_blocks, a_shift, a_low, a_codes, b_offs
     """Merge words [w0, w1) of two inverted files (``a`` then ``b``, items of ``b`` after those
     of ``a``) into a new one, renumbering items through ``item_map`` (int64, -1 drops the
     entry). Writes entries to out_low / out_codes (uint8 [E, P]) and adds run lengths to
-    out_counts [(w1 - w0) * out_blocks]; returns the number of entries written."""
+    out_counts [(w1 - w0) * out_blocks]; returns the number of entries written, or -1 if an
+    entry names an item outside item_map or the output is full (corrupt input)."""
     n = 0
     for w in range(w0, w1):
         n = _copy_word(w, a_offsets, a_blocks, a_shift, a_low, a_codes, item_map, w - w0, out_blocks, out_shift, out_low, out_codes, out_counts, n)
+        if n < 0:
+            return n
         n = _copy_word(w, b_offsets, b_blocks, b_shift, b_low, b_codes, item_map, w - w0, out_blocks, out_shift, out_low, out_codes, out_counts, n)
+        if n < 0:
+            return n
     return n
 
 

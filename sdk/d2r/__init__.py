@@ -14,7 +14,14 @@ Device API::
     engine = d2r.Engine.open("museum.d2r")
 """
 
-from . import evaluate, verify
+import os as _os
+
+# Numba's OpenMP workers spin after each parallel region by default; on a phone or a small
+# board that shares its cores with the model runtime this costs tens of ms per search.
+# Passive waiting keeps the parallel kernels cheap to enter. A user's own setting wins.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import evaluate, verify  # noqa: E402
 from ._version import __version__
 from .aggregate import KINDS, Aggregation, aggregate, similarity
 from .codebook import Codebook

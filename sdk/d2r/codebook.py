@@ -10,7 +10,6 @@ centres are searched).
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels
+from ._files import atomic_write
 from ._checks import descriptors_array, positive_int
 from .errors import CodebookError, InputError
 
@@ -321,34 +321,6 @@ class Codebook:
                 raise CodebookError(f"{path}: inconsistent coarse level in codebook")
             cb._coarse = (coarse, order, starts)
         return cb
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees the old file or the new one, never half.
-
-    Temporary file in the same folder, fsync, rename over the target, fsync of the folder.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    if sys.platform != "win32":
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # -- command line -----------------------------------------------------------------------------

@@ -21,11 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-import sys
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +30,7 @@ import numba
 import numpy as np
 
 from . import kernels
+from ._files import atomic_file
 from ._checks import positive_int, real_number
 from .aggregate import BINARY_KINDS, FLOAT_WORD_KINDS, Aggregation
 from .codebook import Codebook
@@ -659,7 +656,7 @@ class Index:
             pos = _align(pos + lengths[name])
         end = pos
         hashes = {}
-        with _atomic_file(path) as fh:
+        with atomic_file(path) as fh:
             fh.truncate(end + 32)
             for name in d:
                 data = np.ascontiguousarray(d[name]).view(np.uint8)
@@ -938,30 +935,3 @@ def _parse_header(path, data: np.ndarray, codebook):
         "checksum": checksum, "n_blocks": n_blocks, "n_entries": n_entries, "payload": payload,
         "sections": sections, "section_table": table,
     }
-
-
-@contextmanager
-def _atomic_file(path: Path):
-    """A binary file handle whose content replaces ``path`` atomically on success (temporary
-    file in the same folder, fsync, rename, fsync of the folder); removed on failure.
-    Generalises ``codebook.atomic_write`` to files written in pieces."""
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        with open(tmp, "w+b") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    if sys.platform != "win32":
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import verify_kernels
+from ._files import atomic_file
 from ._checks import descriptors_array, positive_int, real_number
 from .errors import IndexFormatError, InputError
 
@@ -519,13 +520,10 @@ def save_features(path, images: Iterable, descriptor_dtype: str = "int8") -> int
     crcs = np.array([zlib.crc32(b) & 0xFFFFFFFF for b in blobs], dtype="<u4")
     table = _FILE_HEADER.pack(_FILE_MAGIC, _FILE_VERSION, len(blobs)) + offsets.tobytes() + crcs.tobytes()
     table += struct.pack("<I", zlib.crc32(table) & 0xFFFFFFFF)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_file(Path(path)) as fh:
         fh.write(table)
         for b in blobs:
             fh.write(b)
-    tmp.replace(path)
     return len(table) + int(offsets[-1])
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -42,12 +43,15 @@ from .features import Features, LocalFeatureExtractor
 from .image import load_image
 from .index import Hit, Index
 
+log = logging.getLogger("d2r")
+
 BUNDLE_FORMAT = "d2r-bundle"
 BUNDLE_VERSION = 1
 ENGINE_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star")
 REGION_MODES = ("crop", "pool")
 _ALIASES = {"ssd": "ssd_mobilenetv2_oidv4"}
-_PRECISION_ORDER = {"tflite": ("int8", "fp16", "fp32"), "onnx": ("int8", "fp32")}
+# When a model has no file of the requested precision, the nearest one is used instead.
+_PRECISION_FALLBACK = {"fp32": ("fp32", "fp16", "int8"), "fp16": ("fp16", "fp32", "int8"), "int8": ("int8", "fp16", "fp32")}
 
 
 class BundleError(D2RError, ValueError):
@@ -575,9 +579,11 @@ def _find_entry(manifest, name: str, task: str, backend: str, precision: str):
         raise ModelError(f"{manifest.path}: no {backend} model named {name!r} (available {task} models: {names})")
     if cands[0].task != task:
         raise ModelError(f"{manifest.path}: model {name!r} is a {cands[0].task} model, not {task}")
-    for prec in (precision,) + tuple(p for p in _PRECISION_ORDER[backend] if p != precision):
+    for prec in _PRECISION_FALLBACK[precision]:
         hits = [m for m in cands if m.precision == prec]
         if hits:
+            if prec != precision:
+                log.info("d2r: model %r has no %s %s file; using %s", name, precision, backend, prec)
             return hits[0]
     raise ModelError(f"{manifest.path}: no {precision} {backend} file for model {name!r}")
 

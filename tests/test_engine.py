@@ -230,3 +230,23 @@ def test_real_bundle_syncs_to_a_device_and_answers_there(built, images, tmp_path
             admin.publish(tmp_path / "v2.d2r", "museum", key)
             client.sync()
             assert images[12].name not in [h.image_id for h in live.query(images[12], top_k=4).hits]
+
+
+def test_runtime_objects_from_model_names(images):
+    """d2r.load_model by name fills in the manifest entry; Detector and LocalFeatureExtractor
+    need nothing else."""
+    xfeat = d2r.load_model("xfeat", threads=1)
+    assert xfeat.entry.name == "xfeat" and xfeat.accelerator == "cpu"
+    feats = d2r.LocalFeatureExtractor(xfeat, max_features=500).extract(images[0])
+    assert len(feats) == 500 and feats.descriptors.shape == (500, 64)
+    np.testing.assert_allclose(np.linalg.norm(feats.descriptors, axis=1), 1.0, atol=1e-5)
+    assert (np.diff(feats.scores) <= 0).all()
+    assert (feats.locations[:, 0] < 480).all() and (feats.locations[:, 1] < 640).all()
+    ssd = d2r.Detector(d2r.load_model("ssd"), threshold=0.5)
+    from PIL import Image
+
+    cat = Image.open(__import__("skimage").data.__path__[0] + "/chelsea.png")
+    det = ssd.detect(cat)
+    assert det.labels[:1] == ["Cat"] and det.scores[0] > 0.7
+    with pytest.raises(d2r.ModelError, match="not a detector"):
+        d2r.Detector(xfeat)

@@ -67,6 +67,7 @@ class Model:
     path: Path
     inputs: list
     outputs: list
+    entry = None  # the model's manifest entry (d2r.manifest.ModelEntry), when it is listed
 
     def run(self, *arrays, **named) -> list:
         """Run on float32 (or already-quantised) inputs; returns float32 outputs, in order."""
@@ -248,6 +249,9 @@ def _ort_dtype(type_str: str) -> np.dtype:
 def load_model(name_or_path, backend: str = "auto", threads: int | None = None, accelerator: str = "cpu") -> Model:
     """Load a model file (``.tflite`` or ``.onnx``) or a model name from ``models/manifest.json``.
 
+    A name picks the fastest file of that model for the backend (int8, then fp16, then fp32).
+    ``model.entry`` is the file's manifest entry (input, outputs, geometry, defaults) if listed.
+
     backend: ``auto`` (by file extension), ``tflite`` or ``onnx``. threads: CPU threads
     (None: the runtime's default). accelerator: one of ``cpu, gpu, nnapi, cuda, tensorrt``.
     """
@@ -261,9 +265,11 @@ def load_model(name_or_path, backend: str = "auto", threads: int | None = None, 
     kind = backend if backend != "auto" else {".tflite": "tflite", ".onnx": "onnx"}.get(path.suffix.lower())
     if kind is None:
         raise ModelError(f"{path}: unknown model format (expected .tflite or .onnx, or pass backend=)")
-    if kind == "tflite":
-        return TFLiteModel(path, threads, accelerator)
-    return ONNXModel(path, threads, accelerator)
+    model = TFLiteModel(path, threads, accelerator) if kind == "tflite" else ONNXModel(path, threads, accelerator)
+    from .manifest import entry_for_file
+
+    model.entry = entry_for_file(path)
+    return model
 
 
 def _resolve(name_or_path, backend: str) -> Path:
@@ -274,11 +280,8 @@ def _resolve(name_or_path, backend: str) -> Path:
         return path
     if path.exists():
         raise ModelError(f"{path}: not a model file")
-    resolver = _NAME_RESOLVER
-    if resolver is not None and os.sep not in str(name_or_path) and path.suffix == "":
-        return resolver(str(name_or_path), backend)
+    if os.sep not in str(name_or_path) and path.suffix == "":
+        from .manifest import resolve_model_path
+
+        return resolve_model_path(str(name_or_path), backend)
     raise ModelError(f"{path}: no such model file")
-
-
-# Set by the manifest module: name -> path of the model file for a backend.
-_NAME_RESOLVER = None

@@ -190,14 +190,17 @@ class Detector:
 
     Args:
         model: a :class:`d2r.backends.Model`.
-        entry: the model's manifest entry (``d2r.manifest.ModelEntry``): input, anchors,
-            decoding, labels and defaults are read from it.
         threshold: minimum class score of a box (the paper uses 0.1 for regions).
         max_boxes: keep at most this many boxes after NMS.
         iou_threshold: NMS overlap (manifest default otherwise).
+        entry: the model's manifest entry (input, anchors, decoding, labels, defaults);
+            default ``model.entry``, which :func:`d2r.load_model` fills in for listed files.
     """
 
-    def __init__(self, model, entry, threshold: float = 0.1, max_boxes: int | None = None, iou_threshold: float | None = None):
+    def __init__(self, model, threshold: float = 0.1, max_boxes: int | None = None, iou_threshold: float | None = None, entry=None):
+        entry = entry if entry is not None else getattr(model, "entry", None)
+        if entry is None or entry.task != "detector":
+            raise ModelError(f"{getattr(model, 'path', model)}: not a detector listed in a model manifest (pass entry=)")
         if not 0.0 <= float(threshold) <= 1.0:
             raise InputError(f"threshold: expected a score in [0, 1], got {threshold}")
         self.model = model

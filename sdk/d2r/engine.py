@@ -42,6 +42,7 @@ from .errors import D2RError, InputError, ModelError
 from .features import Features, LocalFeatureExtractor
 from .image import load_image
 from .index import Hit, Index
+from .manifest import ALIASES as _ALIASES
 
 log = logging.getLogger("d2r")
 
@@ -49,7 +50,6 @@ BUNDLE_FORMAT = "d2r-bundle"
 BUNDLE_VERSION = 1
 ENGINE_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star")
 REGION_MODES = ("crop", "pool")
-_ALIASES = {"ssd": "ssd_mobilenetv2_oidv4"}
 # When a model has no file of the requested precision, the nearest one is used instead.
 _PRECISION_FALLBACK = {"fp32": ("fp32", "fp16", "int8"), "fp16": ("fp16", "fp32", "int8"), "int8": ("int8", "fp16", "fp32")}
 
@@ -159,12 +159,12 @@ class Engine:
         self.detector_entry = detector_entry
         self._feature_model = load_model(feature_entry.path, backend=config.backend, threads=threads, accelerator=accelerator)
         self.extractor = LocalFeatureExtractor(
-            self._feature_model, feature_entry, scales=config.scales, max_features=config.max_features, score_threshold=config.score_threshold
+            self._feature_model, scales=config.scales, max_features=config.max_features, score_threshold=config.score_threshold, entry=feature_entry
         )
         self.detector = None
         if detector_entry is not None:
             self._detector_model = load_model(detector_entry.path, backend=config.backend, threads=threads, accelerator=accelerator)
-            self.detector = Detector(self._detector_model, detector_entry, threshold=config.detector_threshold, max_boxes=max(config.max_regions, 1))
+            self.detector = Detector(self._detector_model, threshold=config.detector_threshold, max_boxes=max(config.max_regions, 1), entry=detector_entry)
         self.codebook = codebook
         self.index = index
         self.bundle_path = bundle_path

@@ -79,17 +79,20 @@ class LocalFeatureExtractor:
 
     Args:
         model: a :class:`d2r.backends.Model` (from :func:`d2r.load_model`).
-        entry: the model's manifest entry (``d2r.manifest.ModelEntry``); its ``outputs``,
-            ``geometry`` and ``defaults`` say how to read the model.
         scales: pyramid scales relative to the image fitted into the model canvas; values
             above 1 are refused for static-shape models. Default: the manifest's, else (1.0,).
         max_features: keep the top-k features by score (manifest default otherwise).
         score_threshold: minimum keypoint / attention score (manifest default otherwise).
         pca: optional (mean [D], projection [D', D]) applied after L2 normalisation, then
             L2 normalisation again (DELF post-processing, no whitening).
+        entry: the model's manifest entry (``outputs``, ``geometry``, ``defaults`` say how to
+            read it); default ``model.entry``, filled in by :func:`d2r.load_model`.
     """
 
-    def __init__(self, model, entry: dict, scales=None, max_features=None, score_threshold=None, pca=None):
+    def __init__(self, model, scales=None, max_features=None, score_threshold=None, pca=None, entry=None):
+        entry = entry if entry is not None else getattr(model, "entry", None)
+        if entry is None or entry.task != "local_features":
+            raise ModelError(f"{getattr(model, 'path', model)}: not a local-feature model listed in a model manifest (pass entry=)")
         self.model = model
         self.entry = entry
         defaults = entry.defaults or {}

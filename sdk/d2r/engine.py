@@ -360,6 +360,12 @@ class Engine:
         self.index.remove(image_id)
 
     # -- query ----------------------------------------------------------------------------------
+    def match_distance(self) -> float:
+        """Putative-match distance for verification: from the model's ``match_min_cosine``
+        (unit descriptors: |a - b| = sqrt(2 - 2 cos)); 0.9 (DELF, ALGORITHM.md) otherwise."""
+        cos = (self.feature_entry.defaults or {}).get("match_min_cosine")
+        return float(np.sqrt(2.0 - 2.0 * cos)) if cos is not None else 0.9
+
     def _verification_features(self, image_id: str):
         from .verify import unpack_features
 
@@ -397,7 +403,7 @@ class Engine:
             q = LocalFeatures(feats.locations[:n], feats.descriptors[:n])
             none = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, feats.descriptors.shape[1]), np.float32))
             cands = [(h, h.score, (self._verification_features(h.image_id) or none) if i < verify_top else None) for i, h in enumerate(hits)]
-            ranked = rerank(q, cands, top_r=verify_top)
+            ranked = rerank(q, cands, top_r=verify_top, max_distance=self.match_distance())
             hits = [r.id for r in ranked]
             inliers = {r.id.image_id: r.inliers for r in ranked if r.inliers >= 0}
             t["verify"] = (time.perf_counter() - t4) * 1e3

@@ -276,6 +276,7 @@ def run(
         tv = time.perf_counter()
         per_protocol = {}
         loaded = {}
+        match_distance = engine.match_distance()
 
         def vfeats(c):
             # ALGORITHM.md section 6 verifies with whole-image features; the top 1000 by score.
@@ -290,7 +291,8 @@ def run(
             for qi, (f, r) in enumerate(zip(q_feats, ranks)):
                 clean = evaluate.remove_junk(r, junk[qi])
                 cands = [(int(c), float(-k), vfeats(int(c)) if k < verify_top else None) for k, c in enumerate(clean)]
-                rr = verify.rerank(verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000]), cands, top_r=verify_top)
+                rr = verify.rerank(verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000]), cands, top_r=verify_top,
+                                   max_distance=match_distance)
                 out.append(np.array([x.id for x in rr], dtype=np.int64))
             per_protocol[protocol] = out
         timings["verify_ms_per_query"] = (time.perf_counter() - tv) * 1e3 / max(1, len(q_feats) * 3)

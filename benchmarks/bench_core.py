@@ -29,11 +29,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import d2r  # noqa: E402
-from d2r import kernels  # noqa: E402
 
 try:
     import faiss
-    from asmk import hamming as asmk_hamming  # noqa: F401
     from asmk.codebook import Codebook as AsmkCodebook
     from asmk.index import FaissL2Index
     from asmk.kernel import ASMKKernel

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from d2r._files import sha256_file
 from d2r.errors import ModelError
 
 _INSTALL_HINT = {
@@ -48,16 +49,11 @@ def require_npm() -> str:
     return npm
 
 
+__all__ = ["sha256_file"]  # re-exported: the converters import it from here
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def repo_root() -> Path:

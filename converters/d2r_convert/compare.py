@@ -1,15 +1,15 @@
 """Output comparisons for the parity report: raw tensors, SSD detections, XFeat keypoints.
 
-Everything here is plain numpy so that it documents, in runnable form, what the runtime does
-with the raw outputs (anchors + box decoding + NMS for the SSD, cell softmax + NMS + sampling
-for XFeat). The runtime has its own implementation; these are the converter's oracles.
+SSD detections are decoded with the runtime's own code (``d2r.detect``), so the parity report
+measures what a device sees. The XFeat keypoint helpers below are plain numpy, written apart
+from the runtime's Numba kernels.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from d2r import detect
 
 
 def tensor_diff(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
@@ -23,59 +23,25 @@ def tensor_diff(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> dict[
 
 # ---------------------------------------------------------------- SSD
 def ssd_anchors(p: dict) -> np.ndarray:
-    """Anchors [N, 4] as (y_center, x_center, h, w), normalised, from the manifest's anchor block."""
-    n, lo, hi = p["num_layers"], p["min_scale"], p["max_scale"]
-    scales = [lo + (hi - lo) * i / (n - 1) for i in range(n)] + [1.0]
-    out = []
-    for layer, fm in enumerate(p["feature_map_sizes"]):
-        if layer == 0 and p["reduce_boxes_in_lowest_layer"]:
-            boxes = [(0.1, 1.0), (scales[0], 2.0), (scales[0], 0.5)]
-        else:
-            boxes = [(scales[layer], ar) for ar in p["aspect_ratios"]]
-            boxes.append((math.sqrt(scales[layer] * scales[layer + 1]), p["interpolated_scale_aspect_ratio"]))
-        off_y, off_x = p["anchor_offset"]
-        for y in range(fm):
-            for x in range(fm):
-                cy, cx = (y + off_y) / fm, (x + off_x) / fm
-                for scale, ar in boxes:
-                    out.append((cy, cx, scale / math.sqrt(ar), scale * math.sqrt(ar)))
-    anchors = np.asarray(out, dtype=np.float32)
-    if len(anchors) != p["num_anchors"]:
+    """Anchors [N, 4] as (y_center, x_center, h, w) from the manifest's anchor block: the
+    runtime's own generator, checked against the anchor count the manifest states."""
+    anchors = detect.ssd_anchors(p)
+    if "num_anchors" in p and len(anchors) != p["num_anchors"]:
         raise ValueError(f"anchor parameters give {len(anchors)} anchors, the manifest says {p['num_anchors']}")
     return anchors
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix between boxes a [N, 4] and b [M, 4] as (ymin, xmin, ymax, xmax)."""
-    tl = np.maximum(a[:, None, :2], b[None, :, :2])
-    br = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(br - tl, 0, None), axis=2)
-    area = lambda r: np.prod(np.clip(r[:, 2:] - r[:, :2], 0, None), axis=1)  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
+iou = detect.iou_matrix
 
 
 def ssd_detect(box_encodings, class_logits, anchors, decoding: dict, score_threshold: float, max_detections: int = 25):
-    """Decode + per-class NMS. Returns (boxes [K, 4] ymin,xmin,ymax,xmax; scores [K]; classes [K])."""
-    enc, logits = box_encodings.reshape(-1, 4), class_logits.reshape(len(anchors), -1)
-    sy, sx, sh, sw = decoding["box_scale"]
-    yc = enc[:, 0] / sy * anchors[:, 2] + anchors[:, 0]
-    xc = enc[:, 1] / sx * anchors[:, 3] + anchors[:, 1]
-    h = np.exp(enc[:, 2] / sh) * anchors[:, 2]
-    w = np.exp(enc[:, 3] / sw) * anchors[:, 3]
-    boxes = np.stack([yc - h / 2, xc - w / 2, yc + h / 2, xc + w / 2], axis=1)
-    scores = 1.0 / (1.0 + np.exp(-logits))
-    scores[:, decoding["background_class"]] = 0
-    keep_b, keep_s, keep_c = [], [], []
-    for c in range(scores.shape[1]):
-        idx = np.flatnonzero(scores[:, c] >= score_threshold)
-        idx = idx[np.argsort(-scores[idx, c], kind="stable")]
-        while len(idx):
-            i = idx[0]
-            keep_b.append(boxes[i]), keep_s.append(scores[i, c]), keep_c.append(c)
-            idx = idx[1:][iou(boxes[i : i + 1], boxes[idx[1:]])[0] <= decoding["nms_iou_threshold"]]
-    order = np.argsort(-np.asarray(keep_s, dtype=np.float32), kind="stable")[:max_detections]
-    return (np.asarray(keep_b, np.float32).reshape(-1, 4)[order], np.asarray(keep_s, np.float32)[order],
-            np.asarray(keep_c, np.int32)[order])
+    """The runtime's decoding and per-class NMS -> (boxes [K, 4] ymin,xmin,ymax,xmax; scores; classes)."""
+    det = detect.postprocess(
+        np.asarray(box_encodings).reshape(-1, 4), np.asarray(class_logits).reshape(len(anchors), -1), anchors,
+        threshold=score_threshold, max_boxes=max_detections, iou_threshold=decoding["nms_iou_threshold"],
+        box_scale=decoding["box_scale"], class_agnostic=False, ignore_classes=(decoding["background_class"],),
+    )
+    return det.boxes, det.scores, det.classes
 
 
 def match_detections(ref, out) -> dict:

@@ -8,7 +8,6 @@ the full bundle. Files other than the index that changed travel whole inside the
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -17,19 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from d2r._files import sha256_file as _sha
 from d2r.engine import read_bundle_info
 from d2r.index import Index
 from d2r.sync import DELTA_FORMAT, DELTA_VERSION, _tarinfo, replay_index
 
 INDEX_FILE = "index.d2ri"
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _split(old_ids: list, new_ids: list):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -49,3 +50,12 @@ def atomic_write(path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_file`)."""
     with atomic_file(path) as fh:
         fh.write(data)
+
+
+def sha256_file(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

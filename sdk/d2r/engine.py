@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import sha256_file as _sha256_file
 from ._version import __version__
 from .aggregate import aggregate
 from .backends import load_model
@@ -41,7 +42,7 @@ from .codebook import Codebook
 from .errors import D2RError, InputError, ModelError
 from .features import Features, LocalFeatureExtractor
 from .image import load_image
-from .index import Hit, Index
+from .index import Index
 from .manifest import ALIASES as _ALIASES
 
 log = logging.getLogger("d2r")
@@ -121,14 +122,6 @@ class QueryResult:
                 item["inliers"] = self.inliers[h.image_id]
             hits.append(item)
         return {"hits": hits, "timings_ms": self.timings, "n_features": self.n_features}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _canonical(obj) -> bytes:

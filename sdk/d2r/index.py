@@ -32,7 +32,7 @@ import numpy as np
 from . import kernels
 from ._files import atomic_file
 from ._checks import positive_int, real_number
-from .aggregate import BINARY_KINDS, FLOAT_WORD_KINDS, Aggregation
+from .aggregate import BINARY_KINDS, Aggregation
 from .codebook import Codebook
 from .errors import IndexFormatError, InputError
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
+from ._files import sha256_file as _sha256_file
 from .errors import D2RError, InputError
 
 ARCHIVE_MEDIA_TYPE = "application/x-tar"
@@ -150,14 +151,6 @@ def _bundle_info(folder):
     from .engine import read_bundle_info
 
     return read_bundle_info(folder)
-
-
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify_bundle_folder(folder) -> dict:

@@ -125,3 +125,86 @@ def test_build_refuses_a_photo_without_a_row(tmp_path):
     Image.open(VISITORS[0]).save(tmp_path / "photos" / "unlisted.jpg")
     (tmp_path / "x.csv").write_text("image_id,title,description\nother.jpg,T,D\n")
     assert build.main(["--photos", str(tmp_path / "photos"), "--csv", str(tmp_path / "x.csv"), "-o", str(tmp_path / "b.d2r")]) == 2
+
+
+# -- kiosk -------------------------------------------------------------------------------------------
+def _frames_folder(folder: Path, plan) -> Path:
+    """Write frames f000.jpg ... from a plan of (photo or None for an empty scene, count)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    empty = Image.new("RGB", (320, 240), (128, 128, 120))
+    n = 0
+    for photo, count in plan:
+        img = empty if photo is None else (photo if isinstance(photo, Image.Image) else Image.open(photo).convert("RGB"))
+        for _ in range(count):
+            img.save(folder / f"f{n:03d}.jpg", quality=92)
+            n += 1
+    return folder
+
+
+BOOK, DUCK = SAMPLE / "visitors" / "ukbench00019.jpg", SAMPLE / "visitors" / "ukbench00023.jpg"
+
+
+def test_debouncer_announces_once_per_stable_change():
+    kiosk = load_example("kiosk/kiosk.py")
+    d = kiosk.Debouncer(3)
+    seq = ["a", "a", "a", "a", "b", "a", "a", "a", None, None, None, "a", "a", "a", "b", "b", "b"]
+    said = [(i, d.update(x)) for i, x in enumerate(seq)]
+    assert [(i, x) for i, x in said if x] == [(2, "a"), (13, "a"), (16, "b")]
+    with pytest.raises(Exception):
+        kiosk.Debouncer(0)
+
+
+def test_kiosk_on_a_folder_of_frames_announces_debounced_exhibits(museum, tmp_path):
+    kiosk = load_example("kiosk/kiosk.py")
+    folder = _frames_folder(tmp_path / "frames", [(BOOK, 4), (None, 3), (DUCK, 2), (BOOK, 1), (hard_photo(DUCK, 5), 4),
+                                                  (BOOK, 1), (DUCK, 2), (BOOK, 3)])
+    with __import__("d2r").Engine.open(museum, threads=2) as engine:
+        said = kiosk.Kiosk(engine, stable_frames=3).run(kiosk.frames(folder))
+    assert [(a.frame, a.label) for a in said] == [("f002.jpg", "Picture book 'Muna'"), ("f012.jpg", "Pull-along duck"),
+                                                  ("f019.jpg", "Picture book 'Muna'")]
+    assert all(a.inliers >= kiosk.MIN_INLIERS and a.description for a in said)
+    assert [n for n, _ in kiosk.frames(folder, every=5)] == ["f000.jpg", "f005.jpg", "f010.jpg", "f015.jpg"]
+
+
+def test_kiosk_syncs_from_the_edge_server_and_hot_reloads(museum, tmp_path, capsys):
+    pytest.importorskip("flask")
+    pytest.importorskip("waitress")
+    pytest.importorskip("cryptography")
+    import d2r
+    from d2r.sync import LiveBundle, SyncClient, generate_keypair
+    from d2r_server.client import AdminClient
+    from d2r_server.testing import ADMIN_TOKEN, ServerThread
+
+    kiosk = load_example("kiosk/kiosk.py")
+    key, pub = generate_keypair(tmp_path / "museum.key")
+    # Version 2: the curator relabels the picture book (a small bundle of its three photos).
+    book = [SAMPLE / "collection" / f"ukbench000{n}.jpg" for n in (16, 17, 18)]
+    with d2r.Engine.create(features="xfeat", detector="ssd", kind="rasmk_star", threads=2, verification_features=500) as engine:
+        engine.train_codebook(book, size=32, progress=False)
+        engine.add_images(book, metadata={p.name: {"title": "Muna, first edition"} for p in book}, progress=False)
+        v2 = engine.save(tmp_path / "v2.d2r", version=2)
+    frames = _frames_folder(tmp_path / "frames", [(BOOK, 3)])
+    with ServerThread(tmp_path / "server") as srv:
+        admin = AdminClient(srv.url, ADMIN_TOKEN)
+        admin.publish(museum, "museum", key)
+        token = admin.add_device(["museum"], "kiosk")["token"]
+        (tmp_path / "device.token").write_text(token)
+        # The command line: first sync at start, then the loop on the synced bundle.
+        rc = kiosk.main(["--dest", str(tmp_path / "dev"), "--source", str(frames), "--json", "--server", srv.url,
+                         "--collection", "museum", "--token-file", str(tmp_path / "device.token"), "--public-key", str(pub)])
+        assert rc == 0
+        said = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [(a["label"], a["bundle_version"]) for a in said] == [("Picture book 'Muna'", "1")]
+
+        # A running kiosk picks up a new version between two frames.
+        syncer = kiosk.Syncer(SyncClient(srv.url, "museum", token, tmp_path / "dev", pub), every=3600, log=lambda m: None)
+        with LiveBundle(tmp_path / "dev") as live:
+            k = kiosk.Kiosk(live, stable_frames=3)
+            assert [a.label for a in k.run(kiosk.frames(frames))] == ["Picture book 'Muna'"]
+            admin.publish(v2, "museum", key)
+            assert syncer.sync_once().version == 2
+            said = k.run(kiosk.frames(frames))
+            assert [(a.label, a.bundle_version) for a in said] == [("Muna, first edition", "2")]
+            srv_down = kiosk.Syncer(SyncClient("http://127.0.0.1:9", "museum", token, tmp_path / "dev", pub, timeout=2), every=3600, log=lambda m: None)
+            assert srv_down.sync_once() is None  # server unreachable: the kiosk keeps its bundle
+            assert live.get().bundle_version == 2

@@ -208,3 +208,56 @@ def test_kiosk_syncs_from_the_edge_server_and_hot_reloads(museum, tmp_path, caps
             srv_down = kiosk.Syncer(SyncClient("http://127.0.0.1:9", "museum", token, tmp_path / "dev", pub, timeout=2), every=3600, log=lambda m: None)
             assert srv_down.sync_once() is None  # server unreachable: the kiosk keeps its bundle
             assert live.get().bundle_version == 2
+
+
+# -- mobile: the reference index reader --------------------------------------------------------------
+def _same_ranking(ours, theirs):
+    assert [h[0] for h in ours] == [h.image_id for h in theirs]
+    np.testing.assert_allclose([h[1] for h in ours], [h.score for h in theirs], rtol=1e-12, atol=0)
+    assert [h[2] for h in ours] == [h.metadata for h in theirs]
+
+
+def test_mobile_reader_scores_the_museum_index_like_d2r(museum):
+    import d2r
+
+    reader = load_example("mobile/reader.py")
+    source = (EXAMPLES / "mobile" / "reader.py").read_text()
+    assert not [line for line in source.splitlines() if line.startswith(("import d2r", "from d2r"))]
+    idx = reader.IndexReader(museum / "index.d2ri")
+    with d2r.Engine.open(museum, threads=2) as engine:
+        assert (idx.kind, idx.K, idx.n_images) == ("rasmk_star", engine.codebook.size, len(engine.index))
+        assert [i for _, i in idx.live_images()] == engine.index.image_ids()
+        for photo in (VISITORS[0], VISITORS[4], hard_photo(VISITORS[6], 6)):
+            feats = engine.extract(np.asarray(photo) if isinstance(photo, Image.Image) else photo)
+            agg = d2r.aggregate(feats.descriptors, engine.codebook, kind="asmk_star")
+            for normalize in (False, True):
+                _same_ranking(idx.search(agg.words, agg.codes, top_k=30, normalize=normalize),
+                              engine.index.search(agg, top_k=30, normalize=normalize))
+
+
+def test_mobile_reader_regions_removals_and_mean_pooling(tmp_path):
+    import d2r
+
+    reader = load_example("mobile/reader.py")
+    rng = np.random.default_rng(1)
+    cb = d2r.Codebook(rng.standard_normal((32, 16)).astype(np.float32))
+    index = d2r.Index(cb, kind="rasmk_star", alpha=3.0, tau=0.0)
+    for i in range(12):
+        regions = [d2r.aggregate(rng.standard_normal((40, 16)).astype(np.float32), cb, kind="asmk_star") for _ in range(1 + i % 3)]
+        index.add_regions(f"img{i}", regions, metadata={"n": i} if i % 2 else None)
+    index.remove("img3")
+    index.save(tmp_path / "db.d2ri")
+    index = d2r.Index.open(tmp_path / "db.d2ri", codebook=cb)
+    idx = reader.IndexReader(tmp_path / "db.d2ri")
+    assert "img3" not in [i for _, i in idx.live_images()]
+    for _ in range(3):
+        q = d2r.aggregate(rng.standard_normal((60, 16)).astype(np.float32), cb, kind="asmk_star")
+        for pooling in ("max", "avg"):
+            _same_ranking(idx.search(q.words, q.codes, top_k=20, pooling=pooling), index.search(q, top_k=20, pooling=pooling))
+    index.close()
+    # A damaged file is refused.
+    data = bytearray((tmp_path / "db.d2ri").read_bytes())
+    data[700] ^= 1
+    (tmp_path / "bad.d2ri").write_bytes(bytes(data))
+    with pytest.raises(reader.FormatError):
+        reader.IndexReader(tmp_path / "bad.d2ri")

@@ -261,3 +261,18 @@ def test_mobile_reader_regions_removals_and_mean_pooling(tmp_path):
     (tmp_path / "bad.d2ri").write_bytes(bytes(data))
     with pytest.raises(reader.FormatError):
         reader.IndexReader(tmp_path / "bad.d2ri")
+
+
+def test_kiosk_reads_a_video_file_with_opencv(tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    kiosk = load_example("kiosk/kiosk.py")
+    video = tmp_path / "walk.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (320, 240))
+    frame = np.asarray(Image.open(BOOK).convert("RGB").resize((320, 240)))
+    for _ in range(7):
+        writer.write(frame[:, :, ::-1].copy())
+    writer.release()
+    got = list(kiosk.frames(video, every=2))
+    assert [n for n, _ in got] == ["frame000000", "frame000002", "frame000004", "frame000006"]
+    # RGB order, not OpenCV's BGR: the frame looks like the photo.
+    assert np.abs(got[0][1].astype(int) - frame).mean() < 12

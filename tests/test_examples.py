@@ -276,3 +276,33 @@ def test_kiosk_reads_a_video_file_with_opencv(tmp_path):
     assert [n for n, _ in got] == ["frame000000", "frame000002", "frame000004", "frame000006"]
     # RGB order, not OpenCV's BGR: the frame looks like the photo.
     assert np.abs(got[0][1].astype(int) - frame).mean() < 12
+
+
+def test_kiosk_camera_survives_hiccups_and_reports_a_lost_camera(monkeypatch):
+    kiosk = load_example("kiosk/kiosk.py")
+    bgr = np.zeros((4, 6, 3), np.uint8)
+    bgr[..., 0] = 255  # blue in OpenCV's BGR order
+    reads = iter([True, False, False, True] + [False] * 10)
+
+    class FakeCapture:  # what cv2.VideoCapture(0) does with a flaky USB camera
+        def __init__(self, index):
+            assert index == 0
+
+        def isOpened(self):
+            return True
+
+        def read(self):
+            ok = next(reads)
+            return ok, (bgr if ok else None)
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(kiosk, "_opencv", lambda: type("cv2", (), {"VideoCapture": FakeCapture}))
+    monkeypatch.setattr(kiosk, "CAMERA_RETRIES", 5)
+    monkeypatch.setattr(kiosk.time, "sleep", lambda s: None)
+    stream = kiosk.frames("0")
+    assert next(stream)[1][0, 0].tolist() == [0, 0, 255]  # RGB
+    assert next(stream)[0] == "frame000001"  # two failed reads, then a frame
+    with pytest.raises(Exception, match="camera 0: no frame"):
+        next(stream)

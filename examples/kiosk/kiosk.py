@@ -35,6 +35,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MIN_INLIERS = 25
 MARGIN = 1.5
 STABLE_FRAMES = 3
+CAMERA_RETRIES = 50  # 0.1 s apart
 
 
 # -- frames ------------------------------------------------------------------------------------------
@@ -78,14 +79,20 @@ def _raw_frames(source: str):
     if not cap.isOpened():
         raise d2r.InputError(f"{source}: OpenCV cannot open this {'camera' if is_camera else 'video'}")
     try:
-        i = 0
+        i = misses = 0
         while True:
             ok, bgr = cap.read()
             if not ok:
-                if is_camera:  # a camera hiccup: try again rather than stop the kiosk
+                # A camera hiccup: try again for a few seconds rather than stop the kiosk; a
+                # camera gone for longer is an error the service manager should see (and restart).
+                misses += 1
+                if is_camera and misses < CAMERA_RETRIES:
                     time.sleep(0.1)
                     continue
+                if is_camera:
+                    raise d2r.InputError(f"camera {source}: no frame for {CAMERA_RETRIES * 0.1:.0f} s")
                 return
+            misses = 0
             yield f"frame{i:06d}", bgr[:, :, ::-1].copy()
             i += 1
     finally:

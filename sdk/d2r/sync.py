@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
+from ._files import fsync_dir as _fsync_dir
 from ._files import sha256_file as _sha256_file
 from .errors import D2RError, InputError
 
@@ -385,16 +386,6 @@ def _crash_point(stage: str) -> None:
     (the crash-safety tests use it to stop a sync at every step of the swap)."""
     if os.environ.get("D2R_SYNC_CRASH_AT") == stage:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_dir(path: Path) -> None:
-    if sys.platform == "win32":  # pragma: no cover
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:

@@ -1,6 +1,7 @@
 """``d2r eval`` on a small dataset folder made from the UKBench photos (real images, real models)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -87,5 +88,28 @@ def test_eval_cli_json(dataset, tmp_path):
     for key in ("dataset", "options", "map", "mp", "n_queries", "n_images", "regions_per_image", "index_bytes", "timings"):
         assert key in res
     assert res["n_queries"] == 5 and set(res["map"]) == {"easy", "medium", "hard"}
+    # The HTML report: one section per query, ten bordered thumbnails each, the summary table.
+    report = tmp_path / "report.html"
+    proc = subprocess.run(
+        [sys.executable, "-m", "d2r.cli", "eval", "--dataset", str(dataset), "--codebook-size", "64", "--quiet",
+         "--cache", str(tmp_path / "c"), "--limit", "3", "--report", str(report)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    page = report.read_text()
+    assert page.count("<section>") == 3 and page.count('class="query"') == 3
+    assert page.count('<figure class="pos">') + page.count('<figure class="neg">') + page.count('<figure class="junk">') == 30
+    assert page.count('<figure class="pos">') >= 6  # most of the 3 x 3 positives are in the top 10
+    chromium = shutil.which("chromium")
+    if chromium:  # it must also render in a browser (installed by .ci/run)
+        shot = tmp_path / "report.png"
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chr'}",
+                        f"--screenshot={shot}", "--window-size=1200,900", report.as_uri()], capture_output=True, timeout=120)
+        from PIL import Image
+
+        img = Image.open(shot).convert("RGB")
+        colours = set(img.resize((300, 225)).getdata())
+        assert (34, 170, 34) in colours or any(g > 150 and r < 80 and b < 80 for r, g, b in colours)  # green borders drawn
     bad = subprocess.run([sys.executable, "-m", "d2r.cli", "eval", "--dataset", str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 1 and "none" in bad.stderr

@@ -311,7 +311,7 @@ def run(
             "max_features": ex.max_features, "scales": list(ex.scales),
         },
         "map": out["map"],
-        "mp": {p: out["mp"][p] for p in ("medium", "hard")},
+        "mp": {p: out["mp"][p] for p in ("easy", "medium", "hard")},
         "n_queries": len(q_paths),
         "n_evaluated": out["n_evaluated"],
         "n_images": n,
@@ -320,7 +320,78 @@ def run(
         "index_bytes_per_image": index_bytes / max(n, 1),
         "timings": timings,
         "table": result.table(),
+        # For --report: the Medium ranking of each query (junk kept, as shown to a user).
+        "_report": {
+            "queries": [str(p) for p in q_paths],
+            "images": [str(p) for p in db_paths],
+            "rankings": [np.asarray(r[:20]).tolist() for r in (per_protocol["medium"] if verify_top else ranks)],
+            "gnd": [{k: np.asarray(g[k]).tolist() for k in ("easy", "hard", "junk")} for g in gnd],
+            "ap_medium": [None if np.isnan(v) else float(v) for v in result.protocols["medium"].aps],
+        },
     }
+
+
+def _thumb_data_uri(path: str, size=(120, 90)) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(load_image(path))
+    img.thumbnail(size)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def write_report(res: dict, path, top: int = 10) -> None:
+    """A self-contained HTML page: the summary table, then per query its ranked thumbnails with
+    green (positive, Medium protocol), red (wrong) or grey (junk) borders."""
+    import html
+
+    rep = res["_report"]
+    o = res["options"]
+    rows = []
+    for q, (query, ranking, g, ap) in enumerate(zip(rep["queries"], rep["rankings"], rep["gnd"], rep["ap_medium"])):
+        positives = set(g["easy"]) | set(g["hard"])
+        junk = set(g["junk"])
+        cells = []
+        for rank, i in enumerate(ranking[:top], start=1):
+            cls = "pos" if i in positives else "junk" if i in junk else "neg"
+            name = html.escape(Path(rep["images"][i]).name)
+            cells.append(f'<figure class="{cls}"><img src="{_thumb_data_uri(rep["images"][i])}" alt="{name}">'
+                         f"<figcaption>{rank}. {name}</figcaption></figure>")
+        ap_text = "no positives (skipped)" if ap is None else f"AP Medium {ap:.1f}"
+        qname = html.escape(Path(query).name)
+        rows.append(f'<section><h3>{q + 1}. {qname} <small>{ap_text}</small></h3><div class="row">'
+                    f'<figure class="query"><img src="{_thumb_data_uri(query)}" alt="{qname}"><figcaption>query</figcaption></figure>'
+                    + "".join(cells) + "</div></section>")
+    table = "".join(
+        f"<tr><td>{p}</td><td>{res['map'][p]:.2f}</td>" + "".join(f"<td>{v:.2f}</td>" for v in res["mp"].get(p, {}).values()) + "</tr>"
+        for p in ("easy", "medium", "hard")
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>d2r eval: {html.escape(Path(res['dataset']).name)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #bbb; padding: .2em .6em; text-align: right; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 6px; }}
+figure {{ margin: 0; padding: 3px; border: 4px solid #ddd; font-size: 11px; width: 120px; }}
+figure img {{ display: block; max-width: 120px; max-height: 90px; }}
+figure.pos {{ border-color: #2a2; }} figure.neg {{ border-color: #d33; }} figure.junk {{ border-color: #999; }}
+figure.query {{ border-color: #333; }}
+figcaption {{ overflow: hidden; white-space: nowrap; text-overflow: ellipsis; }}
+</style></head><body>
+<h1>d2r eval: {html.escape(res['dataset'])}</h1>
+<p>{res['n_queries']} queries, {res['n_images']} images; features {html.escape(o['features'])} {o['precision']} ({o['backend']}),
+kind {o['kind']} ({o['pooling']}), regions {html.escape(o['regions'])} ({res['regions_per_image']:.1f} per image),
+K = {o['codebook_size']}, verification {'on' if o['verify'] else 'off'}.
+Borders: <b style="color:#2a2">positive</b>, <b style="color:#d33">wrong</b>, <b style="color:#999">junk</b> (Medium protocol).</p>
+<table><tr><th>protocol</th><th>mAP</th><th>mP@1</th><th>mP@5</th><th>mP@10</th></tr>{table}</table>
+{''.join(rows)}
+</body></html>
+"""
+    Path(path).write_text(page, encoding="utf-8")
 
 
 def _progress(enabled):
@@ -350,7 +421,10 @@ def cmd_eval(args) -> int:
     print(res["table"])
     print(f"index {res['index_bytes_per_image'] / 1024:.1f} KiB/image; query {res['timings']['query_ms_median']:.1f} ms (aggregation + search)")
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({k: v for k, v in res.items() if k not in ("table", "_report")}, indent=1) + "\n")
+    if args.report:
+        write_report(res, args.report)
+        print(f"report: {args.report}")
     return 0
 
 
@@ -373,4 +447,5 @@ def register_cli(sub) -> None:
     e.add_argument("--threads", type=int)
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", help="write every number to this JSON file")
+    e.add_argument("--report", help="write an HTML page: per-query ranked thumbnails and the summary table")
     e.set_defaults(func=cmd_eval)

@@ -51,6 +51,8 @@ def test_ukbench_tflite_int8(built, images):
     res = engine.query(images[0], top_k=3)
     assert set(res.timings) >= {"load_image", "features", "aggregation", "search", "total"}
     assert res.hits[0].image_id == images[0].name
+    image_id, score, metadata = res.hits[0]  # hits unpack as (image_id, score, metadata)
+    assert image_id == images[0].name and score == res.hits[0].score and metadata is None
 
 
 def test_onnx_gives_the_same_results(built, images):

@@ -88,6 +88,10 @@ class Hit:
     score: float
     metadata: Any = None
 
+    def __iter__(self):
+        """Unpacks as ``image_id, score, metadata``."""
+        return iter((self.image_id, self.score, self.metadata))
+
 
 class _Postings:
     """One inverted file: runs of (word, block) entries, see ``kernels``.

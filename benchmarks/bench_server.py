@@ -28,15 +28,7 @@ from pathlib import Path
 
 from d2r.sync import Destination, SyncClient, generate_keypair
 from d2r_server.client import AdminClient
-from d2r_server.testing import Collection
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from d2r_server.testing import Collection, free_port
 
 
 def _run_devices(n, make_client):
@@ -88,7 +80,7 @@ def main() -> None:
         key, pub = generate_keypair(root / "bench.key")
         token_file = root / "admin.token"
         token_file.write_text("bench-admin-token-0123456789abcdef")
-        port = _free_port()
+        port = free_port()
         log = open(root / "server.log", "w")
         server = subprocess.Popen([sys.executable, "-m", "d2r.cli", "serve", "--data", str(root / "data"), "--host", "127.0.0.1",
                                    "--port", str(port), "--admin-token-file", str(token_file), "--threads", "16"],

@@ -26,7 +26,7 @@ pytest.importorskip("cryptography")
 
 from d2r.sync import Destination, SyncError, generate_keypair, load_private_key, pack_bundle, sign_bundle, verify_bundle_folder  # noqa: E402
 from d2r_server.client import AdminClient  # noqa: E402
-from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread  # noqa: E402
+from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -286,19 +286,11 @@ def test_status_page_lists_what_the_api_says(server, bundles, tmp_path):
     assert shot.is_file() and shot.stat().st_size > 5000
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def test_exact_commands_serve_keygen_publish_device_sync(tmp_path, bundles):
     d2r_cmd = [sys.executable, "-m", "d2r.cli"]
     token_file = tmp_path / "admin.token"
     token_file.write_text("cli-admin-token-abcdefghijklmnop\n")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(d2r_cmd + ["serve", "--data", str(tmp_path / "data"), "--host", "127.0.0.1", "--port", str(port),
                                          "--admin-token-file", str(token_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"

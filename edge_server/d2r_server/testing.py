@@ -215,3 +215,12 @@ class FlakyProxy:
     def close(self):
         self._stop = True
         self.sock.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for servers started in subprocesses)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

@@ -101,6 +101,21 @@ def test_query_with_spatial_verification(built, images):
         plain.query(images[0], verify=True)
 
 
+def test_verification_within_visual_words_travels_in_the_bundle(built, images, tmp_path):
+    engine, _ = built
+    words = Engine.create(detector=None, kind="asmk_star", codebook=engine.codebook, verification_features=300, verification_words=3)
+    words.add_images(images[:12], progress=False)
+    words.save(tmp_path / "w.d2r")
+    with Engine.open(tmp_path / "w.d2r") as opened:
+        assert opened.config.verification_words == 3
+        stored = opened._verification_features(images[8].name)
+        assert stored.words is not None and stored.words.shape == (len(stored), 1)
+        res = opened.query(images[8], top_k=3, verify=True, verify_top=12)
+    assert res.hits[0].image_id == images[8].name and res.inliers[images[8].name] >= 50
+    with pytest.raises(d2r.InputError, match="verification_words"):
+        Engine.create(detector=None, verification_words=-1)
+
+
 def test_bundle_round_trip(built, images, tmp_path):
     engine, path = built
     info = json.loads((path / "bundle.json").read_text())

@@ -482,3 +482,92 @@ def test_real_stereo_pair_against_opencv():
     _, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=10.0, maxIters=1000)
     # same model family and threshold: the counts agree closely
     assert abs(res.inliers - int(mask.sum())) <= 0.1 * len(m)
+
+
+# --------------------------------------------------------------------------------------------
+# Matching within visual words
+# --------------------------------------------------------------------------------------------
+
+
+def brute_force_word_match(a, qw, b, cw, max_distance, ratio=None, mutual=False):
+    """Oracle: exhaustive distances, pairs that share no word set to infinity."""
+    d = np.sqrt(((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1))
+    shared = (qw[:, :, None] == cw[None, None, :]).any(axis=1)
+    d = np.where(shared, d, np.inf)
+    out = []
+    for i in range(len(a)):
+        order = np.argsort(d[i], kind="stable")
+        j = order[0]
+        if not d[i, j] < max_distance:
+            continue
+        if ratio is not None and np.isfinite(d[i, order[1]]) and not d[i, j] < ratio * d[i, order[1]]:
+            continue
+        if mutual and np.argmin(d[:, j]) != i:
+            continue
+        out.append((i, j))
+    return np.array(out, dtype=np.int32).reshape(-1, 2)
+
+
+@pytest.mark.parametrize("ratio, mutual", [(None, False), (0.8, False), (None, True), (0.9, True)])
+def test_word_matching_equals_oracle(ratio, mutual):
+    rng = np.random.default_rng(5)
+    a = unit(rng.normal(size=(150, 32)))
+    b = unit(np.concatenate([a[:80] + 0.3 * rng.normal(size=(80, 32)), rng.normal(size=(70, 32))]))
+    qw = rng.integers(0, 12, size=(150, 3)).astype(np.int32)
+    cw = rng.integers(0, 12, size=150).astype(np.int32)
+    cw[:80] = qw[:80, rng.integers(0, 3)]  # most true partners share a word
+    q = LocalFeatures(np.zeros((150, 2)), a, qw)
+    c = LocalFeatures(np.zeros((150, 2)), b, cw)
+    got = verify._match_features(q, c, None, verify._match_params(0.9, ratio, mutual), True)
+    ref = brute_force_word_match(a, qw, b, cw, 0.9, ratio, mutual)
+    assert 0 < len(ref) and np.array_equal(got, ref)
+    # no partner outside the shared words
+    assert all(cw[j] in qw[i] for i, j in got)
+
+
+def test_word_matching_with_one_word_equals_exhaustive():
+    rng = np.random.default_rng(6)
+    a = unit(rng.normal(size=(100, 16)))
+    b = unit(np.concatenate([a[:50] + 0.3 * rng.normal(size=(50, 16)), rng.normal(size=(40, 16))]))
+    q = LocalFeatures(np.zeros((100, 2)), a, np.zeros(100, np.int32))
+    c = LocalFeatures(np.zeros((90, 2)), b, np.zeros(90, np.int32))
+    for ratio, mutual in [(None, False), (0.8, True)]:
+        words = verify._match_features(q, c, None, verify._match_params(0.9, ratio, mutual), True)
+        assert np.array_equal(words, match(a, b, 0.9, ratio, mutual))
+
+
+def test_verify_pair_uses_words_only_when_both_sides_have_them():
+    q, c, _ = scene_features(dim=64)
+    full = verify.verify_pair(q, c).inliers
+    nq, nc = len(q), len(c)
+    # words that separate every pair: nothing can match
+    qw = LocalFeatures(q.locations, q.descriptors, np.zeros(nq, np.int32))
+    cw = LocalFeatures(c.locations, c.descriptors, np.ones(nc, np.int32))
+    assert verify.verify_pair(qw, cw).inliers == 0
+    assert verify.verify_pair(qw, cw, use_words=False).inliers == full
+    assert verify.verify_pair(qw, c).inliers == full  # candidate without words: exhaustive
+    assert [r.inliers for r in rerank(qw, [("a", 1.0, cw)])] == [0]
+    assert [r.inliers for r in rerank(qw, [("a", 1.0, cw)], use_words=False)] == [full]
+
+
+def test_pack_round_trip_keeps_words():
+    q, c, _ = scene_features(dim=128)
+    words = np.arange(len(c), dtype=np.int32) % 1000
+    blob = verify.pack_features(LocalFeatures(c.locations, c.descriptors, words))
+    assert len(blob) == verify.feature_bytes(len(c), 128, "int8", words=True) == verify.feature_bytes(len(c), 128) + 4 * len(c)
+    back = verify.unpack_features(blob)
+    assert back.words.shape == (len(c), 1) and np.array_equal(back.words[:, 0], words)
+    assert verify.unpack_features(verify.pack_features(c)).words is None  # version 1 stays version 1
+    with pytest.raises(d2r.IndexFormatError, match="expected"):
+        verify.unpack_features(blob[:-2])
+    with pytest.raises(d2r.InputError, match="visual word"):
+        verify.pack_features(LocalFeatures(c.locations, c.descriptors, -np.ones(len(c), np.int32)))
+
+
+def test_bad_words_are_rejected():
+    with pytest.raises(d2r.InputError, match="words"):
+        LocalFeatures(np.zeros((3, 2)), unit(np.eye(3)), np.zeros(4, np.int32))
+    with pytest.raises(d2r.InputError, match="integer"):
+        LocalFeatures(np.zeros((3, 2)), unit(np.eye(3)), np.zeros(3, np.float32))
+    with pytest.raises(d2r.InputError, match="use_words"):
+        verify.verify_pair((np.zeros((3, 2)), unit(np.eye(3))), (np.zeros((3, 2)), unit(np.eye(3))), use_words="yes")

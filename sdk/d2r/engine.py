@@ -81,6 +81,11 @@ class EngineConfig:
     # Spatial verification: keep the top-N whole-image features of every database image in
     # the bundle (features.d2rv, int8 descriptors: N * (4 + D) bytes per image).
     verification_features: int = 0
+    # Matching for verification within visual words: each stored feature keeps its nearest
+    # codeword (+4 bytes), a query feature is compared only with the features of its
+    # ``verification_words`` nearest codewords. 0 (default): exhaustive matching, no words
+    # stored. Words are faster but lose inliers at K = 1024 (benchmarks/RESULTS.md).
+    verification_words: int = 0
 
     def check(self) -> "EngineConfig":
         if self.kind not in ENGINE_KINDS:
@@ -97,6 +102,8 @@ class EngineConfig:
             raise InputError(f"detector_threshold: expected a score in [0, 1], got {self.detector_threshold}")
         if int(self.verification_features) < 0:
             raise InputError(f"verification_features: expected >= 0, got {self.verification_features}")
+        if not 0 <= int(self.verification_words) <= 64:
+            raise InputError(f"verification_words: expected 0 (exhaustive matching) to 64, got {self.verification_words}")
         if int(self.max_regions) < 0:
             raise InputError(f"max_regions: expected >= 0, got {self.max_regions}")
         return self
@@ -298,11 +305,12 @@ class Engine:
         cfg = self.config
         ap = cfg.approximate_assignment
         if cfg.verification_features:
-            from .verify import pack_features
+            from .verify import LocalFeatures, pack_features
 
             top = feats[0]
             n = cfg.verification_features
-            self._vfeats[image_id] = pack_features((top.locations[:n], top.descriptors[:n]))
+            words = self.codebook.assign(top.descriptors[:n], approximate=ap) if cfg.verification_words else None
+            self._vfeats[image_id] = pack_features(LocalFeatures(top.locations[:n], top.descriptors[:n], words))
         if cfg.kind == "rasmk_star":
             sizes = [len(f) for f in feats]
             allx = np.concatenate([f.descriptors for f in feats])
@@ -393,7 +401,11 @@ class Engine:
             from .verify import LocalFeatures, rerank
 
             n = self.config.verification_features
-            q = LocalFeatures(feats.locations[:n], feats.descriptors[:n])
+            words = None
+            if self.config.verification_words:
+                words = self.codebook.assign(feats.descriptors[:n], multiple=min(self.config.verification_words, self.codebook.size),
+                                             approximate=self.config.approximate_assignment)
+            q = LocalFeatures(feats.locations[:n], feats.descriptors[:n], words)
             none = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, feats.descriptors.shape[1]), np.float32))
             cands = [(h, h.score, (self._verification_features(h.image_id) or none) if i < verify_top else None) for i, h in enumerate(hits)]
             ranked = rerank(q, cands, top_r=verify_top, max_distance=self.match_distance())

@@ -118,6 +118,7 @@ def run(
     pooling: str = "max",
     regions: str = "none",
     verify_top: int = 0,
+    verify_words: int = 0,
     limit: int | None = None,
     cache_dir=None,
     seed: int = 0,
@@ -130,6 +131,8 @@ def run(
     if kind not in EVAL_KINDS:
         raise InputError(f"--kind: expected one of {', '.join(EVAL_KINDS)}, got {kind!r}")
     source, param = parse_regions(regions)
+    if isinstance(verify_words, bool) or not isinstance(verify_words, (int, np.integer)) or not 0 <= verify_words <= 64:
+        raise InputError(f"--verify-words: expected 0 (exhaustive) to 64, got {verify_words!r}")
     if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "rvlad") and source == "none":
         raise InputError(f"--kind {kind} needs regions (--regions rmac:L or detector:NAME@THRESH)")
     ds = evaluate.load_dataset(dataset)
@@ -280,19 +283,25 @@ def run(
 
         def vfeats(c):
             # ALGORITHM.md section 6 verifies with whole-image features; the top 1000 by score.
+            # With verify_words, each keeps its nearest codeword and matching stays within words.
             if c not in loaded:
                 f = whole(db_paths[c])[0]
-                loaded[c] = verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000])
+                words = cb.assign(f.descriptors[:1000]) if verify_words else None
+                loaded[c] = verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000], words)
             return loaded[c]
+
+        q_verify = []
+        for f in q_feats:
+            words = cb.assign(f.descriptors[:1000], multiple=min(verify_words, cb.size)) if verify_words else None
+            q_verify.append(verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000], words))
 
         for protocol in evaluate.PROTOCOLS:
             _, junk = evaluate.protocol_lists(gnd, protocol)
             out = []
-            for qi, (f, r) in enumerate(zip(q_feats, ranks)):
+            for qi, (qv, r) in enumerate(zip(q_verify, ranks)):
                 clean = evaluate.remove_junk(r, junk[qi])
                 cands = [(int(c), float(-k), vfeats(int(c)) if k < verify_top else None) for k, c in enumerate(clean)]
-                rr = verify.rerank(verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000]), cands, top_r=verify_top,
-                                   max_distance=match_distance)
+                rr = verify.rerank(qv, cands, top_r=verify_top, max_distance=match_distance)
                 out.append(np.array([x.id for x in rr], dtype=np.int64))
             per_protocol[protocol] = out
         timings["verify_ms_per_query"] = (time.perf_counter() - tv) * 1e3 / max(1, len(q_feats) * 3)
@@ -307,7 +316,7 @@ def run(
         "dataset": str(ds.root),
         "options": {
             "features": features, "precision": precision, "backend": backend, "codebook": codebook_source,
-            "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions, "verify": bool(verify_top),
+            "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions, "verify": bool(verify_top), "verify_words": int(verify_words) if verify_top else None,
             "max_features": ex.max_features, "scales": list(ex.scales),
         },
         "map": out["map"],
@@ -412,7 +421,7 @@ def cmd_eval(args) -> int:
     res = run(
         args.dataset, features=args.features, precision=args.precision, backend=args.backend,
         codebook=args.codebook, codebook_size=args.codebook_size, kind=args.kind, pooling=args.pooling,
-        regions=args.regions, verify_top=100 if args.verify else 0, limit=args.limit, cache_dir=args.cache,
+        regions=args.regions, verify_top=100 if args.verify else 0, verify_words=args.verify_words, limit=args.limit, cache_dir=args.cache,
         seed=args.seed, threads=args.threads, progress=not args.quiet,
     )
     o = res["options"]
@@ -441,6 +450,8 @@ def register_cli(sub) -> None:
     e.add_argument("--pooling", default="max", choices=["max", "avg"], help="regional search (d2r_asmk_star): max or mean over regions")
     e.add_argument("--regions", default="none", help="none | rmac:L | detector:NAME@THRESH")
     e.add_argument("--verify", action="store_true", help="spatial verification of the top 100")
+    e.add_argument("--verify-words", type=int, default=0, metavar="M",
+                   help="verification matches a query feature only with features of its M nearest visual words (default 0: exhaustive; faster, loses inliers)")
     e.add_argument("--limit", type=int, help="only the first N queries (quick runs)")
     e.add_argument("--cache", help="feature cache folder (default ~/.cache/d2r/eval)")
     e.add_argument("--seed", type=int, default=0)

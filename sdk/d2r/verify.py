@@ -15,6 +15,13 @@ Locations are float32 ``[N, 2]`` in (y, x) pixel order, descriptors float32 ``[N
 loops are Numba kernels in :mod:`d2r.verify_kernels`; the descriptor distance matrix is one
 float32 GEMM in numpy's BLAS.
 
+Matching within visual words: when both sides carry visual-word ids (``LocalFeatures.words``:
+the query's m nearest codewords per feature, each database feature's nearest codeword), a query
+feature is compared only with the candidate features of its words, instead of with all of them.
+This is what makes re-ranking 100 candidates cheap (see benchmarks/RESULTS.md), at the cost of
+missing a nearest neighbour that fell into another word. The engine stores the words with the
+features and uses them when the bundle has a codebook.
+
 Verification features can be stored compactly with :func:`pack_features` (uint16 pixel
 coordinates, int8 or float16 descriptors: 4 + D bytes per feature in int8, so 132,010 bytes for
 an image of 1000 features of D = 128) and many images in one checksummed side file with
@@ -81,16 +88,22 @@ class LocalFeatures:
     Attributes:
         locations: float32 [N, 2] keypoint (y, x) coordinates in pixels.
         descriptors: float32 [N, D] descriptors.
+        words: optional visual-word ids, int32 [N, m] (given as [N] or [N, m]; -1 = none):
+            a query's m nearest codewords per feature, or a database image's nearest one.
+            When both sides of a pair have words, matching is restricted to shared words.
     """
 
     locations: np.ndarray
     descriptors: np.ndarray
+    words: np.ndarray | None = None
 
     def __post_init__(self):
         desc = descriptors_array(self.descriptors, "descriptors")
         loc = _locations_array(self.locations, "locations", desc.shape[0])
         object.__setattr__(self, "descriptors", desc)
         object.__setattr__(self, "locations", loc)
+        if self.words is not None:
+            object.__setattr__(self, "words", _words_array(self.words, desc.shape[0]))
 
     def __len__(self) -> int:
         return int(self.locations.shape[0])
@@ -155,6 +168,22 @@ def _locations_array(value, name: str, n: int | None = None) -> np.ndarray:
     return arr
 
 
+def _words_array(value, n: int) -> np.ndarray:
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:
+        raise InputError(f"words: expected an int array [N] or [N, m], got {type(value).__name__}") from exc
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim != 2 or arr.shape[0] != n or arr.shape[1] < 1:
+        raise InputError(f"words: expected {n} rows of visual-word ids ([N] or [N, m]), got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "iu":
+        raise InputError(f"words: expected integer visual-word ids, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < -1 or arr.max() > np.iinfo(np.int32).max):
+        raise InputError("words: ids must be >= 0 (or -1 for none) and fit in int32")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
 def _matches_array(value, n_a: int, n_b: int) -> np.ndarray:
     try:
         arr = np.asarray(value)
@@ -177,7 +206,7 @@ def _features(value, name: str) -> LocalFeatures:
     if isinstance(value, LocalFeatures):
         return value
     if hasattr(value, "locations") and hasattr(value, "descriptors"):
-        return LocalFeatures(value.locations, value.descriptors)
+        return LocalFeatures(value.locations, value.descriptors, getattr(value, "words", None))
     if isinstance(value, (tuple, list)) and len(value) == 2:
         try:
             return LocalFeatures(value[0], value[1])
@@ -239,6 +268,14 @@ def _match_checked(a, b, norm_a, params) -> np.ndarray:
     gram = a @ b.T
     norm_b = np.einsum("ij,ij->i", b, b)
     return verify_kernels.nearest_neighbours(gram, norm_a, norm_b, *params)
+
+
+def _match_features(q: LocalFeatures, c: LocalFeatures, norm_q, params, use_words: bool) -> np.ndarray:
+    """Putative matches of a pair: within shared visual words when both have words (and
+    ``use_words``), else exhaustively (one GEMM)."""
+    if use_words and q.words is not None and c.words is not None:
+        return verify_kernels.word_matches(q.descriptors, q.words, c.descriptors, np.ascontiguousarray(c.words[:, 0]), *params)
+    return _match_checked(q.descriptors, c.descriptors, norm_q, params)
 
 
 def _ransac_checked(la, lb, mt, params) -> VerifyResult:
@@ -325,19 +362,28 @@ def verify_pair(
     seed: int = 0,
     confidence: float = CONFIDENCE,
     refit: bool = False,
+    use_words: bool = True,
 ) -> VerifyResult:
     """:func:`match` then :func:`ransac_affine` on two images' features.
 
     ``query`` and ``candidate``: :class:`LocalFeatures`, objects with ``.locations`` and
     ``.descriptors``, or (locations, descriptors) pairs, of the same descriptor dimension.
+    use_words: when both carry visual words, match only within shared words (see the module
+    notes); False always matches exhaustively.
     """
     q = _features(query, "query")
     c = _features(candidate, "candidate")
     _same_dim(q, c, "candidate")
     mp = _match_params(max_distance, ratio, mutual)
     rp = _ransac_params(threshold, max_trials, seed, confidence, refit)
-    matches = _match_checked(q.descriptors, c.descriptors, np.einsum("ij,ij->i", q.descriptors, q.descriptors), mp)
+    matches = _match_features(q, c, np.einsum("ij,ij->i", q.descriptors, q.descriptors), mp, _flag(use_words, "use_words"))
     return _ransac_checked(q.locations, c.locations, matches, rp)
+
+
+def _flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
 
 
 def _same_dim(q: LocalFeatures, c: LocalFeatures, name: str) -> None:
@@ -359,6 +405,7 @@ def rerank(
     seed: int = 0,
     confidence: float = CONFIDENCE,
     refit: bool = False,
+    use_words: bool = True,
 ) -> list[Reranked]:
     """Re-rank the top R of an initial ranking by (inliers, initial score), ALGORITHM.md section 6.
 
@@ -369,6 +416,8 @@ def rerank(
             Revisited Oxford protocol, remove junk images before calling
             (:func:`d2r.evaluate.remove_junk`).
         top_r: how many candidates to verify.
+        use_words: match within shared visual words when the query and a candidate both
+            carry words (see the module notes); False always matches exhaustively.
         Other arguments: as :func:`match` and :func:`ransac_affine`; every pair uses ``seed``.
 
     Returns:
@@ -382,6 +431,7 @@ def rerank(
     top_r = positive_int(top_r, "top_r")
     mp = _match_params(max_distance, ratio, mutual)
     rp = _ransac_params(threshold, max_trials, seed, confidence, refit)
+    use_words = _flag(use_words, "use_words")
     items = []
     for k, cand in enumerate(candidates):
         if not isinstance(cand, (tuple, list)) or len(cand) != 3:
@@ -392,7 +442,7 @@ def rerank(
     for k, (cid, score, feats) in enumerate(items[:top_r]):
         c = _features(feats, f"candidates[{k}] features")
         _same_dim(q, c, f"candidates[{k}] features")
-        matches = _match_checked(q.descriptors, c.descriptors, norm_q, mp)
+        matches = _match_features(q, c, norm_q, mp, use_words)
         verified.append(Reranked(cid, score, _ransac_checked(q.locations, c.locations, matches, rp).inliers))
     # Python's sort is stable: equal (inliers, score) keep the initial order.
     verified.sort(key=lambda r: (-r.inliers, -r.score))
@@ -405,8 +455,10 @@ def rerank(
 
 # One image packed: a 10-byte header (magic "VF", uint8 version, uint8 descriptor code, uint32 N,
 # uint16 D), then N (y, x) uint16 pixel coordinates, then N descriptors, all little-endian.
+# Version 2 (written only for features that carry visual words) appends N uint32 word ids.
 _PACK_MAGIC = b"VF"
 _PACK_VERSION = 1
+_PACK_VERSION_WORDS = 2
 _DESC_CODES = {"int8": 1, "float16": 2}
 _DESC_DTYPES = {1: np.int8, 2: np.float16}
 _HEADER = struct.Struct("<2sBBIH")  # magic, version, descriptor code, N, D -> 10 bytes
@@ -415,17 +467,18 @@ _HEADER = struct.Struct("<2sBBIH")  # magic, version, descriptor code, N, D -> 1
 _INT8_MAX = 127.0
 
 
-def feature_bytes(n: int, dim: int, descriptor_dtype: str = "int8") -> int:
+def feature_bytes(n: int, dim: int, descriptor_dtype: str = "int8", words: bool = False) -> int:
     """Bytes of one packed image: 10-byte header + N * (4 + D) for int8 (4 + 2D for float16).
 
     For 1000 features of D = 128: 132,010 bytes (int8) or 260,010 bytes (float16), against
-    520,000 bytes for float32 descriptors with float32 locations (+8,000).
+    520,000 bytes for float32 descriptors with float32 locations (+8,000). ``words``: each
+    feature also stores its visual word (4 bytes more per feature).
     """
     n = positive_int(n, "n", minimum=0)
     dim = positive_int(dim, "dim")
     if descriptor_dtype not in _DESC_CODES:
         raise InputError(f"descriptor_dtype: expected one of {', '.join(_DESC_CODES)}, got {descriptor_dtype!r}")
-    per = 4 + dim * (1 if descriptor_dtype == "int8" else 2)
+    per = 4 + dim * (1 if descriptor_dtype == "int8" else 2) + (4 if words else 0)
     return _HEADER.size + n * per
 
 
@@ -437,7 +490,8 @@ def pack_features(features, descriptor_dtype: str = "int8") -> bytes:
     as float16, or as int8 ``round(127 * x / max|x|)`` per row: only the direction is kept, and
     :func:`unpack_features` returns unit vectors (the descriptors of verification are
     L2-normalised). Scaling each row to its own maximum, rather than by a fixed 127, uses the
-    whole int8 range for descriptors with small components such as RootSIFT.
+    whole int8 range for descriptors with small components such as RootSIFT. Features with
+    ``words`` keep each feature's first word (format version 2).
     """
     f = _features(features, "features")
     if descriptor_dtype not in _DESC_CODES:
@@ -455,8 +509,13 @@ def pack_features(features, descriptor_dtype: str = "int8") -> bytes:
         desc = np.clip(np.rint(f.descriptors * scale[:, None]), -127, 127).astype(np.int8)
     else:
         desc = f.descriptors.astype("<f2")
-    header = _HEADER.pack(_PACK_MAGIC, _PACK_VERSION, _DESC_CODES[descriptor_dtype], n, dim)
-    return header + loc.tobytes() + desc.tobytes()
+    if f.words is None:
+        header = _HEADER.pack(_PACK_MAGIC, _PACK_VERSION, _DESC_CODES[descriptor_dtype], n, dim)
+        return header + loc.tobytes() + desc.tobytes()
+    if n and f.words[:, 0].min() < 0:
+        raise InputError("features: every feature needs a visual word (>= 0) to be packed with words")
+    header = _HEADER.pack(_PACK_MAGIC, _PACK_VERSION_WORDS, _DESC_CODES[descriptor_dtype], n, dim)
+    return header + loc.tobytes() + desc.tobytes() + f.words[:, 0].astype("<u4").tobytes()
 
 
 def unpack_features(data: bytes, name: str = "packed features") -> LocalFeatures:
@@ -470,12 +529,13 @@ def unpack_features(data: bytes, name: str = "packed features") -> LocalFeatures
     magic, version, code, n, dim = _HEADER.unpack_from(data, 0)
     if magic != _PACK_MAGIC:
         raise IndexFormatError(f"{name}: not packed verification features (bad magic {magic!r})")
-    if version != _PACK_VERSION:
-        raise IndexFormatError(f"{name}: unknown version {version} (this d2r reads version {_PACK_VERSION})")
+    if version not in (_PACK_VERSION, _PACK_VERSION_WORDS):
+        raise IndexFormatError(f"{name}: unknown version {version} (this d2r reads versions 1 and 2)")
+    with_words = version == _PACK_VERSION_WORDS
     if code not in _DESC_DTYPES or dim == 0:
         raise IndexFormatError(f"{name}: bad descriptor code {code} or dimension {dim}")
     dtype = np.dtype(_DESC_DTYPES[code]).newbyteorder("<")
-    expected = _HEADER.size + n * 4 + n * dim * dtype.itemsize
+    expected = _HEADER.size + n * 4 + n * dim * dtype.itemsize + (4 * n if with_words else 0)
     if len(data) != expected:
         raise IndexFormatError(f"{name}: expected {expected} bytes for {n} features of D = {dim}, got {len(data)}")
     off = _HEADER.size
@@ -487,7 +547,14 @@ def unpack_features(data: bytes, name: str = "packed features") -> LocalFeatures
         desc /= np.where(norms > 0, norms, 1.0)[:, None]
     if not np.isfinite(desc).all():
         raise IndexFormatError(f"{name}: descriptors contain NaN or inf")
-    return LocalFeatures(loc, desc)
+    words = None
+    if with_words:
+        off += n * dim * dtype.itemsize
+        words = np.frombuffer(data, dtype="<u4", count=n, offset=off)
+        if n and words.max() > np.iinfo(np.int32).max:
+            raise IndexFormatError(f"{name}: visual-word id out of range")
+        words = words.astype(np.int32)
+    return LocalFeatures(loc, desc, words)
 
 
 # Side file: many images' packed features, each read on its own (a phone need not load them all).

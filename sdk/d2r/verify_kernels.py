@@ -127,6 +127,81 @@ def nearest_neighbours(gram, norm_a, norm_b, max_sqdist, ratio, mutual):
     return out[:m].copy()
 
 
+@njit(cache=True, nogil=True)
+def word_matches(qd, qw, cd, cw, max_sqdist, ratio, mutual):
+    """Putative matches among features that share a visual word (no exhaustive distance matrix).
+
+    qd: float32 [Na, D] query descriptors; qw: int32 [Na, m] the query's m nearest words per
+    feature (multiple assignment; -1 = none); cd: float32 [Nb, D] candidate descriptors;
+    cw: int32 [Nb] the candidate's word per feature. Query feature i is compared only with
+    candidate features whose word is one of qw[i]; among them the rules of
+    :func:`nearest_neighbours` apply (threshold, ratio against the second nearest *seen*,
+    mutual among the pairs compared, ties to the lowest index). Returns int32 [M, 2].
+    """
+    na = qd.shape[0]
+    nb = cd.shape[0]
+    dim = qd.shape[1]
+    out = np.empty((na, 2), dtype=np.int32)
+    if nb == 0 or na == 0:
+        return out[:0].copy()
+    order = np.argsort(cw, kind="mergesort")
+    sw = cw[order]
+    col_d = np.full(nb, np.inf, dtype=np.float64)
+    col_best = np.full(nb, -1, dtype=np.int64)
+    row_best = np.full(na, -1, dtype=np.int64)
+    use_ratio = ratio > 0.0
+    r2 = ratio * ratio
+    m = qw.shape[1]
+    for i in range(na):
+        best = np.inf
+        second = np.inf
+        jbest = -1
+        for t in range(m):
+            w = qw[i, t]
+            if w < 0:
+                continue
+            dup = False
+            for u in range(t):
+                if qw[i, u] == w:
+                    dup = True
+            if dup:
+                continue
+            lo = np.searchsorted(sw, w, side="left")
+            hi = np.searchsorted(sw, w, side="right")
+            for p in range(lo, hi):
+                j = order[p]
+                acc = np.float32(0.0)
+                for k in range(dim):
+                    diff = qd[i, k] - cd[j, k]
+                    acc += diff * diff
+                d = np.float64(acc)
+                if d < best or (d == best and j < jbest):
+                    second = best
+                    best = d
+                    jbest = j
+                elif d < second:
+                    second = d
+                if mutual and (d < col_d[j] or (d == col_d[j] and i < col_best[j])):
+                    col_d[j] = d
+                    col_best[j] = i
+        if jbest < 0 or not best < max_sqdist:
+            continue
+        if use_ratio and second < np.inf and not best < r2 * second:
+            continue
+        row_best[i] = jbest
+    n = 0
+    for i in range(na):
+        j = row_best[i]
+        if j < 0:
+            continue
+        if mutual and col_best[j] != i:
+            continue
+        out[n, 0] = i
+        out[n, 1] = j
+        n += 1
+    return out[:n].copy()
+
+
 # --------------------------------------------------------------------------------------------
 # Affine RANSAC
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r import verify
+from d2r import verify, verify_kernels
 from d2r.verify import LocalFeatures, match, ransac_affine, rerank
 
 A_TRUE = np.array([[0.92, 0.15, 31.0], [-0.12, 1.07, -12.0]])
@@ -509,7 +509,7 @@ def brute_force_word_match(a, qw, b, cw, max_distance, ratio=None, mutual=False)
 
 
 @pytest.mark.parametrize("ratio, mutual", [(None, False), (0.8, False), (None, True), (0.9, True)])
-def test_word_matching_equals_oracle(ratio, mutual):
+def test_word_matching_kernel_equals_oracle(ratio, mutual):
     rng = np.random.default_rng(5)
     a = unit(rng.normal(size=(150, 32)))
     b = unit(np.concatenate([a[:80] + 0.3 * rng.normal(size=(80, 32)), rng.normal(size=(70, 32))]))
@@ -518,7 +518,12 @@ def test_word_matching_equals_oracle(ratio, mutual):
     cw[:80] = qw[:80, rng.integers(0, 3)]  # most true partners share a word
     q = LocalFeatures(np.zeros((150, 2)), a, qw)
     c = LocalFeatures(np.zeros((150, 2)), b, cw)
-    got = verify._match_features(q, c, None, verify._match_params(0.9, ratio, mutual), True)
+    got = verify_kernels.word_matches(a, qw, b, cw, 0.81, ratio or 0.0, mutual)
+    if ratio is None:
+        assert np.array_equal(got, verify._match_features(q, c, None, verify._match_params(0.9, ratio, mutual), True))
+    else:
+        with pytest.raises(d2r.InputError, match="ratio"):
+            verify._match_features(q, c, None, verify._match_params(0.9, ratio, mutual), True)
     ref = brute_force_word_match(a, qw, b, cw, 0.9, ratio, mutual)
     assert 0 < len(ref) and np.array_equal(got, ref)
     # no partner outside the shared words
@@ -532,7 +537,7 @@ def test_word_matching_with_one_word_equals_exhaustive():
     q = LocalFeatures(np.zeros((100, 2)), a, np.zeros(100, np.int32))
     c = LocalFeatures(np.zeros((90, 2)), b, np.zeros(90, np.int32))
     for ratio, mutual in [(None, False), (0.8, True)]:
-        words = verify._match_features(q, c, None, verify._match_params(0.9, ratio, mutual), True)
+        words = verify_kernels.word_matches(q.descriptors, q.words, c.descriptors, c.words[:, 0].copy(), 0.81, ratio or 0.0, mutual)
         assert np.array_equal(words, match(a, b, 0.9, ratio, mutual))
 
 

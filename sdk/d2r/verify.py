@@ -274,6 +274,9 @@ def _match_features(q: LocalFeatures, c: LocalFeatures, norm_q, params, use_word
     """Putative matches of a pair: within shared visual words when both have words (and
     ``use_words``), else exhaustively (one GEMM)."""
     if use_words and q.words is not None and c.words is not None:
+        if params[1] > 0:
+            raise InputError("ratio: Lowe's ratio test needs exhaustive matching (within words the second nearest "
+                             "is not seen and the test lets false matches through); pass use_words=False or ratio=None")
         return verify_kernels.word_matches(q.descriptors, q.words, c.descriptors, np.ascontiguousarray(c.words[:, 0]), *params)
     return _match_checked(q.descriptors, c.descriptors, norm_q, params)
 

@@ -137,6 +137,8 @@ def word_matches(qd, qw, cd, cw, max_sqdist, ratio, mutual):
     candidate features whose word is one of qw[i]; among them the rules of
     :func:`nearest_neighbours` apply (threshold, ratio against the second nearest *seen*,
     mutual among the pairs compared, ties to the lowest index). Returns int32 [M, 2].
+    (``d2r.verify`` refuses the ratio test here: against the second nearest seen it passes
+    far too many false matches, measured in benchmarks/RESULTS.md.)
     """
     na = qd.shape[0]
     nb = cd.shape[0]

@@ -39,7 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # (label, BoxParams fields); the first row is the default of d2r detector mine-boxes.
 SETTINGS = [
     ("default", {}),
-    ("min_inliers 30", {"min_inliers": 30}),
+    ("min_inliers 15", {"min_inliers": 15}),
+    ("min_inliers 40", {"min_inliers": 40}),
+    ("min_support 2", {"min_support": 2}),
     ("vote_fraction 0.3", {"vote_fraction": 0.3}),
     ("vote_fraction 0.7", {"vote_fraction": 0.7}),
     ("max_support 3", {"max_support": 3}),
@@ -113,7 +115,7 @@ def main() -> int:
     ap.add_argument("--codebook-size", type=int, default=1024)
     ap.add_argument("--verify-features", type=int, default=1000)
     ap.add_argument("--ratio", type=float, help="Lowe's ratio test in verification (default: none)")
-    ap.add_argument("--mutual", action="store_true", help="mutual nearest neighbours only in verification")
+    ap.add_argument("--no-mutual", dest="mutual", action="store_false", help="allow many-to-one putative matches")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--png", help="folder for PNG sheets of mined boxes")
     ap.add_argument("--boxes", help="write the default setting's boxes.json (db/ images) here")

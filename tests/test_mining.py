@@ -72,7 +72,7 @@ def collection(tmp_path_factory):
     return root, truths
 
 
-MINE = dict(codebook_size=32, top_k=5, min_inliers=15, progress=False)
+MINE = dict(codebook_size=32, top_k=5, min_inliers=25, progress=False)
 
 
 def test_pasted_landmark_is_boxed_and_unrelated_photos_are_not(collection, tmp_path):

@@ -31,10 +31,10 @@ def _cmd_mine(args) -> int:
     if not out.parent.is_dir() and str(out.parent):
         raise InputError(f"-o {out}: folder {out.parent} does not exist")
     doc = mining.mine_boxes(
-        paths, queries, root=root, min_inliers=args.min_inliers, max_support=args.max_support, percentile=args.percentile,
+        paths, queries, root=root, min_inliers=args.min_inliers, min_support=args.min_support, max_support=args.max_support, percentile=args.percentile,
         margin=args.margin, vote_fraction=args.vote_fraction, features=args.features, precision=args.precision,
         backend=args.backend, codebook=args.codebook, codebook_size=args.codebook_size, top_k=args.k,
-        verify_features=args.verify_features, cache_dir=args.cache, seed=args.seed, threads=args.threads,
+        verify_features=args.verify_features, ratio=args.ratio, mutual=args.mutual, cache_dir=args.cache, seed=args.seed, threads=args.threads,
         progress=not args.quiet,
     )
     mining.write_boxes(doc, out)
@@ -72,7 +72,8 @@ def register_cli(sub) -> None:
     m.add_argument("-o", "--output", required=True, help="boxes.json to write (atomically)")
     m.add_argument("--queries", help="folder or list of images outside the collection: boxes mined against it (in 'queries')")
     m.add_argument("-k", type=int, default=20, help="neighbours retrieved and verified per image (default 20)")
-    m.add_argument("--min-inliers", type=int, default=15, help="inliers for a neighbour to support a box (default 15)")
+    m.add_argument("--min-inliers", type=int, default=25, help="inliers for a neighbour to support a box (default 25)")
+    m.add_argument("--min-support", type=int, default=1, help="no box unless this many neighbours support it (default 1)")
     m.add_argument("--max-support", type=int, default=10, help="vote with the best-verified N supporting neighbours (default 10)")
     m.add_argument("--percentile", type=float, default=2.0, help="robust inlier extent: percentiles p and 100-p (default 2)")
     m.add_argument("--margin", type=float, default=0.05, help="grow each extent by this fraction of its side (default 0.05)")
@@ -83,6 +84,8 @@ def register_cli(sub) -> None:
     g = m.add_mutually_exclusive_group()
     g.add_argument("--codebook", help="codebook file trained elsewhere")
     g.add_argument("--codebook-size", type=int, default=1024, help="train a codebook of K words on the collection (default 1024)")
+    m.add_argument("--ratio", type=float, help="Lowe's ratio test on putative matches (default: off)")
+    m.add_argument("--no-mutual", dest="mutual", action="store_false", help="allow many-to-one putative matches (default: mutual nearest neighbours)")
     m.add_argument("--verify-features", type=int, default=1000, help="strongest features per image used for verification (default 1000)")
     m.add_argument("--cache", help="feature cache folder, shared with d2r eval (default ~/.cache/d2r/eval)")
     m.add_argument("--seed", type=int, default=0)

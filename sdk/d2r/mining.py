@@ -19,7 +19,7 @@ it is one vote among the supporting neighbours. Repeated structure (windows, arc
 RANSAC a wrong model with some inliers; ``min_inliers`` and the voting keep those rare. Sky
 and foliage have few stable features, so they rarely hold inliers.
 
-    result = d2r.mining.mine_boxes(paths, root="photos/", top_k=20, min_inliers=15)
+    result = d2r.mining.mine_boxes(paths, root="photos/", top_k=20, min_inliers=25)
     result["images"][0]["box"]  # [ymin, xmin, ymax, xmax] in [0, 1], or None
 
 Images outside the collection (``queries=``) are searched and verified against it the same
@@ -93,6 +93,8 @@ class BoxParams:
     """How verified inliers become a box.
 
     min_inliers: a neighbour supports the image with at least this many inliers.
+    min_support: no box unless at least this many neighbours support the image (two
+        independent verifications rarely agree by chance).
     max_support: use only the best-verified this-many supporting neighbours.
     percentile: robust extent of one neighbour's inliers: the [p, 100 - p] percentiles.
     margin: grow that extent by this fraction of its side on each side (inlier features sit
@@ -101,7 +103,8 @@ class BoxParams:
     weighting: "equal" (one vote per neighbour) or "sqrt" (sqrt of inliers).
     """
 
-    min_inliers: int = 15
+    min_inliers: int = 25
+    min_support: int = 1
     max_support: int = 10
     percentile: float = 2.0
     margin: float = 0.05
@@ -111,8 +114,10 @@ class BoxParams:
     def check(self) -> "BoxParams":
         if int(self.min_inliers) < verify.MIN_MATCHES:
             raise InputError(f"min_inliers: expected >= {verify.MIN_MATCHES} (3 points fit any affine model), got {self.min_inliers}")
-        if int(self.max_support) < 1:
-            raise InputError(f"max_support: expected >= 1, got {self.max_support}")
+        if int(self.min_support) < 1:
+            raise InputError(f"min_support: expected >= 1, got {self.min_support}")
+        if int(self.max_support) < int(self.min_support):
+            raise InputError(f"max_support: expected >= min_support ({self.min_support}), got {self.max_support}")
         if not 0.0 <= float(self.percentile) < 50.0:
             raise InputError(f"percentile: expected a value in [0, 50), got {self.percentile}")
         if not 0.0 <= float(self.margin) <= 1.0:
@@ -214,7 +219,7 @@ def collect_evidence(
     top_k: int = 20,
     verify_features: int = 1000,
     ratio: float | None = None,
-    mutual: bool = False,
+    mutual: bool = True,
     cache_dir=None,
     seed: int = 0,
     threads: int | None = None,
@@ -227,7 +232,8 @@ def collect_evidence(
     ``codebook``: a :class:`d2r.Codebook`, a codebook file, or None to train one of
     ``codebook_size`` words on the collection (seed ``seed``). ``ratio`` and ``mutual``: the
     putative-match filters of :func:`d2r.verify.match` (Lowe's ratio test, mutual nearest
-    neighbours), on top of the model's descriptor distance threshold.
+    neighbours; on by default: one-to-one matches keep a textured patch from piling up
+    inliers on one feature), on top of the model's descriptor distance threshold.
     """
     from .aggregate import aggregate
     from .codebook import Codebook
@@ -369,7 +375,7 @@ def box_from_evidence(ev: Evidence, params: BoxParams = BoxParams()) -> dict:
     """
     params.check()
     used = [s for s in ev.supports if s.inliers >= params.min_inliers][: params.max_support]
-    if not used:
+    if len(used) < params.min_support:
         return {"box": None, "support": 0, "inliers": 0, "used": []}
     votes = np.zeros((GRID, GRID), np.float64)
     total = 0.0
@@ -421,7 +427,7 @@ def document(evidence: dict, paths, queries=(), root=None, params: BoxParams = B
     doc = {
         "format": BOXES_FORMAT,
         "version": BOXES_VERSION,
-        "settings": {**evidence["settings"], "min_inliers": params.min_inliers, "max_support": params.max_support,
+        "settings": {**evidence["settings"], "min_inliers": params.min_inliers, "min_support": params.min_support, "max_support": params.max_support,
                      "percentile": params.percentile, "margin": params.margin, "vote_fraction": params.vote_fraction,
                      "weighting": params.weighting, "root": str(root) if root is not None else None},
         "images": entries(evidence["images"], paths, root),
@@ -436,7 +442,8 @@ def mine_boxes(
     queries=(),
     *,
     root=None,
-    min_inliers: int = 15,
+    min_inliers: int = 25,
+    min_support: int = 1,
     max_support: int = 10,
     percentile: float = 2.0,
     margin: float = 0.05,
@@ -450,17 +457,19 @@ def mine_boxes(
         image_paths: the collection's image files (at least 2).
         queries: image files outside the collection: searched and verified against it.
         root: folder that the "path" of each collection image is written relative to.
-        min_inliers, max_support, percentile, margin, vote_fraction, weighting: see
+        min_inliers, min_support, max_support, percentile, margin, vote_fraction, weighting: see
             :class:`BoxParams`.
         options: :func:`collect_evidence`'s (features, precision, backend, codebook,
-            codebook_size, top_k, verify_features, cache_dir, seed, threads, progress).
+            codebook_size, top_k, verify_features, ratio, mutual, cache_dir, seed, threads,
+            progress).
 
     Returns:
         the boxes.json document (docs/landmark-detector.md): "images" (and "queries") entries
         with "box" ([ymin, xmin, ymax, xmax] normalised, or None), "support", "inliers",
         "neighbours"; plus "timings" (seconds; not part of the file format).
     """
-    params = BoxParams(min_inliers, max_support, percentile, margin, vote_fraction, weighting).check()
+    params = BoxParams(min_inliers=min_inliers, min_support=min_support, max_support=max_support, percentile=percentile,
+                       margin=margin, vote_fraction=vote_fraction, weighting=weighting).check()
     image_paths = _check_paths(image_paths, "images")
     queries = _check_paths(queries, "queries")
     ev = collect_evidence(image_paths, queries, **options)

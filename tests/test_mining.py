@@ -166,3 +166,12 @@ def test_cli_writes_a_valid_boxes_file(collection, tmp_path, capsys):
     # Bad input: a clear error and exit status 1, no traceback.
     assert cli.main(["detector", "mine-boxes", str(tmp_path / "nowhere"), "-o", str(out)]) == 1
     assert "no such folder or list file" in capsys.readouterr().err
+
+
+def test_finetune_without_the_converters_says_what_to_install(monkeypatch, capsys):
+    from d2r import landmarks
+
+    monkeypatch.setattr(landmarks, "_finetune_module", lambda: (None, "No module named 'd2r_convert'"))
+    rc = cli.main(["detector", "finetune", "--images", "photos", "--boxes", "boxes.json", "-o", "out"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pip install -e '.[convert]'" in err and "d2r_convert" in err, err

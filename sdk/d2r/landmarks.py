@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
 from .errors import InputError
 
-FINETUNE_MISSING = "d2r detector finetune needs the converters and TensorFlow: pip install 'd2r[convert]' ({})"
+FINETUNE_MISSING = "this command needs the converters and TensorFlow: install them with pip install -e '.[convert]' ({})"
 
 
 def _cmd_mine(args) -> int:
@@ -52,6 +52,17 @@ def _finetune_module():
     except ImportError as exc:
         return None, str(exc)
     return finetune, None
+
+
+def _cmd_finetune(finetune):
+    def run(args) -> int:
+        # TensorFlow is imported inside the training code; check for it first so that a core
+        # install gets the message below rather than an ImportError deep in a run.
+        if importlib.util.find_spec("tensorflow") is None:
+            return _cmd_finetune_missing("TensorFlow is not installed")(args)
+        return int(finetune.cmd_finetune(args) or 0)
+
+    return run
 
 
 def _cmd_finetune_missing(reason):
@@ -94,10 +105,14 @@ def register_cli(sub) -> None:
     m.set_defaults(func=_cmd_mine)
 
     finetune, reason = _finetune_module()
-    f = dsub.add_parser("finetune", help="fine-tune the MobileNet-V2 SSD on mined boxes (needs the [convert] extra)")
+    help_text = "fine-tune the MobileNet-V2 SSD on mined boxes (needs the [convert] extra)"
     if finetune is None:
-        f.add_argument("rest", nargs=argparse.REMAINDER, help=f"unavailable: {FINETUNE_MISSING.format(reason)}")
+        # Accept any arguments (no option prefix: "--images" is just a word here) so that the
+        # user sees which extra to install rather than an argparse complaint.
+        f = dsub.add_parser("finetune", help=help_text, prefix_chars="\x01", add_help=False)
+        f.add_argument("rest", nargs="*")
         f.set_defaults(func=_cmd_finetune_missing(reason))
     else:
+        f = dsub.add_parser("finetune", help=help_text)
         finetune.add_finetune_arguments(f)
-        f.set_defaults(func=finetune.cmd_finetune)
+        f.set_defaults(func=_cmd_finetune(finetune))

@@ -109,6 +109,12 @@ def test_box_from_evidence_votes_out_a_lone_whole_frame_neighbour():
     ev = mining.Evidence(shape=(300, 300), supports=[whole] + centre)
     box = mining.box_from_evidence(ev, mining.BoxParams(min_inliers=15, margin=0.0, percentile=0.0))["box"]
     assert iou(box, [1 / 3, 1 / 3, 2 / 3, 2 / 3]) > 0.8, box
+    # Disjoint extents and a high vote fraction: the most-voted area, not a crash.
+    apart = mining.Evidence(shape=(300, 300), supports=[
+        mining.Support(1, 1.0, 40, rng.uniform(0, 90, (40, 2)).astype(np.float32)),
+        mining.Support(2, 1.0, 40, rng.uniform(200, 290, (40, 2)).astype(np.float32))])
+    box = mining.box_from_evidence(apart, mining.BoxParams(min_inliers=15, vote_fraction=0.9, margin=0.0))["box"]
+    assert box is not None and iou(box, [0, 0, 1, 1]) > 0.7, box
     # A neighbour below min_inliers does not count; none left -> no box.
     weak = mining.Evidence(shape=(300, 300), supports=[mining.Support(1, 1.0, 10, rng.uniform(0, 300, (10, 2)).astype(np.float32))])
     assert mining.box_from_evidence(weak, mining.BoxParams(min_inliers=15)) == {"box": None, "support": 0, "inliers": 0, "used": []}

@@ -386,7 +386,8 @@ def box_from_evidence(ev: Evidence, params: BoxParams = BoxParams()) -> dict:
         wgt = 1.0 if params.weighting == "equal" else float(np.sqrt(s.inliers))
         votes[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)] += wgt
         total += wgt
-    mask = votes >= params.vote_fraction * total - 1e-9
+    # Disjoint extents can leave no cell with that many votes: then the most-voted cells.
+    mask = votes >= min(params.vote_fraction * total, votes.max()) - 1e-9
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     box = [rows[0] / GRID, cols[0] / GRID, (rows[-1] + 1) / GRID, (cols[-1] + 1) / GRID]

@@ -42,7 +42,7 @@ SETTINGS = [
     ("min_inliers 15", {"min_inliers": 15}),
     ("min_inliers 40", {"min_inliers": 40}),
     ("min_support 2", {"min_support": 2}),
-    ("vote_fraction 0.3", {"vote_fraction": 0.3}),
+    ("vote_fraction 0.5", {"vote_fraction": 0.5}),
     ("vote_fraction 0.7", {"vote_fraction": 0.7}),
     ("max_support 3", {"max_support": 3}),
     ("margin 0.15", {"margin": 0.15}),

@@ -88,7 +88,7 @@ def register_cli(sub) -> None:
     m.add_argument("--max-support", type=int, default=10, help="vote with the best-verified N supporting neighbours (default 10)")
     m.add_argument("--percentile", type=float, default=2.0, help="robust inlier extent: percentiles p and 100-p (default 2)")
     m.add_argument("--margin", type=float, default=0.05, help="grow each extent by this fraction of its side (default 0.05)")
-    m.add_argument("--vote-fraction", type=float, default=0.5, help="box = cells covered by this fraction of the votes (default 0.5)")
+    m.add_argument("--vote-fraction", type=float, default=0.3, help="box = cells covered by this fraction of the votes (default 0.3)")
     m.add_argument("--features", default="xfeat", help="local feature model of models/manifest.json (default xfeat)")
     m.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"])
     m.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])

@@ -108,7 +108,7 @@ class BoxParams:
     max_support: int = 10
     percentile: float = 2.0
     margin: float = 0.05
-    vote_fraction: float = 0.5
+    vote_fraction: float = 0.3
     weighting: str = "equal"
 
     def check(self) -> "BoxParams":
@@ -448,7 +448,7 @@ def mine_boxes(
     max_support: int = 10,
     percentile: float = 2.0,
     margin: float = 0.05,
-    vote_fraction: float = 0.5,
+    vote_fraction: float = 0.3,
     weighting: str = "equal",
     **options,
 ) -> dict:

@@ -51,8 +51,10 @@ __all__ = [
     "BOXES_VERSION",
     "BoxParams",
     "Evidence",
+    "Support",
     "box_from_evidence",
     "collect_evidence",
+    "document",
     "list_images",
     "load_boxes",
     "mine_boxes",
@@ -400,11 +402,11 @@ def box_from_evidence(ev: Evidence, params: BoxParams = BoxParams()) -> dict:
 
 
 def _relative(p: Path, root: Path | None) -> str:
+    """``p`` relative to ``root`` with "/" separators; as given when outside it (or no root)."""
     if root is not None:
-        try:
-            return Path(os.path.relpath(p.resolve(), root.resolve())).as_posix() if p.resolve().is_relative_to(root.resolve()) else str(p)
-        except ValueError:
-            return str(p)
+        p_abs, root_abs = p.resolve(), root.resolve()
+        if p_abs.is_relative_to(root_abs):
+            return p_abs.relative_to(root_abs).as_posix()
     return str(p)
 
 

@@ -126,6 +126,10 @@ def test_bad_inputs_fail_clearly(collection, tmp_path):
         mining.mine_boxes([root / "pasted_0.jpg"], progress=False)
     with pytest.raises(InputError, match="no such image file"):
         mining.mine_boxes([root / "pasted_0.jpg", root / "missing.jpg"], progress=False)
+    with pytest.raises(InputError, match="listed twice"):
+        mining.mine_boxes([root / "pasted_0.jpg", root / "pasted_1.jpg", root / "." / "pasted_0.jpg"], progress=False)
+    with pytest.raises(InputError, match="also in the collection"):
+        mining.mine_boxes([root / "pasted_0.jpg", root / "pasted_1.jpg"], [root / "pasted_1.jpg"], progress=False)
     with pytest.raises(InputError, match="list of image paths"):
         mining.mine_boxes(str(root), progress=False)
     with pytest.raises(InputError, match="min_inliers"):

@@ -248,6 +248,16 @@ def collect_evidence(
     qpaths = _check_paths(queries, "queries")
     if len(paths) < 2:
         raise InputError(f"images: mining needs at least 2 images (a box is what an image shares with others), got {len(paths)}")
+    # The same file twice would verify against itself: a whole-frame box out of nothing.
+    seen = {}
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            raise InputError(f"images: {p} is listed twice (also as {seen[key]})")
+        seen[key] = p
+    for q in qpaths:
+        if q.resolve() in seen:
+            raise InputError(f"queries: {q} is also in the collection; queries are images outside it")
     top_k = _positive(top_k, "top_k")
     verify_features = _positive(verify_features, "verify_features")
     codebook_size = _positive(codebook_size, "codebook_size")

@@ -22,6 +22,7 @@ _SUBCOMMANDS: list[tuple[str, str]] = [
     ("d2r.codebook", "register_cli"),
     ("d2r.commands", "register_cli"),
     ("d2r.evaluation", "register_cli"),
+    ("d2r.landmarks", "register_cli"),
     ("d2r.sync", "register_cli"),
     ("d2r_server.cli", "register_cli"),
     ("d2r_convert.cli", "register_cli"),

@@ -566,6 +566,7 @@ def train(records, *, views: int = 3, epochs: int = 20, batch_size: int = 32, lr
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "images": len(records), "with_box": n_boxes, "null": null, "min_support": min_support,
         "train_images": [usable[i]["path"] for i in train_idx], "validation_images": [usable[i]["path"] for i in val_idx],
+        "validation_boxes": {usable[i]["path"]: usable[i]["use_box"] for i in val_idx},
         "views_per_image": views, "training_views": int(len(train_rows)), "crops_dropped": dropped,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads, "kept_epoch": best[1],
         "history": history, "seconds": {"features": t_features, "heads": t_heads, "total": time.perf_counter() - t_start},
@@ -658,6 +659,10 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-export", action="store_true", help="train and report only; write no model file")
     p.add_argument("--keep", default="tflite:int8,onnx:int8",
                    help="files to keep and list in the manifest (default tflite:int8,onnx:int8); fp32 files are measured for the parity report")
+    p.add_argument("--measure", default="tflite:fp32,onnx:fp32",
+                   help="files exported and compared for the parity report but not kept (default tflite:fp32,onnx:fp32; '' for none)")
+    p.add_argument("--calibration-count", type=int, default=32, help="photos for int8 calibration (default 32, shared/data)")
+    p.add_argument("--evaluation-count", type=int, default=8, help="other photos compared in the parity report (default 8)")
     p.add_argument("--manifest", metavar="FILE", help="manifest to update (default: OUT/manifest.json)")
     p.add_argument("--timing-runs", type=int, default=5, help="timed inferences per exported file (default 5)")
     p.add_argument("--data-notice", help="a line about the training photos' terms, stored in the manifest entry")
@@ -670,9 +675,16 @@ def cmd_finetune(args) -> int:
     if args.limit:
         records = records[: args.limit]
     out = Path(args.output)
-    keep = {tuple(item.strip().split(":")) for item in args.keep.split(",") if item.strip()}
-    if any(len(k) != 2 or k[0] not in ("tflite", "onnx") for k in keep):
-        raise InputError(f"--keep: expected FORMAT:PRECISION pairs such as tflite:int8, got {args.keep!r}")
+    def pairs(text, option):
+        out = {tuple(item.strip().split(":")) for item in text.split(",") if item.strip()}
+        if any(len(k) != 2 or k[0] not in ("tflite", "onnx") or k[1] not in ("fp32", "fp16", "int8") for k in out):
+            raise InputError(f"{option}: expected FORMAT:PRECISION pairs such as tflite:int8, got {text!r}")
+        return out
+
+    keep = pairs(args.keep, "--keep")
+    measure = pairs(args.measure, "--measure") | keep
+    if args.calibration_count < 1 or args.evaluation_count < 1:
+        raise InputError("--calibration-count and --evaluation-count must be >= 1")
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = train(records, views=args.views, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    val_fraction=args.val_fraction, null=args.null, min_support=args.min_support, cache_root=args.cache,
@@ -682,11 +694,13 @@ def cmd_finetune(args) -> int:
     report_dir = out / "reports"
     report_dir.mkdir(parents=True, exist_ok=True)
     if not args.no_export:
-        tfl = sorted({"fp32"} | {p for f, p in keep if f == "tflite"}) if any(f == "tflite" for f, _ in keep) else []
-        onx = sorted({"fp32"} | {p for f, p in keep if f == "onnx"}) if any(f == "onnx" for f, _ in keep) else []
+        order = {"fp32": 0, "fp16": 1, "int8": 2}  # fp32 first: the other precisions are compared with it
+        tfl = sorted({p for f, p in measure if f == "tflite"}, key=order.get)
+        onx = sorted({p for f, p in measure if f == "onnx"}, key=order.get)
         t0 = time.perf_counter()
         export(result, out, args.name, boxes_path, keep, tflite=tfl, onnx=onx, manifest_path=args.manifest,
-               timing_runs=args.timing_runs, data_notice=args.data_notice, log=log)
+               timing_runs=args.timing_runs, calibration_count=args.calibration_count,
+               evaluation_count=args.evaluation_count, data_notice=args.data_notice, log=log)
         report["seconds"]["export"] = time.perf_counter() - t0
     from d2r._files import atomic_write
 

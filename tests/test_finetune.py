@@ -140,3 +140,21 @@ def test_boxes_file_not_json_or_missing(tiny, tmp_path):
     (tmp_path / "c.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="d2r-boxes"):
         finetune.load_boxes(tmp_path / "c.json", folder)
+
+
+def test_shipped_landmark_detector_is_the_default():
+    import d2r
+    from d2r.detect import Detector
+    from d2r.engine import EngineConfig
+    from d2r.manifest import ALIASES, load_manifest, resolve_model_path
+
+    assert ALIASES["landmark"] == "ssd_mobilenetv2_landmark" and ALIASES["ssd"] == "ssd_mobilenetv2_oidv4"
+    assert EngineConfig().detector == "ssd_mobilenetv2_landmark"
+    assert resolve_model_path("landmark").name == "ssd_mobilenetv2_landmark_int8.tflite"
+    manifest = load_manifest()
+    for fmt in ("tflite", "onnx"):
+        entry = manifest.find("ssd_mobilenetv2_landmark", format=fmt, precision="int8")
+        entry.verify()
+        assert entry.labels == ("background", "landmark") and entry.training["ground_truth_used"] is False
+        det = Detector(d2r.load_model(entry.path, threads=1), threshold=0.05).detect(roxford_dir() / "db" / "all_souls_000000.jpg")
+        assert len(det) >= 1 and set(det.labels) == {"landmark"}

@@ -35,6 +35,7 @@ INPUT_SIZE = 300
 NUM_CLASSES = 24  # 23 Open Images classes + background at index 0
 FEATURE_MAPS = (19, 10, 5, 3, 2, 1)
 ANCHORS_PER_CELL = (3, 6, 6, 6, 6, 6)
+TAP_CHANNELS = (576, 1280, 512, 256, 256, 128)  # channels of the six feature maps the heads read
 NUM_ANCHORS = sum(f * f * a for f, a in zip(FEATURE_MAPS, ANCHORS_PER_CELL))  # 1917
 
 # MediaPipe's SsdAnchorsCalculator options for this model (same as the TF OD API generator).
@@ -115,14 +116,18 @@ def fetch_source(cache: Path | None = None) -> tuple[Path, list[str]]:
 
 
 # ---------------------------------------------------------------- Keras network
-def build(input_size: int = INPUT_SIZE):
+def build(input_size: int = INPUT_SIZE, num_classes: int = NUM_CLASSES, name: str = "ssd_mobilenetv2_oidv4"):
     """The float MobileNet-V2 SSD with batch norm folded (as in the TFLite file), untrained.
+
+    num_classes: classes of the class head including background (24 for OIDv4; 2 for the
+    fine-tuned one-class landmark detector, see :mod:`d2r_convert.finetune`).
 
     Input ``image``: float32 [1, 300, 300, 3] RGB in [0, 255]; the upstream normalisation to
     [-1, 1] (x / 127.5 - 1) is the graph's first op, so that every d2r model takes raw pixels. Outputs ``box_encodings``
     float32 [1, 1917, 4] and ``class_logits`` float32 [1, 1917, 24]. Layer names are the TF
     scopes with ``/`` replaced by ``__`` (Keras forbids ``/``).
     """
+    model_name = name
     if input_size != INPUT_SIZE:
         raise ModelError(f"the SSD anchors are defined for a {INPUT_SIZE}x{INPUT_SIZE} input, got {input_size}")
     tf = require("tensorflow")
@@ -164,16 +169,26 @@ def build(input_size: int = INPUT_SIZE):
         x = conv(x, d3, 3, 2, _FE + f"layer_19_2_Conv2d_{idx}_3x3_s2_{d3}")
         taps.append(x)
 
+    box_encodings, class_logits = heads(taps, num_classes)
+    return keras.Model(image, {"box_encodings": box_encodings, "class_logits": class_logits}, name=model_name)
+
+
+def heads(taps, num_classes: int = NUM_CLASSES):
+    """The SSD box and class predictors (1x1 convolutions) on the six feature maps ``taps``.
+
+    Returns (box_encodings [N, 1917, 4], class_logits [N, 1917, num_classes]) Keras tensors;
+    layer names are the TF scopes, so that weights copy by name between networks.
+    """
+    tf = require("tensorflow")
+    L = tf.keras.layers
     boxes, logits = [], []
     for i, (feat, fm, a) in enumerate(zip(taps, FEATURE_MAPS, ANCHORS_PER_CELL)):
-        b = L.Conv2D(a * 4, 1, name=name(f"BoxPredictor_{i}/BoxEncodingPredictor"))(feat)
-        k = L.Conv2D(a * NUM_CLASSES, 1, name=name(f"BoxPredictor_{i}/ClassPredictor"))(feat)
+        b = L.Conv2D(a * 4, 1, name=f"BoxPredictor_{i}__BoxEncodingPredictor")(feat)
+        k = L.Conv2D(a * num_classes, 1, name=f"BoxPredictor_{i}__ClassPredictor")(feat)
         # Fixed target shapes: a -1 here made a converted detector 7x slower in one runtime.
         boxes.append(L.Reshape((fm * fm * a, 4), name=f"box_reshape_{i}")(b))
-        logits.append(L.Reshape((fm * fm * a, NUM_CLASSES), name=f"class_reshape_{i}")(k))
-    box_encodings = L.Concatenate(axis=1, name="box_encodings")(boxes)
-    class_logits = L.Concatenate(axis=1, name="class_logits")(logits)
-    return keras.Model(image, {"box_encodings": box_encodings, "class_logits": class_logits}, name="ssd_mobilenetv2_oidv4")
+        logits.append(L.Reshape((fm * fm * a, num_classes), name=f"class_reshape_{i}")(k))
+    return L.Concatenate(axis=1, name="box_encodings")(boxes), L.Concatenate(axis=1, name="class_logits")(logits)
 
 
 def load_weights(model, source_tflite) -> int:

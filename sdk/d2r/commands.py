@@ -125,7 +125,8 @@ def register_cli(sub) -> None:
     b.add_argument("--features", default="xfeat", help="local feature model name from models/manifest.json (default xfeat)")
     b.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"])
     b.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
-    b.add_argument("--detector", default="ssd@0.1", help="NAME@THRESHOLD or 'none' (default ssd@0.1)")
+    b.add_argument("--detector", default="landmark@0.1",
+                   help="NAME@THRESHOLD or 'none' (default landmark@0.1: the fine-tuned landmark SSD; ssd = the OIDv4 SSD)")
     b.add_argument("--regions", choices=["crop", "pool"], help="re-extract features on each box (crop, default) or pool whole-image features (pool)")
     b.add_argument("--kind", default="rasmk_star", choices=["asmk_star", "rasmk_star", "d2r_asmk_star"])
     g = b.add_mutually_exclusive_group()

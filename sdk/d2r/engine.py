@@ -1,6 +1,6 @@
 """The end-to-end Engine and its bundle: what runs on the phone, the Pi and the Jetson.
 
-    engine = d2r.Engine.create(features="xfeat", detector="ssd", kind="rasmk_star")
+    engine = d2r.Engine.create(features="xfeat", detector="landmark", kind="rasmk_star")
     engine.train_codebook(images, size=1024)
     engine.add_images(images, ids=..., metadata=...)
     res = engine.query(photo, top_k=10)      # res.hits, res.timings
@@ -64,7 +64,7 @@ class EngineConfig:
     """The pipeline of an :class:`Engine`; stored in ``bundle.json``."""
 
     features: str = "xfeat"
-    detector: str | None = "ssd_mobilenetv2_oidv4"
+    detector: str | None = "ssd_mobilenetv2_landmark"
     kind: str = "rasmk_star"
     backend: str = "tflite"
     precision: str = "int8"
@@ -180,7 +180,7 @@ class Engine:
     def create(
         cls,
         features: str = "xfeat",
-        detector: str | None = "ssd",
+        detector: str | None = "landmark",
         codebook: Codebook | None = None,
         kind: str = "rasmk_star",
         *,

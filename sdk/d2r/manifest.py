@@ -83,6 +83,7 @@ class ModelEntry:
     decoding: dict | None = None
     labels: tuple[str, ...] | None = None
     ops: tuple[str, ...] = ()
+    training: dict = field(default_factory=dict)  # fine-tuned models: how (d2r detector finetune)
 
     def output(self, name: str) -> OutputSpec:
         for o in self.outputs:
@@ -157,6 +158,7 @@ def _entry(d: dict, root: Path, where: str) -> ModelEntry:
         quantization=d.get("quantization", ""), geometry=dict(d.get("geometry", {})), defaults=dict(d.get("defaults", {})),
         source=dict(d.get("source", {})), anchors=d.get("anchors"), decoding=d.get("decoding"),
         labels=tuple(d["labels"]) if d.get("labels") is not None else None, ops=tuple(d.get("ops", ())),
+        training=dict(d.get("training", {})),
     )
 
 
@@ -181,7 +183,9 @@ _PREFERENCE = {"tflite": ("int8", "fp16", "fp32"), "onnx": ("int8", "fp32")}
 
 
 # Short names users type for the default models.
-ALIASES = {"ssd": "ssd_mobilenetv2_oidv4"}
+# "landmark": the default region detector (OIDv4 SSD fine-tuned on mined landmark boxes, issue 7);
+# "ssd": the Open Images V4 detector it was fine-tuned from.
+ALIASES = {"ssd": "ssd_mobilenetv2_oidv4", "landmark": "ssd_mobilenetv2_landmark"}
 
 
 def resolve_model_path(name: str, backend: str = "auto", manifest: Manifest | None = None) -> Path:

@@ -133,8 +133,8 @@ def sweep(args, names, seeds):
         o = run_options(name)
         for seed in seeds:
             rows = load_results(args.results)
-            todo = [(kind, reg) for kind, reg in (("asmk_star", "none"), ("rasmk_star", args.regions))
-                    if not done(rows, name, seed, args.k, kind, reg)]
+            wanted = [("asmk_star", "none")] + ([("rasmk_star", args.regions)] if "rasmk_star" in args.kinds else [])
+            todo = [(kind, reg) for kind, reg in wanted if not done(rows, name, seed, args.k, kind, reg)]
             if not todo:
                 continue
             cb = None
@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--k", type=int, default=1024)
     ap.add_argument("--regions", default="rmac:2")
+    ap.add_argument("--kinds", default="asmk_star,rasmk_star", help="asmk_star (always) and/or rasmk_star (with --regions)")
     ap.add_argument("--latency", action="store_true", help="also time extraction (1 and 2 threads)")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--table-only", action="store_true", help="print the table from --results without evaluating")

@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> options of d2r.evaluation.run (features, precision, max_features, scales,
-# score_threshold) and optionally derive: the setting whose cache holds a superset.
+# score_threshold, fit) and optionally derive: the setting whose cache holds a superset.
 SETTINGS = {
     "xfeat-int8-1000": dict(features="xfeat", max_features=1000, derive="xfeat-int8-4096"),
     "xfeat-int8-2000": dict(features="xfeat", max_features=2000, derive="xfeat-int8-4096"),
@@ -49,6 +49,9 @@ SETTINGS = {
     "xfeat-int8-ms4-4096": dict(features="xfeat", max_features=4096, scales="0.5,0.707,1,1.414"),
     "xfeat-int8-ms4-2000": dict(features="xfeat", max_features=2000, scales="0.5,0.707,1,1.414", derive="xfeat-int8-ms4-4096"),
     "xfeat-int8-ms4-8000": dict(features="xfeat", max_features=8000, scales="0.5,0.707,1,1.414"),
+    "xfeat-int8-longest-4096": dict(features="xfeat", max_features=4096, fit="longest"),
+    "xfeat-int8-longest-2000": dict(features="xfeat", max_features=2000, fit="longest", derive="xfeat-int8-longest-4096"),
+    "xfeat-int8-longest-ms3-4096": dict(features="xfeat", max_features=4096, fit="longest", scales="0.707,1,1.414"),
     "rootsift-1000": dict(features="rootsift", max_features=1000),
     "rootsift-2000": dict(features="rootsift", max_features=2000),
     "rootsift-4096": dict(features="rootsift", max_features=4096),
@@ -77,7 +80,7 @@ def extractor_of(name, threads=1):
         ex = make_extractor(o["features"], threads=threads, **overrides)
         return ex, ex.setting, lambda: None
     engine = Engine.create(features=o["features"], detector=None, precision=o.get("precision", "int8"), threads=threads,
-                           **{k: v for k, v in overrides.items() if v is not None})
+                           feature_fit=o.get("fit", "canvas"), **{k: v for k, v in overrides.items() if v is not None})
     return engine.extractor, feature_setting(engine.feature_entry.sha256, engine.extractor), engine.close
 
 

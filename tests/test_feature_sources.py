@@ -113,6 +113,18 @@ def test_tiles_partition_and_xfeat_scales_above_one(photo):
         assert len(np.unique(loc, axis=0)) == len(loc)
     with pytest.raises(d2r.InputError, match="scales"):
         d2r.Engine.create(detector=None, scales=[5.0])
+    # fit="longest": a portrait photo keeps the resolution of a landscape one (two tiles).
+    portrait = photo[:, 64:448]  # 512 x 384
+    with d2r.Engine.create(detector=None, max_features=50000) as canvas, \
+            d2r.Engine.create(detector=None, max_features=50000, feature_fit="longest") as longest:
+        a, b = canvas.extractor.extract(portrait), longest.extractor.extract(portrait)
+        assert len(b) > 1.3 * len(a)  # 640 x 480 pixels instead of 480 x 360
+        assert b.locations[:, 0].max() > 500 and b.locations[:, 1].max() < 384
+        assert "fit longest" in feature_setting(longest.feature_entry.sha256, longest.extractor)
+        land = photo[64:448]  # landscape 384 x 512: both fits are the same
+        np.testing.assert_array_equal(canvas.extractor.extract(land).descriptors, longest.extractor.extract(land).descriptors)
+    with pytest.raises(d2r.InputError, match="feature_fit"):
+        d2r.Engine.create(detector=None, feature_fit="width")
 
 
 @pytest.fixture(scope="module")

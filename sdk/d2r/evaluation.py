@@ -86,8 +86,10 @@ def parse_scales(value):
 def feature_setting(model_sha: str, ex) -> str:
     """Cache key material of a model-based extractor: the model file and every extraction setting."""
     setting = f"{model_sha}|{ex.scales}|{ex.max_features}|{ex.score_threshold}"
+    if getattr(ex, "fit", "canvas") != "canvas":
+        setting += f"|fit {ex.fit}"
     tiles = getattr(ex, "tile_overlap", None)
-    if any(s > 1 for s in ex.scales) and tiles is not None:
+    if (any(s > 1 for s in ex.scales) or getattr(ex, "fit", "canvas") != "canvas") and tiles is not None:
         setting += f"|tiles {tiles}"
     return setting
 
@@ -147,12 +149,14 @@ def run(
     max_features: int | None = None,
     scales=None,
     score_threshold: float | None = None,
+    fit: str | None = None,
 ) -> dict:
     """Evaluate one method; returns the JSON-ready result (mAP in percent).
 
     features: a local-feature model of the manifest (``xfeat``) or a source of
     :mod:`d2r.feature_sources` (``rootsift``, ``aliked``); max_features, scales and
-    score_threshold override the extractor's defaults (the manifest's for models).
+    score_threshold override the extractor's defaults (the manifest's for models); fit
+    (models only): ``canvas`` or ``longest``, see :class:`d2r.LocalFeatureExtractor`.
     """
     from .engine import Engine
     from .feature_sources import SOURCES, make_extractor
@@ -177,6 +181,8 @@ def run(
     if scales is not None:
         scales = parse_scales(scales)
     overrides = {"max_features": max_features, "scales": scales, "score_threshold": score_threshold}
+    if features in SOURCES and fit not in (None, "canvas"):
+        raise InputError(f"--fit: only for feature models; {features} resizes to a longest side of 640 px")
     if features in SOURCES:
         # The engine still provides the detector (and is built on the default model).
         ex = make_extractor(features, threads=threads, **overrides)
@@ -186,7 +192,7 @@ def run(
     else:
         engine = Engine.create(features=features, detector=detector, kind="asmk_star", backend=backend, precision=precision,
                                threads=threads, detector_threshold=param[1] if source == "detector" else 0.1, max_regions=25,
-                               **{k: v for k, v in overrides.items() if v is not None})
+                               feature_fit=fit or "canvas", **{k: v for k, v in overrides.items() if v is not None})
         ex = engine.extractor
         setting = feature_setting(engine.feature_entry.sha256, ex)
     if engine.detector_entry is not None:
@@ -358,6 +364,7 @@ def run(
             "features": features, "precision": precision, "backend": backend, "codebook": codebook_source,
             "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions, "verify": bool(verify_top),
             "max_features": ex.max_features, "scales": list(ex.scales), "score_threshold": ex.score_threshold,
+            "fit": getattr(ex, "fit", None),
             "seed": seed,
         },
         "map": out["map"],
@@ -483,7 +490,7 @@ def cmd_eval(args) -> int:
             codebook=args.codebook, codebook_size=args.codebook_size, kind=args.kind, pooling=args.pooling,
             regions=args.regions, verify_top=100 if args.verify else 0, limit=args.limit, cache_dir=args.cache,
             seed=seed, threads=args.threads, progress=not args.quiet, max_features=args.max_features,
-            scales=args.scales, score_threshold=args.score_threshold,
+            scales=args.scales, score_threshold=args.score_threshold, fit=args.fit,
         )
         o = res["options"]
         print(f"{res['dataset']}: {res['n_queries']} queries, {res['n_images']} images; {o['features']} {o['precision']} {o['backend']} "
@@ -514,6 +521,8 @@ def register_cli(sub) -> None:
     e.add_argument("--max-features", type=int, help="keep the N best features per image (default: the model's or source's)")
     e.add_argument("--scales", help="image pyramid, comma-separated, e.g. 0.5,0.707,1,1.414 (model sources; >1 runs in tiles)")
     e.add_argument("--score-threshold", type=float, help="minimum keypoint score (default: the model's or source's)")
+    e.add_argument("--fit", choices=["canvas", "longest"], help="feature models: scale 1 fits the image into the model input (canvas, "
+                   "default) or sets its longest side to the input's (longest: portrait photos at full resolution, in tiles)")
     e.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"])
     e.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
     g = e.add_mutually_exclusive_group()

@@ -106,9 +106,13 @@ class LocalFeatureExtractor:
             L2 normalisation again (DELF post-processing, no whitening).
         entry: the model's manifest entry (``outputs``, ``geometry``, ``defaults`` say how to
             read it); default ``model.entry``, filled in by :func:`d2r.load_model`.
+        fit: what scale 1 means: ``"canvas"`` (default) fits the whole image into the model
+            canvas (a 640x480 portrait photo runs at 480x360 in a 480x640 canvas);
+            ``"longest"`` scales the image's longest side to the canvas' longest side, so
+            portrait photos keep the resolution of landscape ones (in two tiles).
     """
 
-    def __init__(self, model, scales=None, max_features=None, score_threshold=None, pca=None, entry=None):
+    def __init__(self, model, scales=None, max_features=None, score_threshold=None, pca=None, entry=None, fit="canvas"):
         entry = entry if entry is not None else getattr(model, "entry", None)
         if entry is None or entry.task != "local_features":
             raise ModelError(f"{getattr(model, 'path', model)}: not a local-feature model listed in a model manifest (pass entry=)")
@@ -122,6 +126,9 @@ class LocalFeatureExtractor:
         if self.max_features < 1:
             raise InputError(f"max_features: expected >= 1, got {self.max_features}")
         self.score_threshold = float(score_threshold if score_threshold is not None else defaults.get("score_threshold", 0.0))
+        if fit not in ("canvas", "longest"):
+            raise InputError(f"fit: expected 'canvas' or 'longest', got {fit!r}")
+        self.fit = fit
         names = [o.name for o in entry.outputs]
         self._out = {name: i for i, name in enumerate(names)}
         if "descriptors" not in self._out:
@@ -152,9 +159,12 @@ class LocalFeatureExtractor:
         """Features of one pyramid level: (yx in original pixels, scores, descriptors)."""
         ch, cw = self.canvas
         h, w = rgb.shape[:2]
-        fit = min(ch / h, cw / w) * scale
+        if self.fit == "longest":
+            fit = max(ch, cw) / max(h, w) * scale
+        else:
+            fit = min(ch / h, cw / w) * scale
         nh, nw = max(1, int(round(h * fit))), max(1, int(round(w * fit)))
-        if scale <= 1.0:
+        if scale <= 1.0 and self.fit == "canvas":
             nh, nw = min(nh, ch), min(nw, cw)
         small = _resize(rgb, nh, nw)
         locs, scores, descs = [], [], []

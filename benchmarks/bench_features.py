@@ -110,12 +110,17 @@ def derive_cache(name, dataset, cache_root):
         raise SystemExit(f"{name}: {missing} images lack features of {SETTINGS[name]['derive']}; run that setting first")
 
 
-def load_results(path):
-    p = Path(path)
-    return json.loads(p.read_text()) if p.is_file() else []
+def load_results(paths):
+    """Rows of every file in a comma-separated list (the first is the one written)."""
+    rows = []
+    for path in str(paths).split(","):
+        p = Path(path)
+        rows += json.loads(p.read_text()) if p.is_file() else []
+    return rows
 
 
-def save_result(path, row):
+def save_result(paths, row):
+    path = str(paths).split(",")[0]
     rows = load_results(path)
     rows.append(row)
     tmp = Path(f"{path}.tmp{os.getpid()}")
@@ -175,37 +180,59 @@ def features_per_image(name, dataset, cache_root, limit=200):
     return float(np.mean(counts)) if counts else float("nan")
 
 
-def latency(names, runs, threads_list, dataset):
+def latency(names, runs, threads_list, dataset, baseline="xfeat-int8-4096"):
+    """{(name, threads): (median ms, min ms, features, dim, median ratio to the baseline)}.
+
+    Runs are interleaved round-robin over the settings, so that load changes on a shared
+    machine hit every setting alike; the ratio is per round, against the baseline's run.
+    """
     from PIL import Image
 
     photo = Path(dataset) / "db" / "all_souls_000000.jpg"
     with Image.open(photo) as im:
         rgb = np.asarray(im.convert("RGB").resize((640, 480), Image.BILINEAR))
+    order = [baseline] + [n for n in names if n != baseline]
     out = {}
-    for name in names:
-        for t in threads_list:
-            ex, _, close = extractor_of(name, threads=t)
+    for t in threads_list:
+        exs = {}
+        for name in order:
+            exs[name] = extractor_of(name, threads=t)
             for _ in range(3):
-                ex.extract(rgb)
-            ts = []
-            for _ in range(runs):
+                exs[name][0].extract(rgb)
+        ts = {name: [] for name in order}
+        for _ in range(runs):
+            for name in order:
                 t0 = time.perf_counter()
-                f = ex.extract(rgb)
-                ts.append((time.perf_counter() - t0) * 1e3)
-            close()
-            out[(name, t)] = (float(np.median(ts)), float(np.min(ts)), len(f), f.descriptors.shape[1])
-            print(f"latency {name} {t} thr: median {out[(name, t)][0]:.1f} ms, min {out[(name, t)][1]:.1f} ms, {len(f)} features",
-                  file=sys.stderr, flush=True)
+                f = exs[name][0].extract(rgb)
+                ts[name].append((time.perf_counter() - t0) * 1e3)
+        for name in order:
+            n = len(exs[name][0].extract(rgb))
+            exs[name][2]()
+            ratio = float(np.median(np.array(ts[name]) / np.array(ts[baseline])))
+            out[(name, t)] = (float(np.median(ts[name])), float(np.min(ts[name])), n, exs[name][0].dim, ratio)
+            print(f"latency {name} {t} thr: median {out[(name, t)][0]:.1f} ms, min {out[(name, t)][1]:.1f} ms, "
+                  f"x{ratio:.2f} of {baseline}, {n} features", file=sys.stderr, flush=True)
     return out
 
 
 def table(rows, names, lat, fpi):
     ks = sorted({r["k"] for r in rows})
     regions = sorted({r["regions"] for r in rows if r["regions"] != "none"})
-    print("| setting | D | features / image | bytes / feature (f32; int8+yx) | ms 1 thr (min) | ms 2 thr (min) | K | "
+    print("| setting | D | features / image | bytes / feature (f32; int8+yx) | ms 1 thr (x XFeat 4096) | ms 2 thr (x XFeat 4096) | K | "
           + " | ".join(f"{lab} Medium | {lab} Hard" for lab in ["ASMK*"] + [f"R-ASMK* {r}" for r in regions]) + " | seeds |")
-    print("|---" * (9 + 2 * (1 + len(regions))) + "|")
+    print("|---" * (8 + 2 * (1 + len(regions))) + "|")
     for name in names:
+        lat_cells = []
+        d = None
+        for t in (1, 2):
+            if (name, t) in lat:
+                med, _, _, d, ratio = lat[(name, t)]
+                lat_cells.append(f"{med:.0f} (x{ratio:.2f})")
+            else:
+                lat_cells.append("-")
+        dim = d or (128 if name.startswith(("rootsift", "aliked")) else 64)
+        head = f"| {name} | {dim} | {fpi.get(name, float('nan')):.0f} | {4 * dim}; {dim + 4} | {lat_cells[0]} | {lat_cells[1]} |"
+        printed = False
         for k in ks:
             sel = [r for r in rows if r["setting"] == name and r["k"] == k]
             if not sel:
@@ -218,24 +245,18 @@ def table(rows, names, lat, fpi):
                 for p in ("medium", "hard"):
                     v = [r[p] for r in rr]
                     cells.append(f"{np.mean(v):.1f} ± {np.std(v):.1f}" if len(v) > 1 else (f"{v[0]:.1f}" if v else "-"))
-            lat_cells = []
-            d = None
-            for t in (1, 2):
-                if (name, t) in lat:
-                    med, mn, _, d = lat[(name, t)]
-                    lat_cells.append(f"{med:.0f} ({mn:.0f})")
-                else:
-                    lat_cells.append("-")
-            dim = d or (128 if name.startswith(("rootsift", "aliked")) else 64)
-            print(f"| {name} | {dim} | {fpi.get(name, float('nan')):.0f} | {4 * dim}; {dim + 4} | {lat_cells[0]} | {lat_cells[1]} | {k} | "
-                  + " | ".join(cells) + f" | {','.join(map(str, sorted(seeds)))} |")
+            print(f"{head} {k} | " + " | ".join(cells) + f" | {','.join(map(str, sorted(seeds)))} |")
+            printed = True
+        if not printed and lat_cells != ["-", "-"]:
+            print(f"{head} - | " + " | ".join(["-"] * (2 + 2 * len(regions))) + " | - |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default=str(ROOT / ".." / "shared" / "data" / "roxford5k-mini"))
     ap.add_argument("--cache", default="/tmp/d2rcache2")
-    ap.add_argument("--results", default="/tmp/bench_features.json", help="JSON list of finished evaluations (appended, resumable)")
+    ap.add_argument("--results", default="/tmp/bench_features.json",
+                    help="JSON list of finished evaluations (appended, resumable); several comma-separated files are all read, the first written")
     ap.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from: {', '.join(SETTINGS)}")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--k", type=int, default=1024)

@@ -231,7 +231,8 @@ def table(rows, names, lat, fpi):
             else:
                 lat_cells.append("-")
         dim = d or (128 if name.startswith(("rootsift", "aliked")) else 64)
-        head = f"| {name} | {dim} | {fpi.get(name, float('nan')):.0f} | {4 * dim}; {dim + 4} | {lat_cells[0]} | {lat_cells[1]} |"
+        n_feat = fpi.get(name, float("nan"))
+        head = f"| {name} | {dim} | {'-' if np.isnan(n_feat) else f'{n_feat:.0f}'} | {4 * dim}; {dim + 4} | {lat_cells[0]} | {lat_cells[1]} |"
         printed = False
         for k in ks:
             sel = [r for r in rows if r["setting"] == name and r["k"] == k]

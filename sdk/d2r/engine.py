@@ -77,6 +77,9 @@ class EngineConfig:
     max_features: int | None = None
     scales: list | None = None
     score_threshold: float | None = None
+    # What pyramid scale 1 means for the feature model: "canvas" (fit into the model input) or
+    # "longest" (longest side = the input's longest side; portrait photos run in tiles).
+    feature_fit: str = "canvas"
     approximate_assignment: bool = False
     # Spatial verification: keep the top-N whole-image features of every database image in
     # the bundle (features.d2rv, int8 descriptors: N * (4 + D) bytes per image).
@@ -104,6 +107,8 @@ class EngineConfig:
             raise InputError(f"verification_features: expected >= 0, got {self.verification_features}")
         if not 0 <= int(self.verification_words) <= 64:
             raise InputError(f"verification_words: expected 0 (exhaustive matching) to 64, got {self.verification_words}")
+        if self.feature_fit not in ("canvas", "longest"):
+            raise InputError(f"feature_fit: expected 'canvas' or 'longest', got {self.feature_fit!r}")
         if int(self.max_regions) < 0:
             raise InputError(f"max_regions: expected >= 0, got {self.max_regions}")
         return self
@@ -159,7 +164,8 @@ class Engine:
         self.detector_entry = detector_entry
         self._feature_model = load_model(feature_entry.path, backend=config.backend, threads=threads, accelerator=accelerator)
         self.extractor = LocalFeatureExtractor(
-            self._feature_model, scales=config.scales, max_features=config.max_features, score_threshold=config.score_threshold, entry=feature_entry
+            self._feature_model, scales=config.scales, max_features=config.max_features, score_threshold=config.score_threshold, entry=feature_entry,
+            fit=config.feature_fit,
         )
         self.detector = None
         if detector_entry is not None:
@@ -193,7 +199,7 @@ class Engine:
     ) -> "Engine":
         """A new, empty engine. ``options`` are :class:`EngineConfig` fields
         (detector_threshold, max_regions, regions, pooling, alpha, tau, max_features, scales,
-        score_threshold, approximate_assignment)."""
+        score_threshold, feature_fit, approximate_assignment)."""
         unknown = set(options) - set(EngineConfig.__dataclass_fields__)
         if unknown:
             raise InputError(f"unknown Engine option(s): {', '.join(sorted(unknown))}")

@@ -71,6 +71,29 @@ def parse_regions(value: str):
     raise InputError(f"--regions: expected none, rmac:L or detector:NAME@THRESH, got {value!r}")
 
 
+def parse_scales(value):
+    """``"0.5,0.707,1"`` or a sequence -> tuple of floats; InputError otherwise."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        raise InputError(f"--scales: expected comma-separated positive numbers, got {value!r}") from None
+    if not out or any(not (0 < v <= 4) for v in out):
+        raise InputError(f"--scales: expected comma-separated numbers in (0, 4], got {value!r}")
+    return out
+
+
+def feature_setting(model_sha: str, ex) -> str:
+    """Cache key material of a model-based extractor: the model file and every extraction setting."""
+    setting = f"{model_sha}|{ex.scales}|{ex.max_features}|{ex.score_threshold}"
+    if getattr(ex, "fit", "canvas") != "canvas":
+        setting += f"|fit {ex.fit}"
+    tiles = getattr(ex, "tile_overlap", None)
+    if (any(s > 1 for s in ex.scales) or getattr(ex, "fit", "canvas") != "canvas") and tiles is not None:
+        setting += f"|tiles {tiles}"
+    return setting
+
+
 class FeatureCache:
     """Features per image on disk, keyed by the model file's sha256, the extractor settings,
     and the image path, size and mtime. One .npz per image and setting."""
@@ -124,9 +147,20 @@ def run(
     seed: int = 0,
     threads: int | None = None,
     progress=True,
+    max_features: int | None = None,
+    scales=None,
+    score_threshold: float | None = None,
+    fit: str | None = None,
 ) -> dict:
-    """Evaluate one method; returns the JSON-ready result (mAP in percent)."""
+    """Evaluate one method; returns the JSON-ready result (mAP in percent).
+
+    features: a local-feature model of the manifest (``xfeat``) or a source of
+    :mod:`d2r.feature_sources` (``rootsift``, ``aliked``); max_features, scales and
+    score_threshold override the extractor's defaults (the manifest's for models); fit
+    (models only): ``canvas`` or ``longest``, see :class:`d2r.LocalFeatureExtractor`.
+    """
     from .engine import Engine
+    from .feature_sources import SOURCES, make_extractor
 
     if kind not in EVAL_KINDS:
         raise InputError(f"--kind: expected one of {', '.join(EVAL_KINDS)}, got {kind!r}")
@@ -135,15 +169,35 @@ def run(
         raise InputError(f"--verify-words: expected 0 (exhaustive) to 64, got {verify_words!r}")
     if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "rvlad") and source == "none":
         raise InputError(f"--kind {kind} needs regions (--regions rmac:L or detector:NAME@THRESH)")
+    if features not in SOURCES:
+        from .engine import _ALIASES
+        from .manifest import load_manifest
+
+        models = sorted({m.name for m in load_manifest().models if m.task == "local_features"})
+        if _ALIASES.get(features, features) not in models:
+            raise InputError(f"--features: unknown {features!r}; expected a local-feature model of the manifest "
+                             f"({', '.join(models)}) or a feature source ({', '.join(SOURCES)})")
     ds = evaluate.load_dataset(dataset)
     timings = {}
     t0 = time.perf_counter()
     detector = param[0] if source == "detector" else None
-    engine = Engine.create(features=features, detector=detector, kind="asmk_star", backend=backend, precision=precision,
-                           threads=threads, detector_threshold=param[1] if source == "detector" else 0.1, max_regions=25)
-    ex = engine.extractor
-    model_sha = engine.feature_entry.sha256
-    setting = f"{model_sha}|{ex.scales}|{ex.max_features}|{ex.score_threshold}"
+    if scales is not None:
+        scales = parse_scales(scales)
+    overrides = {"max_features": max_features, "scales": scales, "score_threshold": score_threshold}
+    if features in SOURCES and fit not in (None, "canvas"):
+        raise InputError(f"--fit: only for feature models; {features} resizes to a longest side of 640 px")
+    if features in SOURCES:
+        # The engine still provides the detector (and is built on the default model).
+        ex = make_extractor(features, threads=threads, **overrides)
+        engine = Engine.create(features="xfeat", detector=detector, kind="asmk_star", backend=backend, precision=precision,
+                               threads=threads, detector_threshold=param[1] if source == "detector" else 0.1, max_regions=25)
+        setting = ex.setting
+    else:
+        engine = Engine.create(features=features, detector=detector, kind="asmk_star", backend=backend, precision=precision,
+                               threads=threads, detector_threshold=param[1] if source == "detector" else 0.1, max_regions=25,
+                               feature_fit=fit or "canvas", **{k: v for k, v in overrides.items() if v is not None})
+        ex = engine.extractor
+        setting = feature_setting(engine.feature_entry.sha256, ex)
     if engine.detector_entry is not None:
         setting += f"|{engine.detector_entry.sha256}|{engine.config.detector_threshold}"
     cache_root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "d2r" / "eval"
@@ -279,7 +333,8 @@ def run(
         tv = time.perf_counter()
         per_protocol = {}
         loaded = {}
-        match_distance = engine.match_distance()
+        # Unit descriptors of another source: ALGORITHM.md's 0.9 (untuned for them).
+        match_distance = engine.match_distance() if features not in SOURCES else 0.9
 
         def vfeats(c):
             # ALGORITHM.md section 6 verifies with whole-image features; the top 1000 by score.
@@ -317,7 +372,9 @@ def run(
         "options": {
             "features": features, "precision": precision, "backend": backend, "codebook": codebook_source,
             "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions, "verify": bool(verify_top), "verify_words": int(verify_words) if verify_top else None,
-            "max_features": ex.max_features, "scales": list(ex.scales),
+            "max_features": ex.max_features, "scales": list(ex.scales), "score_threshold": ex.score_threshold,
+            "fit": getattr(ex, "fit", None),
+            "seed": seed,
         },
         "map": out["map"],
         "mp": {p: out["mp"][p] for p in ("easy", "medium", "hard")},
@@ -329,6 +386,7 @@ def run(
         "index_bytes_per_image": index_bytes / max(n, 1),
         "timings": timings,
         "table": result.table(),
+        "_codebook": cb,  # for sweeps that reuse it (benchmarks/bench_features.py); not in the JSON
         # For --report: the Medium ranking of each query (junk kept, as shown to a user).
         "_report": {
             "queries": [str(p) for p in q_paths],
@@ -417,22 +475,50 @@ def _progress(enabled):
     return report
 
 
+def parse_seeds(value) -> list:
+    """``"0"`` or ``"0,1,2"`` -> list of ints (codebook seeds)."""
+    try:
+        seeds = [int(v) for v in str(value).split(",")]
+    except ValueError:
+        raise InputError(f"--seed: expected an integer or comma-separated integers, got {value!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seed: repeated seed in {value!r}")
+    return seeds
+
+
 def cmd_eval(args) -> int:
-    res = run(
-        args.dataset, features=args.features, precision=args.precision, backend=args.backend,
-        codebook=args.codebook, codebook_size=args.codebook_size, kind=args.kind, pooling=args.pooling,
-        regions=args.regions, verify_top=100 if args.verify else 0, verify_words=args.verify_words, limit=args.limit, cache_dir=args.cache,
-        seed=args.seed, threads=args.threads, progress=not args.quiet,
-    )
-    o = res["options"]
-    print(f"{res['dataset']}: {res['n_queries']} queries, {res['n_images']} images; {o['features']} {o['precision']} {o['backend']}, "
-          f"{o['kind']} ({o['pooling']}), regions {o['regions']} ({res['regions_per_image']:.1f}/image), K={o['codebook_size']}, verify {o['verify']}")
-    print(res["table"])
-    print(f"index {res['index_bytes_per_image'] / 1024:.1f} KiB/image; query {res['timings']['query_ms_median']:.1f} ms (aggregation + search)")
+    seeds = parse_seeds(args.seed)
+    if len(seeds) > 1 and args.codebook:
+        raise InputError("--seed: several seeds need a codebook trained here (--codebook-size), not --codebook")
+    if len(seeds) > 1 and args.report:
+        raise InputError("--report: one seed at a time")
+    results = []
+    for seed in seeds:
+        res = run(
+            args.dataset, features=args.features, precision=args.precision, backend=args.backend,
+            codebook=args.codebook, codebook_size=args.codebook_size, kind=args.kind, pooling=args.pooling,
+            regions=args.regions, verify_top=100 if args.verify else 0, verify_words=args.verify_words, limit=args.limit, cache_dir=args.cache,
+            seed=seed, threads=args.threads, progress=not args.quiet, max_features=args.max_features,
+            scales=args.scales, score_threshold=args.score_threshold, fit=args.fit,
+        )
+        o = res["options"]
+        print(f"{res['dataset']}: {res['n_queries']} queries, {res['n_images']} images; {o['features']} {o['precision']} {o['backend']} "
+              f"({o['max_features']} features, scales {','.join(f'{v:g}' for v in o['scales'])}, threshold {o['score_threshold']:g}), "
+              f"{o['kind']} ({o['pooling']}), regions {o['regions']} ({res['regions_per_image']:.1f}/image), K={o['codebook_size']}, "
+              f"seed {seed}, verify {o['verify']}")
+        print(res["table"])
+        print(f"index {res['index_bytes_per_image'] / 1024:.1f} KiB/image; query {res['timings']['query_ms_median']:.1f} ms (aggregation + search)")
+        results.append(res)
+    public = [{k: v for k, v in r.items() if k != "table" and not k.startswith("_")} for r in results]
+    if len(seeds) > 1:
+        mean = {p: float(np.mean([r["map"][p] for r in results])) for p in ("easy", "medium", "hard")}
+        std = {p: float(np.std([r["map"][p] for r in results])) for p in ("easy", "medium", "hard")}
+        print(f"mean over seeds {','.join(map(str, seeds))}: mAP " + ", ".join(f"{p} {mean[p]:.2f} (std {std[p]:.2f})" for p in mean))
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v for k, v in res.items() if k not in ("table", "_report")}, indent=1) + "\n")
+        doc = public[0] if len(seeds) == 1 else {"seeds": seeds, "map_mean": mean, "map_std": std, "runs": public}
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
     if args.report:
-        write_report(res, args.report)
+        write_report(results[0], args.report)
         print(f"report: {args.report}")
     return 0
 
@@ -440,7 +526,12 @@ def cmd_eval(args) -> int:
 def register_cli(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a retrieval method on a dataset folder (gnd.json, db/, queries/)")
     e.add_argument("--dataset", required=True, help="folder in the roxford5k-mini layout")
-    e.add_argument("--features", default="xfeat")
+    e.add_argument("--features", default="xfeat", help="a local-feature model of the manifest (xfeat) or a source: rootsift, aliked")
+    e.add_argument("--max-features", type=int, help="keep the N best features per image (default: the model's or source's)")
+    e.add_argument("--scales", help="image pyramid, comma-separated, e.g. 0.5,0.707,1,1.414 (model sources; >1 runs in tiles)")
+    e.add_argument("--score-threshold", type=float, help="minimum keypoint score (default: the model's or source's)")
+    e.add_argument("--fit", choices=["canvas", "longest"], help="feature models: scale 1 fits the image into the model input (canvas, "
+                   "default) or sets its longest side to the input's (longest: portrait photos at full resolution, in tiles)")
     e.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"])
     e.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
     g = e.add_mutually_exclusive_group()
@@ -454,7 +545,7 @@ def register_cli(sub) -> None:
                    help="verification matches a query feature only with features of its M nearest visual words (default 0: exhaustive; faster, loses inliers)")
     e.add_argument("--limit", type=int, help="only the first N queries (quick runs)")
     e.add_argument("--cache", help="feature cache folder (default ~/.cache/d2r/eval)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", default="0", help="codebook seed, or several comma-separated (each run is printed, then the mean)")
     e.add_argument("--threads", type=int)
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--json", help="write every number to this JSON file")

@@ -26,6 +26,23 @@ from .image import load_image
 
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MIN_IMAGE_SIDE = 10
+MAX_SCALE = 4.0
+#: overlap of neighbouring tiles of a pyramid level larger than the canvas (model pixels)
+TILE_OVERLAP = 64
+
+
+def _tiles(n: int, c: int, overlap: int):
+    """Tiles of length ``c`` covering [0, n): (start, core_lo, core_hi); the cores partition the line."""
+    if n <= c:
+        return [(0, -np.inf, np.inf)]
+    count = -(-(n - overlap) // (c - overlap))
+    starts = [round(i * (n - c) / (count - 1)) for i in range(count)]
+    out = []
+    for i, s in enumerate(starts):
+        lo = -np.inf if i == 0 else (s + starts[i - 1] + c) // 2
+        hi = np.inf if i == count - 1 else (starts[i + 1] + s + c) // 2
+        out.append((s, lo, hi))
+    return out
 
 
 @dataclass
@@ -79,17 +96,23 @@ class LocalFeatureExtractor:
 
     Args:
         model: a :class:`d2r.backends.Model` (from :func:`d2r.load_model`).
-        scales: pyramid scales relative to the image fitted into the model canvas; values
-            above 1 are refused for static-shape models. Default: the manifest's, else (1.0,).
+        scales: pyramid scales relative to the image fitted into the model canvas. A level
+            larger than the canvas (scale above 1) runs as overlapping canvas-sized tiles,
+            each keypoint kept by the tile whose core holds it (about ceil(scale)^2 model
+            runs per level). Default: the manifest's, else (1.0,).
         max_features: keep the top-k features by score (manifest default otherwise).
         score_threshold: minimum keypoint / attention score (manifest default otherwise).
         pca: optional (mean [D], projection [D', D]) applied after L2 normalisation, then
             L2 normalisation again (DELF post-processing, no whitening).
         entry: the model's manifest entry (``outputs``, ``geometry``, ``defaults`` say how to
             read it); default ``model.entry``, filled in by :func:`d2r.load_model`.
+        fit: what scale 1 means: ``"canvas"`` (default) fits the whole image into the model
+            canvas (a 640x480 portrait photo runs at 480x360 in a 480x640 canvas);
+            ``"longest"`` scales the image's longest side to the canvas' longest side, so
+            portrait photos keep the resolution of landscape ones (in two tiles).
     """
 
-    def __init__(self, model, scales=None, max_features=None, score_threshold=None, pca=None, entry=None):
+    def __init__(self, model, scales=None, max_features=None, score_threshold=None, pca=None, entry=None, fit="canvas"):
         entry = entry if entry is not None else getattr(model, "entry", None)
         if entry is None or entry.task != "local_features":
             raise ModelError(f"{getattr(model, 'path', model)}: not a local-feature model listed in a model manifest (pass entry=)")
@@ -97,12 +120,15 @@ class LocalFeatureExtractor:
         self.entry = entry
         defaults = entry.defaults or {}
         self.scales = tuple(float(s) for s in (scales if scales is not None else defaults.get("scales", (1.0,))))
-        if not self.scales or any(not (0 < s <= 1.0) for s in self.scales):
-            raise InputError(f"scales: expected values in (0, 1] for a static-shape model, got {list(self.scales)}")
+        if not self.scales or any(not (0 < s <= MAX_SCALE) for s in self.scales):
+            raise InputError(f"scales: expected values in (0, {MAX_SCALE:g}], got {list(self.scales)}")
         self.max_features = int(max_features if max_features is not None else defaults.get("max_features", 1000))
         if self.max_features < 1:
             raise InputError(f"max_features: expected >= 1, got {self.max_features}")
         self.score_threshold = float(score_threshold if score_threshold is not None else defaults.get("score_threshold", 0.0))
+        if fit not in ("canvas", "longest"):
+            raise InputError(f"fit: expected 'canvas' or 'longest', got {fit!r}")
+        self.fit = fit
         names = [o.name for o in entry.outputs]
         self._out = {name: i for i, name in enumerate(names)}
         if "descriptors" not in self._out:
@@ -113,22 +139,47 @@ class LocalFeatureExtractor:
         self.stride = int((entry.geometry or {}).get("stride", 8))
         self.nms_kernel = int(defaults.get("nms_kernel", 5))
         self.pca = pca
-        self.dim = int(entry.outputs[self._out["descriptors"]].shape[-1]) if pca is None else int(pca[1].shape[0])
+        self.entry_dim = int(entry.outputs[self._out["descriptors"]].shape[-1])
+        self.dim = self.entry_dim if pca is None else int(pca[1].shape[0])
 
-    def _prepare(self, rgb: np.ndarray, scale: float):
-        """Fit the image at ``scale`` into the canvas; returns (input, factor, valid_h, valid_w)."""
+    tile_overlap = TILE_OVERLAP
+
+    def _canvas(self, tile: np.ndarray) -> np.ndarray:
+        """Pad a tile of at most the canvas size to the canvas (edge-replicated: keeps the image
+        statistics, XFeat normalises the whole input) and map it to the input range."""
         ch, cw = self.canvas
-        h, w = rgb.shape[:2]
-        fit = min(ch / h, cw / w) * scale
-        nh, nw = max(1, int(round(h * fit))), max(1, int(round(w * fit)))
-        nh, nw = min(nh, ch), min(nw, cw)
-        small = _resize(rgb, nh, nw)
-        # Edge-replicated padding: keeps the image statistics (XFeat normalises the whole input).
-        canvas = np.pad(small, ((0, ch - nh), (0, cw - nw), (0, 0)), mode="edge").astype(np.float32)
+        nh, nw = tile.shape[:2]
+        canvas = np.pad(tile, ((0, ch - nh), (0, cw - nw), (0, 0)), mode="edge").astype(np.float32)
         lo, hi = self.input_range
         if (lo, hi) != (0.0, 255.0):
             canvas = canvas / 255.0 * (hi - lo) + lo
-        return canvas[None], (h / nh, w / nw), nh, nw
+        return canvas[None]
+
+    def _level(self, rgb: np.ndarray, scale: float):
+        """Features of one pyramid level: (yx in original pixels, scores, descriptors)."""
+        ch, cw = self.canvas
+        h, w = rgb.shape[:2]
+        if self.fit == "longest":
+            fit = max(ch, cw) / max(h, w) * scale
+        else:
+            fit = min(ch / h, cw / w) * scale
+        nh, nw = max(1, int(round(h * fit))), max(1, int(round(w * fit)))
+        if scale <= 1.0 and self.fit == "canvas":
+            nh, nw = min(nh, ch), min(nw, cw)
+        small = _resize(rgb, nh, nw)
+        locs, scores, descs = [], [], []
+        for y0, ylo, yhi in _tiles(nh, ch, self.tile_overlap):
+            for x0, xlo, xhi in _tiles(nw, cw, self.tile_overlap):
+                tile = small[y0:y0 + ch, x0:x0 + cw]
+                outs = self.model.run(self._canvas(tile))
+                vh, vw = tile.shape[:2]
+                yx, sc, de = self._keypoints(outs, vh, vw) if self.keypoint_model else self._dense(outs, vh, vw)
+                yx = yx + np.array([y0, x0], np.float32)
+                keep = (yx[:, 0] >= ylo) & (yx[:, 0] < yhi) & (yx[:, 1] >= xlo) & (yx[:, 1] < xhi)
+                locs.append(yx[keep])
+                scores.append(sc[keep])
+                descs.append(de[keep])
+        return np.concatenate(locs) * np.array([h / nh, w / nw], np.float32), np.concatenate(scores), np.concatenate(descs)
 
     def extract(self, image) -> Features:
         rgb = load_image(image)
@@ -136,19 +187,14 @@ class LocalFeatureExtractor:
             return Features.empty(self.dim)
         locs, descs, scores, scales = [], [], [], []
         for s in self.scales:
-            x, (fy, fx), vh, vw = self._prepare(rgb, s)
-            outs = self.model.run(x)
-            if self.keypoint_model:
-                yx, sc, de = self._keypoints(outs, vh, vw)
-            else:
-                yx, sc, de = self._dense(outs, vh, vw)
-            locs.append(yx * np.array([fy, fx], np.float32))
+            yx, sc, de = self._level(rgb, s)
+            locs.append(yx)
             scores.append(sc)
             descs.append(de)
             scales.append(np.full(len(sc), 1.0 / s, np.float32))
         loc = np.concatenate(locs)
         score = np.concatenate(scores)
-        desc = np.concatenate(descs)
+        desc = np.concatenate(descs).reshape(-1, self.entry_dim)
         scale = np.concatenate(scales)
         order = np.argsort(-score, kind="stable")[: self.max_features]
         desc = _l2_rows(desc[order])

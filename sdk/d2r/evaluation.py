@@ -29,7 +29,7 @@ from .features import Features
 from .image import load_image
 from .index import Index
 
-EVAL_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star", "asmk", "rasmk", "vlad", "rvlad")
+EVAL_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star", "asmk", "rasmk", "naive_rasmk", "vlad", "rvlad")
 
 
 def rmac_boxes(height: int, width: int, levels: int) -> list:
@@ -130,7 +130,7 @@ def run(
     if kind not in EVAL_KINDS:
         raise InputError(f"--kind: expected one of {', '.join(EVAL_KINDS)}, got {kind!r}")
     source, param = parse_regions(regions)
-    if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "rvlad") and source == "none":
+    if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "naive_rasmk", "rvlad") and source == "none":
         raise InputError(f"--kind {kind} needs regions (--regions rmac:L or detector:NAME@THRESH)")
     ds = evaluate.load_dataset(dataset)
     timings = {}
@@ -239,7 +239,7 @@ def run(
             vectors[i] = aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind="rvlad", region_sizes=sizes).vector
         elif kind in ("asmk_star", "asmk"):
             index.add(str(i), aggregate(f.descriptors, cb, kind=kind))
-        elif kind in ("rasmk_star", "rasmk"):
+        elif kind in ("rasmk_star", "rasmk", "naive_rasmk"):
             index.add(str(i), aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind=kind, region_sizes=sizes))
         else:
             index.add_regions(str(i), [aggregate(r.descriptors, cb, kind="asmk_star") for r in allf])

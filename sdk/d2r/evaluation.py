@@ -29,6 +29,8 @@ from .features import Features
 from .image import load_image
 from .index import Index
 
+# Detector boxes are extracted down to this score (the paper's lowest threshold) and cached.
+DETECT_FLOOR = 0.1
 EVAL_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star", "asmk", "rasmk", "naive_rasmk", "vlad", "rvlad")
 
 
@@ -124,7 +126,11 @@ def run(
     threads: int | None = None,
     progress=True,
 ) -> dict:
-    """Evaluate one method; returns the JSON-ready result (mAP in percent)."""
+    """Evaluate one method; returns the JSON-ready result (mAP in percent).
+
+    progress: True (bars on stderr), False, or a callable(what, done, total) that receives the
+    same events (``"index"`` reaches total when the database is aggregated).
+    """
     from .engine import Engine
 
     if kind not in EVAL_KINDS:
@@ -136,8 +142,12 @@ def run(
     timings = {}
     t0 = time.perf_counter()
     detector = param[0] if source == "detector" else None
+    # Boxes are detected (and cached) down to DETECT_FLOOR whatever the threshold asked for, and
+    # filtered by score when read: one extraction serves every threshold >= the floor (NMS keeps
+    # a box only against higher-scoring boxes, so the boxes above t are the same either way).
+    detect_at = min(param[1], DETECT_FLOOR) if source == "detector" else DETECT_FLOOR
     engine = Engine.create(features=features, detector=detector, kind="asmk_star", backend=backend, precision=precision,
-                           threads=threads, detector_threshold=param[1] if source == "detector" else 0.1, max_regions=25)
+                           threads=threads, detector_threshold=detect_at, max_regions=25)
     ex = engine.extractor
     model_sha = engine.feature_entry.sha256
     setting = f"{model_sha}|{ex.scales}|{ex.max_features}|{ex.score_threshold}"
@@ -395,6 +405,8 @@ Borders: <b style="color:#2a2">positive</b>, <b style="color:#d33">wrong</b>, <b
 
 
 def _progress(enabled):
+    if callable(enabled):  # a caller's own callable(what, done, total)
+        return enabled
     if not enabled:
         return lambda what, done, total: None
     last = {"t": 0.0}

@@ -16,6 +16,7 @@ What the script does beyond calling run():
   always gets the same visual word, so an R-MAC cell (a subset of the whole-image features) or
   a second kind costs no new assignment. The memo serves the database only: once run() reports
   the index complete, queries are assigned afresh, so the query time is the real one.
+- `--memo-dir DIR` keeps each codebook's memo on disk, so a restarted sweep does not assign again.
 - `--approximate` uses the codebook's two-level approximate assignment (database and queries),
   for K = 65536 on this machine.
 Results are appended to --out (one JSON line per run) as they come, so a long sweep that is
@@ -50,14 +51,19 @@ SSD = ["detector:ssd@0.7", "detector:ssd@0.5", "detector:ssd@0.3", "detector:ssd
 
 def grid(name: str) -> list[tuple[str, str, str, bool]]:
     """(kind, pooling, regions, verify) rows."""
-    if name == "table1":
+    if name == "table1":  # in order of priority (a sweep that is stopped early has the first rows)
         rows = [("asmk_star", "max", "none", False), ("asmk", "max", "none", False), ("vlad", "max", "none", False)]
         for r in RMAC:
-            rows += [("rasmk_star", "max", r, False), ("rasmk", "max", r, False), ("rvlad", "max", r, False),
-                     ("naive_rasmk", "max", r, False), ("d2r_asmk_star", "max", r, False), ("d2r_asmk_star", "avg", r, False)]
-        for r in SSD:
-            rows += [("rasmk_star", "max", r, False), ("d2r_asmk_star", "max", r, False), ("d2r_asmk_star", "avg", r, False)]
+            rows += [("rasmk_star", "max", r, False), ("d2r_asmk_star", "max", r, False), ("rvlad", "max", r, False),
+                     ("naive_rasmk", "max", r, False)]
         rows += [("asmk_star", "max", "none", True)]
+        for r in SSD:
+            rows += [("rasmk_star", "max", r, False), ("d2r_asmk_star", "max", r, False)]
+        rows += [("rasmk", "max", "rmac:2", False), ("d2r_asmk_star", "avg", "rmac:2", False)]
+        for r in SSD:
+            rows += [("d2r_asmk_star", "avg", r, False)]
+        for r in ("rmac:1", "rmac:3"):
+            rows += [("rasmk", "max", r, False), ("d2r_asmk_star", "avg", r, False)]
         for r in SSD:
             rows += [("rasmk", "max", r, False), ("rvlad", "max", r, False), ("naive_rasmk", "max", r, False)]
         return rows
@@ -132,6 +138,22 @@ class SweepCodebook(Codebook):
         # aggregate() uses the words only; distances are not memoised.
         return words[:, None], np.zeros((n, 1))
 
+    def save_memo(self, path: Path):
+        if self._pending:
+            self._merge()
+        if self._keys.size != getattr(self, "_saved", -1):
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, keys=self._keys, vals=self._vals, checksum=np.array(self.checksum))
+            os.replace(tmp, path)
+            self._saved = self._keys.size
+
+    def load_memo(self, path: Path):
+        if path.is_file():
+            with np.load(path) as z:
+                if str(z["checksum"]) == self.checksum:
+                    self._keys, self._vals = z["keys"], z["vals"]
+                    self._saved = self._keys.size
+
     def _merge(self):
         keys = np.concatenate([self._keys, np.fromiter(self._pending.keys(), np.uint64, len(self._pending))])
         vals = np.concatenate([self._vals, np.fromiter(self._pending.values(), np.int32, len(self._pending))])
@@ -189,7 +211,15 @@ def table(rows) -> str:
         groups.setdefault((r["K"], label(r), r["regions"]), []).append(r)
     lines = ["| K | method | regions | regions / image | mAP Medium | mAP Hard | seeds | index KiB / image | query ms | SV ms / query |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for (k, name, regions), rs in groups.items():
+    order = [(k, p, r, v) for k, p, r, v in grid("table1") + grid("large")]
+
+    def rank(item):
+        (k, _, regions), rs = item
+        r = rs[0]
+        key = (r["kind"], r["pooling"], regions, r["verify"])
+        return (k, order.index(key) if key in order else len(order))
+
+    for (k, name, regions), rs in sorted(groups.items(), key=rank):
         med = np.array([r["map"]["medium"] for r in rs])
         hard = np.array([r["map"]["hard"] for r in rs])
         seeds = ",".join(str(r["seed"]) for r in rs)
@@ -216,14 +246,21 @@ def main(argv=None) -> int:
     p.add_argument("--approximate", action="store_true", help="two-level approximate assignment")
     p.add_argument("--save-codebooks", help="folder for the trained codebooks")
     p.add_argument("--only", nargs="+", help="only rows whose kind[/pooling]@regions is listed, e.g. rasmk_star@rmac:2")
+    p.add_argument("--memo-dir", help="keep the assignment memo of each codebook here between sweeps")
     p.add_argument("--out", required=True, help="JSON lines, appended run by run")
-    p.add_argument("--table-only", action="store_true", help="print the table of --out and stop")
+    p.add_argument("--merge", nargs="+", default=[], help="more JSON-lines files of earlier runs (table, --skip-done)")
+    p.add_argument("--skip-done", action="store_true", help="skip the runs already in --out / --merge")
+    p.add_argument("--table-only", action="store_true", help="print the table of --out (and --merge) and stop")
     args = p.parse_args(argv)
     out = Path(args.out)
+    earlier = []
+    for f in [out] + [Path(m) for m in args.merge]:
+        if f.is_file():
+            earlier += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     if args.table_only:
-        rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
-        print(table(rows))
+        print(table(sorted(earlier, key=lambda r: r["seed"])))
         return 0
+    done_keys = {(r["kind"], r["pooling"], r["regions"], r["verify"], r["seed"], r["K"]) for r in earlier}
     import numba
 
     numba.set_num_threads(1)
@@ -240,6 +277,8 @@ def main(argv=None) -> int:
             raise SystemExit("--codebook: give one file per seed")
         for s, f in zip(args.seeds, args.codebook):
             cb = SweepCodebook(Codebook.load(f).centroids)
+            if args.memo_dir:
+                cb.load_memo(Path(args.memo_dir) / f"memo-{cb.checksum[:16]}.npz")
             codebooks[s] = cb
     rows_spec = grid(args.grid)
     if args.only:
@@ -249,8 +288,13 @@ def main(argv=None) -> int:
     done = []
     for kind, pooling, regions, verify in rows_spec:
         for seed in args.seeds:
+            if args.skip_done and (kind, pooling, regions, verify, seed, args.codebook_size) in done_keys:
+                continue
             row = run_one(args, kind, pooling, regions, verify, seed, codebooks)
             cb = codebooks[seed]
+            if args.memo_dir:
+                Path(args.memo_dir).mkdir(parents=True, exist_ok=True)
+                cb.save_memo(Path(args.memo_dir) / f"memo-{cb.checksum[:16]}.npz")
             row["memo_hits"], row["memo_misses"] = cb.memo_hits, cb.memo_misses
             done.append(row)
             with out.open("a") as fh:

@@ -142,7 +142,7 @@ class SweepCodebook(Codebook):
         if self._pending:
             self._merge()
         if self._keys.size != getattr(self, "_saved", -1):
-            tmp = path.with_suffix(".tmp.npz")
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
             np.savez(tmp, keys=self._keys, vals=self._vals, checksum=np.array(self.checksum))
             os.replace(tmp, path)
             self._saved = self._keys.size
@@ -207,7 +207,12 @@ def label(r) -> str:
 
 def table(rows) -> str:
     groups: dict = {}
+    seen = set()
     for r in rows:
+        key = (r["kind"], r["pooling"], r["regions"], r["verify"], r["seed"], r["K"])
+        if key in seen:  # a run repeated by two sweeps: the first counts
+            continue
+        seen.add(key)
         groups.setdefault((r["K"], label(r), r["regions"]), []).append(r)
     lines = ["| K | method | regions | regions / image | mAP Medium | mAP Hard | seeds | index KiB / image | query ms | SV ms / query |",
              "|---|---|---|---|---|---|---|---|---|---|"]

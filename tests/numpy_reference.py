@@ -91,3 +91,20 @@ def similarity(words_a, pay_a, words_b, pay_b, dim, binary, alpha=3.0, tau=0.0, 
     if normalize:
         total /= np.sqrt(len(words_a) * len(words_b))
     return total
+
+
+def naive_rasmk(x, c, region_sizes, m=1):
+    """Naive-R-ASMK (ALGORITHM.md section 3): per word, the sum over regions of each region's
+    ASMK unit residual, divided by the number of regions R (empty regions count in R)."""
+    bounds = np.concatenate([[0], np.cumsum(region_sizes)]).astype(int)
+    acc = {}
+    for r in range(len(region_sizes)):
+        sl = slice(bounds[r], bounds[r + 1])
+        if bounds[r + 1] == bounds[r]:
+            continue
+        words, unit = aggregate(x[sl], c, "asmk", m=m)
+        for w, u in zip(words, unit):
+            acc[int(w)] = acc.get(int(w), 0.0) + u.astype(np.float64)
+    words = np.array(sorted(acc), dtype=np.uint32)
+    vecs = np.array([acc[int(w)] / len(region_sizes) for w in words]).reshape(len(words), c.shape[1])
+    return words, vecs.astype(np.float32)

@@ -113,3 +113,14 @@ def test_eval_cli_json(dataset, tmp_path):
         assert (34, 170, 34) in colours or any(g > 150 and r < 80 and b < 80 for r, g, b in colours)  # green borders drawn
     bad = subprocess.run([sys.executable, "-m", "d2r.cli", "eval", "--dataset", str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 1 and "none" in bad.stderr
+
+
+def test_eval_naive_rasmk_and_progress_callable(dataset, tmp_path):
+    events = []
+    res = run(dataset, kind="naive_rasmk", regions="rmac:1", codebook_size=64, cache_dir=tmp_path / "c",
+              progress=lambda what, done, total: events.append((what, done, total)))
+    assert res["options"]["kind"] == "naive_rasmk" and res["regions_per_image"] > 1
+    assert res["map"]["medium"] > 30.0, res["table"]
+    assert ("index", 42, 42) in events and ("query features", 14, 14) in events
+    with pytest.raises(d2r.errors.InputError, match="needs regions"):
+        run(dataset, kind="naive_rasmk", regions="none", cache_dir=tmp_path / "c")

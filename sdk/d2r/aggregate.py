@@ -3,6 +3,8 @@
 Kinds (ALGORITHM.md section 3): ``vlad``, ``asmk``, ``asmk_star`` over all features of an
 image, and their regional forms ``rvlad``, ``rasmk``, ``rasmk_star`` in which each region's
 residual vector is L2-normalised before the regions are summed (Detect-to-Retrieve).
+``naive_rasmk`` is the paper's ablation: the mean over regions of the per-region ASMK
+representations (per word, the mean of the regions' unit residuals), one vector per image.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from ._checks import descriptors_array, positive_int, real_number
 from .codebook import Codebook
 from .errors import InputError
 
-KINDS = ("vlad", "asmk", "asmk_star", "rvlad", "rasmk", "rasmk_star")
-REGIONAL_KINDS = ("rvlad", "rasmk", "rasmk_star")
+KINDS = ("vlad", "asmk", "asmk_star", "rvlad", "rasmk", "rasmk_star", "naive_rasmk")
+REGIONAL_KINDS = ("rvlad", "rasmk", "rasmk_star", "naive_rasmk")
 VLAD_KINDS = ("vlad", "rvlad")
 BINARY_KINDS = ("asmk_star", "rasmk_star")
-FLOAT_WORD_KINDS = ("asmk", "rasmk")
+FLOAT_WORD_KINDS = ("asmk", "rasmk", "naive_rasmk")
 
 # ASMK keeps a visual word only if the norm of its residual sum is strictly above this.
 KEEP_EPS = 1e-6
@@ -42,7 +44,8 @@ class Aggregation:
         kind: one of :data:`KINDS`.
         dim: D, the local descriptor dimension.
         words: uint32 [n] ascending visual-word ids (empty for VLAD kinds).
-        vectors: float32 [n, D] unit residuals (``asmk`` / ``rasmk``), else None.
+        vectors: float32 [n, D] unit residuals (``asmk`` / ``rasmk``), or for ``naive_rasmk``
+            the mean over the R regions of the regions' unit residuals (norm <= 1), else None.
         codes: uint8 [n, ceil(D / 8)] packed signs, MSB-first (``asmk_star`` / ``rasmk_star``),
             else None. Padding bits (when D is not a multiple of 8) are zero.
         vector: float32 [K * D] (``vlad`` / ``rvlad``), else None.
@@ -156,7 +159,7 @@ def aggregate(
     Args:
         descriptors: float32 [N, D] (float64 is converted to float32; NaN/inf rejected).
         codebook: the :class:`Codebook` (K words of dimension D).
-        kind: one of ``vlad, asmk, asmk_star, rvlad, rasmk, rasmk_star``.
+        kind: one of ``vlad, asmk, asmk_star, rvlad, rasmk, rasmk_star, naive_rasmk``.
         region_sizes: regional kinds only: ints summing to N, the descriptors of each region
             stored one region after the other; zeros are empty regions (still counted in R).
             None means all descriptors form one region.
@@ -192,8 +195,10 @@ def aggregate(
         if assign.size and (assign.min() < 0 or assign.max() >= codebook.size):
             raise InputError(f"assignments: word ids must be in [0, {codebook.size})")
         assign = np.ascontiguousarray(assign, dtype=np.int32)
-    words, sums = kernels.residual_sums(x, codebook.centroids, assign, starts, regional)
     dim = codebook.dim
+    if kind == "naive_rasmk":
+        return _naive_rasmk(x, codebook, assign, starts)
+    words, sums = kernels.residual_sums(x, codebook.centroids, assign, starts, regional)
 
     if kind in VLAD_KINDS:
         full = np.zeros((codebook.size, dim))
@@ -211,6 +216,34 @@ def aggregate(
     if kind in BINARY_KINDS:
         return Aggregation(kind, dim, words, codes=kernels.pack_signs(unit), n_regions=n_regions)
     return Aggregation(kind, dim, words, vectors=unit.astype(np.float32), n_regions=n_regions)
+
+
+def _naive_rasmk(x, codebook, assign, starts) -> Aggregation:
+    """Naive-R-ASMK: ASMK of each region (per-word sum, strict keep rule, unit rows), then per
+    word the sum over regions divided by R (empty regions count in R). With a linear kernel
+    (alpha = 1, no threshold) its similarity to a query is exactly the mean of the query's ASMK
+    similarities to the regions; the selectivity is applied to that averaged match instead."""
+    n_regions = starts.shape[0] - 1
+    one = np.array([0, 0], dtype=np.int64)
+    all_words, all_units = [], []
+    for r in range(n_regions):
+        a, b = int(starts[r]), int(starts[r + 1])
+        if b == a:
+            continue
+        one[1] = b - a
+        w, sums = kernels.residual_sums(x[a:b], codebook.centroids, assign[a:b], one, False)
+        kept, unit = kernels.normalize_words(sums, KEEP_EPS)
+        all_words.append(w[kept])
+        all_units.append(unit[kept])
+    dim = codebook.dim
+    if not all_words:
+        return Aggregation("naive_rasmk", dim, np.zeros(0, np.uint32), vectors=np.zeros((0, dim), np.float32),
+                           n_regions=n_regions)
+    words, inverse = np.unique(np.concatenate(all_words), return_inverse=True)
+    acc = np.zeros((words.shape[0], dim))
+    np.add.at(acc, inverse, np.concatenate(all_units))
+    acc /= n_regions
+    return Aggregation("naive_rasmk", dim, words, vectors=acc.astype(np.float32), n_regions=n_regions)
 
 
 def similarity(a: Aggregation, b: Aggregation, alpha: float = 3.0, tau: float = 0.0, normalize: bool = False) -> float:

@@ -29,7 +29,9 @@ from .features import Features
 from .image import load_image
 from .index import Index
 
-EVAL_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star", "asmk", "rasmk", "vlad", "rvlad")
+# Detector boxes are extracted down to this score (the paper's lowest threshold) and cached.
+DETECT_FLOOR = 0.1
+EVAL_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star", "asmk", "rasmk", "naive_rasmk", "vlad", "rvlad")
 
 
 def rmac_boxes(height: int, width: int, levels: int) -> list:
@@ -158,6 +160,8 @@ def run(
     :mod:`d2r.feature_sources` (``rootsift``, ``aliked``); max_features, scales and
     score_threshold override the extractor's defaults (the manifest's for models); fit
     (models only): ``canvas`` or ``longest``, see :class:`d2r.LocalFeatureExtractor`.
+    progress: True (bars on stderr), False, or a callable(what, done, total) that receives the
+    same events (``"index"`` reaches total when the database is aggregated).
     """
     from .engine import Engine
     from .feature_sources import SOURCES, make_extractor
@@ -167,7 +171,7 @@ def run(
     source, param = parse_regions(regions)
     if isinstance(verify_words, bool) or not isinstance(verify_words, (int, np.integer)) or not 0 <= verify_words <= 64:
         raise InputError(f"--verify-words: expected 0 (exhaustive) to 64, got {verify_words!r}")
-    if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "rvlad") and source == "none":
+    if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "naive_rasmk", "rvlad") and source == "none":
         raise InputError(f"--kind {kind} needs regions (--regions rmac:L or detector:NAME@THRESH)")
     if features not in SOURCES:
         from .engine import _ALIASES
@@ -181,6 +185,10 @@ def run(
     timings = {}
     t0 = time.perf_counter()
     detector = param[0] if source == "detector" else None
+    # Boxes are detected (and cached) down to DETECT_FLOOR whatever the threshold asked for, and
+    # filtered by score when read: one extraction serves every threshold >= the floor (NMS keeps
+    # a box only against higher-scoring boxes, so the boxes above t are the same either way).
+    detect_at = min(param[1], DETECT_FLOOR) if source == "detector" else DETECT_FLOOR
     if scales is not None:
         scales = parse_scales(scales)
     overrides = {"max_features": max_features, "scales": scales, "score_threshold": score_threshold}
@@ -190,11 +198,11 @@ def run(
         # The engine still provides the detector (and is built on the default model).
         ex = make_extractor(features, threads=threads, **overrides)
         engine = Engine.create(features="xfeat", detector=detector, kind="asmk_star", backend=backend, precision=precision,
-                               threads=threads, detector_threshold=param[1] if source == "detector" else 0.1, max_regions=25)
+                               threads=threads, detector_threshold=detect_at, max_regions=25)
         setting = ex.setting
     else:
         engine = Engine.create(features=features, detector=detector, kind="asmk_star", backend=backend, precision=precision,
-                               threads=threads, detector_threshold=param[1] if source == "detector" else 0.1, max_regions=25,
+                               threads=threads, detector_threshold=detect_at, max_regions=25,
                                feature_fit=fit or "canvas", **{k: v for k, v in overrides.items() if v is not None})
         ex = engine.extractor
         setting = feature_setting(engine.feature_entry.sha256, ex)
@@ -296,7 +304,7 @@ def run(
             vectors[i] = aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind="rvlad", region_sizes=sizes).vector
         elif kind in ("asmk_star", "asmk"):
             index.add(str(i), aggregate(f.descriptors, cb, kind=kind))
-        elif kind in ("rasmk_star", "rasmk"):
+        elif kind in ("rasmk_star", "rasmk", "naive_rasmk"):
             index.add(str(i), aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind=kind, region_sizes=sizes))
         else:
             index.add_regions(str(i), [aggregate(r.descriptors, cb, kind="asmk_star") for r in allf])
@@ -462,6 +470,8 @@ Borders: <b style="color:#2a2">positive</b>, <b style="color:#d33">wrong</b>, <b
 
 
 def _progress(enabled):
+    if callable(enabled):  # a caller's own callable(what, done, total)
+        return enabled
     if not enabled:
         return lambda what, done, total: None
     last = {"t": 0.0}

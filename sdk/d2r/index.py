@@ -38,8 +38,8 @@ from .errors import IndexFormatError, InputError
 
 __all__ = ["Hit", "Index"]
 
-INDEX_KINDS = ("asmk", "asmk_star", "rasmk", "rasmk_star")
-_KIND_CODES = {"asmk": 0, "asmk_star": 1, "rasmk": 2, "rasmk_star": 3}
+INDEX_KINDS = ("asmk", "asmk_star", "rasmk", "rasmk_star", "naive_rasmk")
+_KIND_CODES = {"asmk": 0, "asmk_star": 1, "rasmk": 2, "rasmk_star": 3, "naive_rasmk": 4}
 _CODE_KINDS = {v: k for k, v in _KIND_CODES.items()}
 
 MAGIC = b"D2RINDEX"
@@ -140,7 +140,7 @@ class Index:
     Args:
         codebook: the :class:`d2r.Codebook` the aggregations were made with (its size K,
             dimension D and checksum are recorded; the centroids are not stored).
-        kind: ``rasmk_star`` (default), ``asmk_star``, ``rasmk`` or ``asmk``. Binary kinds
+        kind: ``rasmk_star`` (default), ``asmk_star``, ``rasmk``, ``asmk`` or ``naive_rasmk``. Binary kinds
             accept aggregations of both binary kinds (and float kinds both float kinds), as
             :func:`d2r.similarity` does. VLAD kinds are dense vectors and are not indexed.
         alpha, tau: selectivity sigma(s) = sign(s)|s|^alpha if s > tau else 0.

@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 
 from . import verify
 from ._files import atomic_write
+from .evaluation import _progress
 from .errors import InputError
 
 __all__ = [
@@ -193,20 +193,6 @@ def _positive(value, name: str) -> int:
 # --------------------------------------------------------------------------------------------
 # Stage 1: features, codebook, index, neighbours, verification
 # --------------------------------------------------------------------------------------------
-
-
-def _progress(enabled):
-    if not enabled:
-        return lambda what, done, total: None
-    last = {"t": 0.0}
-
-    def report(what, done, total):
-        now = time.monotonic()
-        if done == total or now - last["t"] > 2.0:
-            last["t"] = now
-            print(f"\r{what}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    return report
 
 
 def collect_evidence(

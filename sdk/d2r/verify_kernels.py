@@ -114,8 +114,15 @@ def nearest_neighbours(gram, norm_a, norm_b, max_sqdist, ratio, mutual):
             if not d1 < r2 * d2:
                 continue
         row_best[i] = j1
+    return _collect(row_best, col_best, mutual, out)
+
+
+@njit(cache=True, nogil=True)
+def _collect(row_best, col_best, mutual, out):
+    """Rows (i, row_best[i]) of the matched i, ascending; with ``mutual`` only if the match's
+    own nearest query is i. ``out``: int32 [Na, 2] scratch."""
     m = 0
-    for i in range(na):
+    for i in range(row_best.shape[0]):
         j = row_best[i]
         if j < 0:
             continue
@@ -191,17 +198,7 @@ def word_matches(qd, qw, cd, cw, max_sqdist, ratio, mutual):
         if use_ratio and second < np.inf and not best < r2 * second:
             continue
         row_best[i] = jbest
-    n = 0
-    for i in range(na):
-        j = row_best[i]
-        if j < 0:
-            continue
-        if mutual and col_best[j] != i:
-            continue
-        out[n, 0] = i
-        out[n, 1] = j
-        n += 1
-    return out[:n].copy()
+    return _collect(row_best, col_best, mutual, out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,3 +35,25 @@ def ukbench_groups() -> dict:
 
 def roxford_dir() -> Path:
     return shared_dir() / "data" / "roxford5k-mini"
+
+
+def ukbench_retrieval_dataset(root: Path, groups: int | None = None) -> Path:
+    """A folder in the roxford5k-mini layout made of UKBench objects (symlinks, no copies):
+    the first photo of each object is a query, the other three its database images, two
+    "easy" and one "hard" positive (enough to exercise all three protocols)."""
+    root = Path(root)
+    (root / "db").mkdir(parents=True)
+    (root / "queries").mkdir()
+    paths = {p.name: p for p in ukbench_images()}
+    imlist, qimlist, gnd = [], [], []
+    for group in ukbench_groups()["groups"][:groups]:
+        q, *rest = group
+        (root / "queries" / q).symlink_to(paths[q])
+        qimlist.append(q)
+        first = len(imlist)
+        for name in rest:
+            (root / "db" / name).symlink_to(paths[name])
+            imlist.append(name)
+        gnd.append({"easy": [first, first + 1], "hard": [first + 2], "junk": []})
+    (root / "gnd.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
+    return root

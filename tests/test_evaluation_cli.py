@@ -10,29 +10,13 @@ import pytest
 import d2r
 from d2r.evaluation import parse_regions, rmac_boxes, run
 
-from shared_data import ukbench_groups, ukbench_images
+from shared_data import ukbench_retrieval_dataset
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """14 objects x 4 photos: the first photo of each object is a query, the other 3 the database."""
-    root = tmp_path_factory.mktemp("ukb-dataset")
-    (root / "db").mkdir()
-    (root / "queries").mkdir()
-    paths = {p.name: p for p in ukbench_images()}
-    imlist, qimlist, gnd = [], [], []
-    for group in ukbench_groups()["groups"]:
-        q, *rest = group
-        (root / "queries" / q).symlink_to(paths[q])
-        qimlist.append(q)
-        first = len(imlist)
-        for name in rest:
-            (root / "db" / name).symlink_to(paths[name])
-            imlist.append(name)
-        # Two "easy", one "hard" positive per query: enough to exercise all three protocols.
-        gnd.append({"easy": [first, first + 1], "hard": [first + 2], "junk": []})
-    (root / "gnd.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
-    return root
+    return ukbench_retrieval_dataset(tmp_path_factory.mktemp("ukb-dataset"))
 
 
 def test_rmac_boxes_and_region_parsing():

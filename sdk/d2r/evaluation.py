@@ -124,6 +124,32 @@ class FeatureCache:
         return value
 
 
+def default_cache_root() -> Path:
+    """``$XDG_CACHE_HOME/d2r/eval`` (``~/.cache/d2r/eval``): where ``d2r eval`` and
+    ``d2r detector mine-boxes`` keep extracted features."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "d2r" / "eval"
+
+
+def open_cache(cache_dir, setting: str) -> FeatureCache:
+    """The feature cache of one extraction ``setting`` (see :func:`feature_setting`)."""
+    root = Path(cache_dir) if cache_dir else default_cache_root()
+    return FeatureCache(root, hashlib.sha256(setting.encode()).hexdigest()[:16])
+
+
+def cached_whole(cache: FeatureCache, ex, path):
+    """Whole-image features of ``path`` by extractor ``ex``, through ``cache``:
+    (Features, (height, width))."""
+
+    def compute():
+        rgb = load_image(path)
+        out = _pack(ex.extract(rgb))
+        out["shape"] = np.array(rgb.shape[:2])
+        return out
+
+    d = cache.get(path, "whole+shape", compute)
+    return _unpack(d), tuple(int(v) for v in d["shape"])
+
+
 def _pack(f: Features) -> dict:
     return {"locations": f.locations, "descriptors": f.descriptors, "scores": f.scores, "scales": f.scales}
 
@@ -208,8 +234,7 @@ def run(
         setting = feature_setting(engine.feature_entry.sha256, ex)
     if engine.detector_entry is not None:
         setting += f"|{engine.detector_entry.sha256}|{engine.config.detector_threshold}"
-    cache_root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "d2r" / "eval"
-    cache = FeatureCache(cache_root, hashlib.sha256(setting.encode()).hexdigest()[:16])
+    cache = open_cache(cache_dir, setting)
 
     db_paths = ds.image_paths
     q_paths = ds.query_paths
@@ -218,14 +243,7 @@ def run(
     report = _progress(progress)
 
     def whole(p):
-        def compute():
-            rgb = load_image(p)
-            out = _pack(ex.extract(rgb))
-            out["shape"] = np.array(rgb.shape[:2])
-            return out
-
-        d = cache.get(p, "whole+shape", compute)
-        return _unpack(d), tuple(int(v) for v in d["shape"])
+        return cached_whole(cache, ex, p)
 
     def detected_regions(p):
         def compute():

@@ -32,7 +32,6 @@ without re-running retrieval: :func:`collect_evidence` then :func:`box_from_evid
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -226,8 +225,7 @@ def collect_evidence(
     from .aggregate import aggregate
     from .codebook import Codebook
     from .engine import Engine
-    from .evaluation import FeatureCache, _pack, _unpack
-    from .image import load_image
+    from .evaluation import cached_whole, feature_setting, open_cache
     from .index import Index
 
     paths = _check_paths(image_paths, "images")
@@ -259,19 +257,10 @@ def collect_evidence(
         ex = engine.extractor
         match_distance = engine.match_distance()
         # The same key as d2r eval's, so features extracted by either are shared.
-        setting = f"{engine.feature_entry.sha256}|{ex.scales}|{ex.max_features}|{ex.score_threshold}"
-        cache_root = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "d2r" / "eval"
-        cache = FeatureCache(cache_root, hashlib.sha256(setting.encode()).hexdigest()[:16])
+        cache = open_cache(cache_dir, feature_setting(engine.feature_entry.sha256, ex))
 
         def whole(p):
-            def compute():
-                rgb = load_image(p)
-                out = _pack(ex.extract(rgb))
-                out["shape"] = np.array(rgb.shape[:2])
-                return out
-
-            d = cache.get(p, "whole+shape", compute)
-            return _unpack(d), tuple(int(v) for v in d["shape"])
+            return cached_whole(cache, ex, p)
 
         rng = np.random.default_rng(seed)
         per_image = -(-500_000 // len(paths))

@@ -1,11 +1,12 @@
 """Benchmark of spatial verification (issue 6): speed of re-ranking and inliers on a real pair.
 
 1. Time to verify R = 100 candidates of 1000 features each against a 1000-feature query, on one
-   core (BLAS and Numba limited to one thread), split into the distance GEMM, the nearest-
-   neighbour kernel and RANSAC. Candidates are synthetic: each shares 0-150 features with the
-   query under an affine map and has 200 more matches at random places (outliers), so RANSAC
-   runs its full 1000 trials on 200-350 matches, a harder case than most real candidates
-   (shares scaled for other feature counts, see --configs).
+   core (BLAS, ONNX Runtime and Numba limited to one thread), split into the distance GEMM, the
+   nearest-neighbour kernel and RANSAC, with float32 descriptors and with int8 codes (integer
+   GEMM, ``d2r.int8_gemm``; the default of ``d2r.verify.rerank``). Candidates are synthetic:
+   each shares 0-150 features with the query under an affine map and has 200 more matches at
+   random places (outliers), so RANSAC runs its full 1000 trials on 200-350 matches, a harder
+   case than most real candidates (shares scaled for other feature counts, see --configs).
 2. Inlier counts on the scikit-image stereo pair (``skimage.data.stereo_motorcycle``) with
    OpenCV SIFT (RootSIFT) and ORB features: d2r's RANSAC against ``cv2.estimateAffine2D`` and
    ``skimage.measure.ransac`` on the same putative matches, threshold 10 px, 1000 trials.
@@ -36,7 +37,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from d2r import verify, verify_kernels  # noqa: E402
+from d2r import int8_gemm, verify, verify_kernels  # noqa: E402
 
 N_FEATURES = 1000
 N_CANDIDATES = 100
@@ -69,29 +70,44 @@ def synthetic_candidates(dim, n=N_FEATURES, seed=0):
     return verify.LocalFeatures(q_loc, q_desc), cands
 
 
-def time_rerank(dim, n_features, repeat):
-    """Wall and CPU time of re-ranking; CPU time is the steadier number on a shared machine."""
+def time_rerank(dim, n_features, repeat, precision="int8"):
+    """Wall and CPU time of re-ranking; CPU time is the steadier number on a shared machine.
+
+    With int8 the candidates' codes are computed once, before the timed passes, as the engine
+    reads them from its int8 side file; the quantisation of 100 float candidates is reported
+    apart (``quantise_ms``), and the query's is inside every pass."""
     query, cands = synthetic_candidates(dim, n_features)
-    verify.rerank(query, cands[:2])  # compile (cached on disk after the first run)
+    t0 = time.process_time()
+    if precision == "int8":
+        for _, _, c in cands:
+            c.codes()
+    quantise_ms = 1000 * (time.process_time() - t0)
+    verify.rerank(query, cands[:2], precision=precision)  # compile (cached on disk after the first run)
     walls, cpus = [], []
     for _ in range(repeat):
         w0, c0 = time.perf_counter(), time.process_time()
-        out = verify.rerank(query, cands, top_r=N_CANDIDATES)
+        out = verify.rerank(query, cands, top_r=N_CANDIDATES, precision=precision)
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
     # Breakdown, stage by stage on the same data: CPU time, best of `repeat` passes per stage.
-    a = query.descriptors
-    na = np.einsum("ij,ij->i", a, a)
+    side = verify._query_side(verify.LocalFeatures(query.locations, query.descriptors), precision)
+    _, a, na, sa = side
     stages = np.full((repeat, 3), np.inf)
     n_matches = []
     for rep in range(repeat):
         t = np.zeros(3)
         for _, _, c in cands:
-            b = c.descriptors
             t0 = time.process_time()
-            gram = a @ b.T
+            if precision == "int8":
+                codes, sb = c.codes()
+                gram = int8_gemm.gram(a, codes)
+                nb = (sb > 0).astype(np.float32)
+            else:
+                b = c.descriptors
+                gram = a @ b.T
+                nb, sb = np.einsum("ij,ij->i", b, b), np.ones(len(b), np.float32)
             t1 = time.process_time()
-            m = verify_kernels.nearest_neighbours(gram, na, np.einsum("ij,ij->i", b, b), 0.81, 0.0, False)
+            m = verify_kernels.nearest_neighbours(gram, na, nb, sa, sb, 0.81, 0.0, False)
             t2 = time.process_time()
             verify.ransac_affine(query.locations, c.locations, m)
             t3 = time.process_time()
@@ -104,6 +120,7 @@ def time_rerank(dim, n_features, repeat):
     return {
         "dim": dim,
         "n": n_features,
+        "precision": precision,
         "wall_ms": 1000 * float(np.median(walls)),
         "wall_best_ms": 1000 * float(np.min(walls)),
         "cpu_ms": 1000 * float(np.median(cpus)),
@@ -111,8 +128,10 @@ def time_rerank(dim, n_features, repeat):
         "gemm_ms": 1000 * best[0],
         "nn_ms": 1000 * best[1],
         "ransac_ms": 1000 * best[2],
+        "quantise_ms": quantise_ms,
         "matches": (int(np.min(n_matches)), int(np.median(n_matches)), int(np.max(n_matches))),
         "inliers_top": inl[:3],
+        "order": [r.id for r in out[:N_CANDIDATES]],
     }
 
 
@@ -381,6 +400,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=5, help="timed passes over the 100 candidates (median reported)")
     ap.add_argument("--configs", nargs="+", default=["1000x128", "1000x64", "500x128"],
                     help="features per image x descriptor dimension, one timing row each")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=["fp32", "int8"],
+                    help="exhaustive matching precisions timed in part 1 (the first is the reference order)")
     ap.add_argument("--seeds", type=int, default=5, help="RANSAC seeds on the stereo pair")
     ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], help="which parts to run (4: matching within visual words, needs --oxford)")
     ap.add_argument("--oxford", default=None, help="a dataset folder (roxford5k-mini layout) for part 3")
@@ -407,15 +428,20 @@ def main():
 
 def time_table(args):
     print(f"\nRe-rank {N_CANDIDATES} candidates (query and candidates with N features each), one core, "
-          f"{args.repeat} passes: wall and CPU time in ms, median (best); stages: CPU ms, best pass")
-    print("| N x D | wall | CPU | distance GEMM | NN kernel | RANSAC | matches min/median/max | top inliers |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.repeat} passes: wall and CPU time in ms, median (best); stages: CPU ms, best pass. "
+          f"int8: integer GEMM on {int8_gemm.backend(1)}; 'same order' compares the re-ranked top 100 with fp32's")
+    print("| N x D | matching | wall | CPU | distance GEMM | NN kernel | RANSAC | quantise 100 candidates | matches min/median/max | top inliers | same order |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cfg in args.configs:
         n, dim = (int(v) for v in cfg.lower().split("x"))
-        r = time_rerank(dim, n, args.repeat)
-        print(f"| {r['n']} x {r['dim']} | {r['wall_ms']:.0f} ({r['wall_best_ms']:.0f}) | {r['cpu_ms']:.0f} ({r['cpu_best_ms']:.0f}) "
-              f"| {r['gemm_ms']:.0f} | {r['nn_ms']:.0f} | {r['ransac_ms']:.0f} "
-              f"| {'/'.join(map(str, r['matches']))} | {r['inliers_top']} |")
+        ref = None
+        for precision in args.precisions:
+            r = time_rerank(dim, n, args.repeat, precision)
+            ref = ref or r["order"]
+            quant = f"{r['quantise_ms']:.0f}" if precision == "int8" else "-"
+            print(f"| {r['n']} x {r['dim']} | {precision} | {r['wall_ms']:.0f} ({r['wall_best_ms']:.0f}) "
+                  f"| {r['cpu_ms']:.0f} ({r['cpu_best_ms']:.0f}) | {r['gemm_ms']:.0f} | {r['nn_ms']:.0f} | {r['ransac_ms']:.0f} "
+                  f"| {quant} | {'/'.join(map(str, r['matches']))} | {r['inliers_top']} | {'yes' if r['order'] == ref else 'no'} |")
 
 
 if __name__ == "__main__":

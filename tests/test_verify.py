@@ -576,3 +576,65 @@ def test_bad_words_are_rejected():
         LocalFeatures(np.zeros((3, 2)), unit(np.eye(3)), np.zeros(3, np.float32))
     with pytest.raises(d2r.InputError, match="use_words"):
         verify.verify_pair((np.zeros((3, 2)), unit(np.eye(3))), (np.zeros((3, 2)), unit(np.eye(3))), use_words="yes")
+
+
+# --------------------------------------------------------------------------------------------
+# int8 matching (integer dot products of int8 codes)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio, mutual", [(None, False), (0.8, False), (None, True), (0.9, True)])
+def test_int8_match_equals_brute_force_on_the_codes(ratio, mutual):
+    rng = np.random.default_rng(11)
+    a = unit(rng.normal(size=(150, 64)))
+    b = unit(np.concatenate([a[:70] + 0.1 * rng.normal(size=(70, 64)), rng.normal(size=(100, 64))]))
+    # the oracle sees what int8 matching sees: the unit vectors of the codes
+    ca, ia = verify.LocalFeatures(np.zeros((150, 2)), a).codes()
+    cb, ib = verify.LocalFeatures(np.zeros((170, 2)), b).codes()
+    ref = brute_force_match(ca * ia[:, None], cb * ib[:, None], 0.9, ratio, mutual)
+    got = match(a, b, max_distance=0.9, ratio=ratio, mutual=mutual, precision="int8")
+    assert 0 < len(ref) < 150
+    assert np.array_equal(got, ref)
+    # and it differs from exact float matching only at the margins
+    exact = match(a, b, max_distance=0.9, ratio=ratio, mutual=mutual)
+    assert len(set(map(tuple, got)) ^ set(map(tuple, exact))) <= 2
+
+
+def test_int8_match_compares_directions_not_lengths():
+    a = np.array([[2.0, 0, 0]], np.float32)
+    b = np.array([[1.0, 0.05, 0], [0, 1.0, 0]], np.float32)
+    # fp32: |a - b0| is about 1, beyond 0.9; int8: the directions are 0.05 apart
+    assert match(a, b).shape == (0, 2)
+    assert match(a, b, precision="int8").tolist() == [[0, 0]]
+    # a row of zeros matches nothing in either precision
+    z = np.zeros((1, 3), np.float32)
+    assert match(z, b, precision="int8").shape == (0, 2) and match(z, b).shape == (0, 2)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_rerank_precisions_agree_on_a_scene(precision):
+    q, c, other = scene_features(seed=3, n_shared=40, dim=128)
+    out = rerank(q, [("o", 0.9, other), ("c", 0.1, c)], precision=precision)
+    assert [r.id for r in out] == ["c", "o"] and out[0].inliers == 40
+    assert verify.verify_pair(q, c, precision=precision).inliers == 40
+
+
+def test_precision_is_checked():
+    q, c, _ = scene_features()
+    for call in (lambda: match(q.descriptors, c.descriptors, precision="int4"),
+                 lambda: verify.verify_pair(q, c, precision=8),
+                 lambda: rerank(q, [("c", 1.0, c)], precision="fp16")):
+        with pytest.raises(d2r.InputError, match="precision"):
+            call()
+
+
+def test_unpacked_int8_features_carry_their_stored_codes():
+    q, c, _ = scene_features(dim=128)
+    back = verify.unpack_features(verify.pack_features(c, "int8"))
+    stored, inv = back.codes()
+    assert np.array_equal(stored, c.codes()[0])
+    # re-quantising the unpacked unit vectors gives the same codes
+    assert np.array_equal(verify.LocalFeatures(back.locations, back.descriptors).codes()[0], stored)
+    np.testing.assert_allclose(stored * inv[:, None], back.descriptors, atol=1e-6)
+    assert np.array_equal(verify.match(q.descriptors, back.descriptors, precision="int8"),
+                          verify.match(q.descriptors, c.descriptors, precision="int8"))

@@ -51,14 +51,17 @@ def _min_range(v, lo, hi, acc):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _row_values(g, norm_b, out, acc):
-    """out[j] = |b_j|^2 - 2 <a, b_j>: the squared distance less |a|^2. Returns min(out).
+def _row_values(g, norm_b, scale_b, scale_a, out, acc):
+    """out[j] = |b_j|^2 - 2 s_a s_b[j] g[j]: the squared distance less |a|^2. Returns min(out).
 
-    fastmath only lets LLVM vectorise: 2 * g is exact, so a fused multiply-add rounds the same,
+    ``g`` is a row of float32 dot products (scales of 1) or of exact int32 dot products of int8
+    codes, which the scales turn into dot products of unit vectors. fastmath only lets LLVM
+    vectorise: the products by 1 and by 2 are exact, so a fused multiply-add rounds the same,
     and the min of finite values does not depend on the order of the reduction.
     """
+    two_sa = np.float32(2.0) * scale_a
     for j in range(g.shape[0]):
-        out[j] = norm_b[j] - np.float32(2.0) * g[j]
+        out[j] = norm_b[j] - two_sa * (np.float32(g[j]) * scale_b[j])
     return _min_range(out, 0, out.shape[0], acc)
 
 
@@ -73,11 +76,13 @@ def _update_columns(v, shift, i, col_d, col_best):
 
 
 @njit(cache=True, nogil=True)
-def nearest_neighbours(gram, norm_a, norm_b, max_sqdist, ratio, mutual):
+def nearest_neighbours(gram, norm_a, norm_b, scale_a, scale_b, max_sqdist, ratio, mutual):
     """Putative matches from a similarity block.
 
-    gram: float32 [Na, Nb] = a @ b.T (from BLAS); norm_a: float32 [Na], norm_b: float32 [Nb]
-    squared descriptor norms. max_sqdist: squared distance threshold (strict ``<``); ratio:
+    gram: float32 [Na, Nb] = a @ b.T (from BLAS), or int32 dot products of int8 codes;
+    norm_a: float32 [Na], norm_b: float32 [Nb] squared descriptor norms; scale_a: float32 [Na],
+    scale_b: float32 [Nb] factors that turn gram[i, j] into <a_i, b_j> (ones for a float gram,
+    the inverse code norms for int8 codes, with norms of 1). max_sqdist: squared distance threshold (strict ``<``); ratio:
     Lowe's ratio on distances (``d1 < ratio * d2``), or a value <= 0 to disable; mutual: keep a
     match only if the query feature is also the nearest neighbour of its match in ``a``.
     Ties keep the lowest index. Returns int32 [M, 2] (index in a, index in b), ascending in a.
@@ -98,7 +103,7 @@ def nearest_neighbours(gram, norm_a, norm_b, max_sqdist, ratio, mutual):
     use_ratio = ratio > 0.0
     r2 = ratio * ratio
     for i in range(na):
-        vmin = _row_values(gram[i], norm_b, row, acc)
+        vmin = _row_values(gram[i], norm_b, scale_b, scale_a[i], row, acc)
         if mutual:
             # Column order needs |a_i|^2 too: shift the row by it (exact enough at 1e-6).
             _update_columns(row, norm_a[i], i, col_d, col_best)

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import d2r
@@ -27,7 +28,8 @@ def test_rmac_boxes_and_region_parsing():
     assert parse_regions("none") == ("none", None)
     assert parse_regions("rmac:2") == ("rmac", 2)
     assert parse_regions("detector:ssd@0.3") == ("detector", ("ssd", 0.3))
-    for bad in ("rmac:0", "rmac:x", "detector:ssd@high", "grid"):
+    assert parse_regions("shuffled:landmark@0.1") == ("shuffled", ("landmark", 0.1))
+    for bad in ("rmac:0", "rmac:x", "detector:ssd@high", "shuffled:ssd@x", "grid"):
         with pytest.raises(d2r.InputError, match="--regions"):
             parse_regions(bad)
 
@@ -58,6 +60,26 @@ def test_eval_asmk_star_and_regions(dataset, tmp_path):
     verified = run(dataset, kind="asmk_star", codebook_size=128, cache_dir=cache, verify_top=2, limit=4, progress=False)
     assert verified["options"]["verify"] and verified["n_queries"] == 4
     assert "verify_ms_per_query" in verified["timings"]
+    assert verified["options"]["verify_precision"] == "int8"
+    with pytest.raises(d2r.InputError, match="--verify-precision"):
+        run(dataset, kind="asmk_star", codebook=cb_path, cache_dir=cache, verify_top=2, verify_precision="fp16", progress=False)
+
+
+def test_shuffled_boxes_control(dataset, tmp_path):
+    from d2r.evaluation import _derangement
+
+    for n in (2, 3, 42):
+        d = _derangement(n, seed=1)
+        assert sorted(d.tolist()) == list(range(n)) and (d != np.arange(n)).all()
+    cache = tmp_path / "cache"
+    kw = dict(kind="rasmk_star", codebook_size=64, cache_dir=cache, progress=False)
+    det = run(dataset, regions="detector:landmark@0.1", **kw)
+    ctl = run(dataset, regions="shuffled:landmark@0.1", **kw)
+    # the same boxes, dealt to other images: the same number of regions over the database
+    assert det["regions_per_image"] > 1.5
+    assert ctl["regions_per_image"] == pytest.approx(det["regions_per_image"])
+    assert ctl["options"]["regions"] == "shuffled:landmark@0.1"
+    assert ctl["index_bytes"] != det["index_bytes"] or ctl["map"] != det["map"]
 
 
 def test_eval_cli_json(dataset, tmp_path):

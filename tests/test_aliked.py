@@ -204,3 +204,20 @@ def test_tflite_and_onnx_agree():
     close = d2[np.arange(len(a)), j] < 0.5 ** 2
     assert close.mean() > 0.9
     assert np.sum(a.descriptors[close] * b.descriptors[j[close]], axis=1).mean() > 0.99
+
+
+def test_engine_bundle_carries_the_head(tmp_path):
+    """Engine + bundle with ALIKED: the head file travels with the model; a reopened bundle finds each photo itself."""
+    from shared_data import ukbench_images
+
+    images = ukbench_images()[:6]
+    engine = d2r.Engine.create(features="aliked_n16", detector=None, kind="asmk_star", backend="tflite", precision="fp16",
+                               threads=1, max_features=300)
+    engine.train_codebook(images, size=32, progress=False)
+    engine.add_images(images, progress=False)
+    path = engine.save(tmp_path / "aliked.d2r")
+    assert (path / "models" / "aliked_n16_sddh.npz").is_file()
+    opened = d2r.Engine.open(path, threads=1)
+    assert opened.extractor.aliked_head is not None
+    for p in images[:3]:
+        assert opened.query(p, top_k=1).hits[0].image_id == p.name

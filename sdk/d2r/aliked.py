@@ -31,8 +31,18 @@ TEMPERATURE = 0.1
 HEAD_KEYS = ("offset_w1", "offset_b1", "offset_w2", "offset_b2", "sf_w", "agg_w", "config")
 
 
+@njit(cache=True, nogil=True)
+def _selu_inplace(flat):
+    for i in range(flat.shape[0]):
+        v = flat[i]
+        flat[i] = SELU_SCALE * v if v > 0 else (SELU_SCALE * SELU_ALPHA) * np.expm1(v)
+
+
 def selu(x: np.ndarray) -> np.ndarray:
-    return np.where(x > 0, SELU_SCALE * x, (SELU_SCALE * SELU_ALPHA) * np.expm1(np.minimum(x, 0))).astype(np.float32)
+    """SELU (torch's constants), float32; a new array."""
+    out = np.array(x, dtype=np.float32, order="C", copy=True)
+    _selu_inplace(out.reshape(-1))
+    return out
 
 
 def load_head(path) -> dict[str, np.ndarray]:
@@ -54,41 +64,37 @@ def load_head(path) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------- the dense descriptor map, sampled
-@njit(cache=True, nogil=True)
-def _upsampled(f, yy, xx, big_h, big_w, out, at):
-    """f [h, w, c] upsampled to big_h x big_w (bilinear, align_corners) at integer pixel (yy, xx) -> out[at:at + c]."""
-    h, w, c = f.shape
-    sy = yy * ((h - 1) / (big_h - 1)) if big_h > 1 else 0.0
-    sx = xx * ((w - 1) / (big_w - 1)) if big_w > 1 else 0.0
-    y0 = min(int(np.floor(sy)), h - 1)
-    x0 = min(int(np.floor(sx)), w - 1)
-    y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
-    fy, fx = sy - y0, sx - x0
-    w00, w01, w10, w11 = (1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx
-    for k in range(c):
-        out[at + k] = w00 * f[y0, x0, k] + w01 * f[y0, x1, k] + w10 * f[y1, x0, k] + w11 * f[y1, x1, k]
+def _axis_table(small: int, big: int):
+    """align_corners bilinear upsampling of an axis of ``small`` cells to ``big``: (i0, i1, frac) per big index."""
+    src = np.arange(big, dtype=np.float64) * ((small - 1) / (big - 1) if big > 1 else 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), small - 1)
+    return i0, np.minimum(i0 + 1, small - 1), (src - i0).astype(np.float32)
 
 
-@njit(cache=True, nogil=True)
-def _pixel(f1, f2, f3, f4, yy, xx, tmp):
-    big_h, big_w, c = f1.shape
+@njit(cache=True, nogil=True, fastmath=True)
+def _pixel(f1, f2, f3, f4, yy, xx, tabs, tmp):
+    """The normalised descriptor-map pixel (yy, xx) -> tmp [4c]."""
+    c = f1.shape[2]
     for k in range(c):
         tmp[k] = f1[yy, xx, k]
-    _upsampled(f2, yy, xx, big_h, big_w, tmp, c)
-    _upsampled(f3, yy, xx, big_h, big_w, tmp, 2 * c)
-    _upsampled(f4, yy, xx, big_h, big_w, tmp, 3 * c)
-    s = 0.0
-    for k in range(tmp.shape[0]):
+    for j in range(3):
+        f = f2 if j == 0 else (f3 if j == 1 else f4)
+        y0, y1, fy = tabs[j][0][yy], tabs[j][1][yy], tabs[j][2][yy]
+        x0, x1, fx = tabs[j][3][xx], tabs[j][4][xx], tabs[j][5][xx]
+        w00, w01, w10, w11 = (1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx
+        at = (j + 1) * c
+        for k in range(c):
+            tmp[at + k] = w00 * f[y0, x0, k] + w01 * f[y0, x1, k] + w10 * f[y1, x0, k] + w11 * f[y1, x1, k]
+    s = np.float32(0.0)
+    for k in range(4 * c):
         s += tmp[k] * tmp[k]
-    inv = 1.0 / max(np.sqrt(s), 1e-12)
-    for k in range(tmp.shape[0]):
+    inv = np.float32(1.0) / max(np.sqrt(s), np.float32(1e-12))
+    for k in range(4 * c):
         tmp[k] *= inv
 
 
-@njit(cache=True, nogil=True)
-def sample_features(f1, f2, f3, f4, py, px):
-    """The normalised dense descriptor map sampled bilinearly (align_corners, zero outside) at
-    pixel positions (py, px) [n]. f1 [H, W, c], f2..f4 at lower resolutions. Returns [n, 4c] float32."""
+@njit(cache=True, nogil=True, fastmath=True)
+def _sample(f1, f2, f3, f4, py, px, tabs):
     big_h, big_w, c = f1.shape
     n = py.shape[0]
     out = np.zeros((n, 4 * c), np.float32)
@@ -104,10 +110,18 @@ def sample_features(f1, f2, f3, f4, py, px):
                 yy, xx = y0 + cy, x0 + cx
                 if wgt == 0.0 or yy < 0 or yy > big_h - 1 or xx < 0 or xx > big_w - 1:
                     continue
-                _pixel(f1, f2, f3, f4, yy, xx, tmp)
+                _pixel(f1, f2, f3, f4, yy, xx, tabs, tmp)
                 for k in range(4 * c):
                     out[i, k] += wgt * tmp[k]
     return out
+
+
+def sample_features(f1, f2, f3, f4, py, px) -> np.ndarray:
+    """The normalised dense descriptor map sampled bilinearly (align_corners, zero outside) at
+    pixel positions (py, px) [n]. f1 [H, W, c], f2..f4 at lower resolutions. Returns [n, 4c] float32."""
+    big_h, big_w = f1.shape[:2]
+    tabs = tuple(_axis_table(f.shape[0], big_h) + _axis_table(f.shape[1], big_w) for f in (f2, f3, f4))
+    return _sample(f1, f2, f3, f4, np.asarray(py, np.float32), np.asarray(px, np.float32), tabs)
 
 
 # ---------------------------------------------------------------- DKD

@@ -18,7 +18,7 @@ entries are written under the derived setting's own key.
 
 ``--latency``: extraction time per 640x480 photo (median and minimum of --runs runs after 3
 warm-ups, 1 and 2 threads): XFeat in LiteRT (TFLite) with our keypoint decoding, SIFT in
-OpenCV, ALIKED in torch; plus bytes per feature (float32 descriptor; int8 + (y, x) as in the
+OpenCV, ALIKED in torch or converted (LiteRT / ONNX Runtime + d2r.aliked); plus bytes per feature (float32 descriptor; int8 + (y, x) as in the
 verification side file).
 """
 
@@ -61,6 +61,8 @@ SETTINGS = {
     "aliked_n16-fp16-2000": dict(features="aliked_n16", precision="fp16", max_features=2000),
     "aliked_n16-fp16-1000": dict(features="aliked_n16", precision="fp16", max_features=1000, derive="aliked_n16-fp16-2000"),
     "aliked_n16-onnx-fp32-2000": dict(features="aliked_n16", backend="onnx", precision="fp32", max_features=2000),
+    "aliked_t16-fp16-2000": dict(features="aliked_t16", precision="fp16", max_features=2000),
+    "aliked_t16-onnx-fp32-2000": dict(features="aliked_t16", backend="onnx", precision="fp32", max_features=2000),
     "xfeat-onnx-int8-4096": dict(features="xfeat", backend="onnx", max_features=4096),
 }
 

@@ -34,12 +34,17 @@ def parse_runs(text):
     return out
 
 
-def load(path):
-    p = Path(path)
-    return json.loads(p.read_text()) if p.is_file() else []
+def load(paths):
+    """Rows of every file of a comma-separated list (parallel runs write one file each)."""
+    rows = []
+    for path in str(paths).split(","):
+        p = Path(path)
+        rows += json.loads(p.read_text()) if p.is_file() else []
+    return rows
 
 
-def save(path, row):
+def save(paths, row):
+    path = str(paths).split(",")[0]
     rows = load(path)
     rows.append(row)
     tmp = Path(f"{path}.tmp{os.getpid()}")
@@ -67,7 +72,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs", default="asmk_star:none", help="KIND:REGIONS,... (REGIONS as d2r eval --regions)")
     ap.add_argument("--codebooks", default="/tmp/aliked-cb")
-    ap.add_argument("--results", default="/tmp/aliked-eval.json")
+    ap.add_argument("--results", default="/tmp/aliked-eval.json",
+                    help="JSON list of finished runs (appended, resumable); several comma-separated files are all read, the first written")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -221,3 +221,23 @@ def test_engine_bundle_carries_the_head(tmp_path):
     assert opened.extractor.aliked_head is not None
     for p in images[:3]:
         assert opened.query(p, top_k=1).hits[0].image_id == p.name
+
+
+def test_missing_or_altered_head_is_a_clear_error(tmp_path, aliked_entries):
+    import json
+    import shutil
+
+    from d2r.errors import ModelError
+
+    e = next(m for m in aliked_entries if m.format == "tflite")
+    raw = next(d for d in json.loads(e.path.parent.joinpath("manifest.json").read_text())["models"] if d["file"] == e.file)
+    shutil.copyfile(e.path, tmp_path / e.file)
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 1, "models": [raw]}))
+    entry = load_manifest(tmp_path / "manifest.json").models[0]
+    with pytest.raises(ModelError, match="aliked_n16_sddh.npz.*missing"):
+        entry.verify()
+    (tmp_path / e.head["file"]).write_bytes(b"not an npz")
+    with pytest.raises(ModelError, match="sha256"):
+        entry.verify()
+    with pytest.raises(ModelError, match="cannot read the ALIKED descriptor head"):
+        host.load_head(tmp_path / e.head["file"])

@@ -12,7 +12,7 @@ def test_convert_subcommands_are_registered(capsys):
         cli.main(["convert", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for name in ("ssd", "xfeat", "delf"):
+    for name in ("ssd", "xfeat", "aliked", "delf"):
         assert name in out
 
 

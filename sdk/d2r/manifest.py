@@ -84,6 +84,12 @@ class ModelEntry:
     labels: tuple[str, ...] | None = None
     ops: tuple[str, ...] = ()
     training: dict = field(default_factory=dict)  # fine-tuned models: how (d2r detector finetune)
+    head: dict = field(default_factory=dict)  # host-side weights beside the file (ALIKED's SDDH): file, sha256
+
+    @property
+    def head_path(self) -> Path | None:
+        """The file of ``head`` (resolved next to the model file), or None."""
+        return self.path.parent / self.head["file"] if self.head.get("file") else None
 
     def output(self, name: str) -> OutputSpec:
         for o in self.outputs:
@@ -101,6 +107,12 @@ class ModelEntry:
                 h.update(chunk)
         if h.hexdigest() != self.sha256:
             raise ModelError(f"{self.path}: sha256 {h.hexdigest()} differs from the manifest's {self.sha256}")
+        if self.head_path is not None:
+            if not self.head_path.is_file():
+                raise ModelError(f"{self.head_path}: head file listed in the manifest (model {self.file}) is missing")
+            digest = hashlib.sha256(self.head_path.read_bytes()).hexdigest()
+            if self.head.get("sha256") and digest != self.head["sha256"]:
+                raise ModelError(f"{self.head_path}: sha256 {digest} differs from the manifest's {self.head['sha256']}")
 
 
 @dataclass(frozen=True)
@@ -158,7 +170,7 @@ def _entry(d: dict, root: Path, where: str) -> ModelEntry:
         quantization=d.get("quantization", ""), geometry=dict(d.get("geometry", {})), defaults=dict(d.get("defaults", {})),
         source=dict(d.get("source", {})), anchors=d.get("anchors"), decoding=d.get("decoding"),
         labels=tuple(d["labels"]) if d.get("labels") is not None else None, ops=tuple(d.get("ops", ())),
-        training=dict(d.get("training", {})),
+        training=dict(d.get("training", {})), head=dict(d.get("head", {})),
     )
 
 

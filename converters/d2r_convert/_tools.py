@@ -156,3 +156,27 @@ def stereo_pair_skimage(size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] 
     h, w = size
     fit = lambda a: np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR), dtype=np.uint8)  # noqa: E731
     return fit(left), fit(right)
+
+
+def keypoint_parity_inputs(preprocess, size: tuple[int, int], calibration=None, evaluation=None, pair=None) -> dict:
+    """The inputs of a keypoint model's parity checks, each through ``preprocess``.
+
+    Returns a dict with ``cal`` and ``ev`` (calibration and evaluation photos, by default
+    :func:`default_photo_sets`), ``pair_inputs`` (a photo of :func:`pair_photo` or ``pair`` and its warped copy),
+    ``pair`` (that photo's path), ``homography`` (the warp) and ``stereo_inputs`` (scikit-image's stereo pair, or None).
+    """
+    if calibration is None or evaluation is None:
+        cal_paths, eval_paths = default_photo_sets()
+        calibration = calibration if calibration is not None else cal_paths
+        evaluation = evaluation if evaluation is not None else eval_paths
+    pair = Path(pair) if pair is not None else pair_photo()
+    img1, img2, homography = warped_pair(pair, size)
+    stereo = stereo_pair_skimage(size)
+    return {
+        "cal": [preprocess(load_rgb(p, size)) for p in calibration],
+        "ev": [preprocess(load_rgb(p, size)) for p in evaluation],
+        "pair": pair,
+        "pair_inputs": [preprocess(img1), preprocess(img2)],
+        "homography": homography,
+        "stereo_inputs": [preprocess(a) for a in stereo] if stereo is not None else None,
+    }

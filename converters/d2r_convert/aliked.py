@@ -344,7 +344,7 @@ def make_job(variant: str = "aliked-n16", height: int = DEFAULT_SIZE[0], width: 
     from d2r import aliked as host
 
     from . import compare
-    from ._tools import default_photo_sets, load_rgb, pair_photo, sha256_bytes, sha256_file, stereo_pair_skimage, warped_pair
+    from ._tools import keypoint_parity_inputs, sha256_bytes, sha256_file
     from .pipeline import Job
 
     _check(variant, height, width)
@@ -352,18 +352,10 @@ def make_job(variant: str = "aliked-n16", height: int = DEFAULT_SIZE[0], width: 
     model = build(variant, height, width, state)
     net = torch_reference(variant)
     head = head_weights(state, variant)
-    if calibration is None or evaluation is None:
-        cal_paths, eval_paths = default_photo_sets()
-        calibration = calibration if calibration is not None else cal_paths
-        evaluation = evaluation if evaluation is not None else eval_paths
     size = (height, width)
-    cal = [preprocess(load_rgb(p, size)) for p in calibration]
-    ev = [preprocess(load_rgb(p, size)) for p in evaluation]
-    pair = pair if pair is not None else pair_photo()
-    img1, img2, Hm = warped_pair(pair, size)
-    pair_inputs = [preprocess(img1), preprocess(img2)]
-    stereo = stereo_pair_skimage(size)
-    stereo_inputs = [preprocess(a) for a in stereo] if stereo is not None else None
+    inputs = keypoint_parity_inputs(preprocess, size, calibration, evaluation, pair)
+    cal, ev, pair_inputs, stereo_inputs = inputs["cal"], inputs["ev"], inputs["pair_inputs"], inputs["stereo_inputs"]
+    Hm, pair = inputs["homography"], inputs["pair"]
 
     def feats(o):
         yx, sc, de = host.extract(o, head, DEFAULT_THRESHOLD, top_k)

@@ -257,25 +257,17 @@ def make_job(height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1], calibr
              pair=None, top_k: int = 1024):
     """Build the :class:`d2r_convert.pipeline.Job` for XFeat at one fixed input size."""
     from . import compare
-    from ._tools import default_photo_sets, load_rgb, pair_photo, sha256_file, stereo_pair_skimage, warped_pair
+    from ._tools import keypoint_parity_inputs, sha256_file
     from .pipeline import Job
 
     _check_size(height, width)
     model = build(height, width)
     load_weights(model, source_state_dict())
     net = torch_reference()
-    if calibration is None or evaluation is None:
-        cal_paths, eval_paths = default_photo_sets()
-        calibration = calibration if calibration is not None else cal_paths
-        evaluation = evaluation if evaluation is not None else eval_paths
     size = (height, width)
-    cal = [preprocess(load_rgb(p, size)) for p in calibration]
-    ev = [preprocess(load_rgb(p, size)) for p in evaluation]
-    pair = pair if pair is not None else pair_photo()
-    img1, img2, H = warped_pair(pair, size)
-    pair_inputs = [preprocess(img1), preprocess(img2)]
-    stereo = stereo_pair_skimage(size)
-    stereo_inputs = [preprocess(a) for a in stereo] if stereo is not None else None
+    inputs = keypoint_parity_inputs(preprocess, size, calibration, evaluation, pair)
+    cal, ev, pair_inputs, stereo_inputs = inputs["cal"], inputs["ev"], inputs["pair_inputs"], inputs["stereo_inputs"]
+    H, pair = inputs["homography"], inputs["pair"]
 
     def task_compare(ref, out):
         return compare.keypoint_agreement(ref, out, size, top_k=top_k)

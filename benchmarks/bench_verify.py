@@ -91,23 +91,15 @@ def time_rerank(dim, n_features, repeat, precision="int8"):
         cpus.append(time.process_time() - c0)
     # Breakdown, stage by stage on the same data: CPU time, best of `repeat` passes per stage.
     side = verify._query_side(verify.LocalFeatures(query.locations, query.descriptors), precision)
-    _, a, na, sa = side
     stages = np.full((repeat, 3), np.inf)
     n_matches = []
     for rep in range(repeat):
         t = np.zeros(3)
         for _, _, c in cands:
             t0 = time.process_time()
-            if precision == "int8":
-                codes, sb = c.codes()
-                gram = int8_gemm.gram(a, codes)
-                nb = (sb > 0).astype(np.float32)
-            else:
-                b = c.descriptors
-                gram = a @ b.T
-                nb, sb = np.einsum("ij,ij->i", b, b), np.ones(len(b), np.float32)
+            block = verify._distance_block(side, c)  # the GEMM (and |b|^2 or the code norms)
             t1 = time.process_time()
-            m = verify_kernels.nearest_neighbours(gram, na, nb, sa, sb, 0.81, 0.0, False)
+            m = verify_kernels.nearest_neighbours(*block, 0.81, 0.0, False)
             t2 = time.process_time()
             verify.ransac_affine(query.locations, c.locations, m)
             t3 = time.process_time()

@@ -200,20 +200,29 @@ def test_ransac_rejects_bad_arrays():
 # --------------------------------------------------------------------------------------------
 
 
-def brute_force_match(a, b, max_distance, ratio=None, mutual=False):
-    d = np.sqrt(((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1))
+def oracle_matches(d, max_distance, ratio=None, mutual=False):
+    """Matches from a float64 distance matrix (inf = never compared): nearest neighbour below
+    the threshold, ratio against the second nearest seen, mutual check; ties to the lowest index."""
     out = []
-    for i in range(len(a)):
+    for i in range(d.shape[0]):
         order = np.argsort(d[i], kind="stable")
         j = order[0]
         if not d[i, j] < max_distance:
             continue
-        if ratio is not None and len(b) > 1 and not d[i, j] < ratio * d[i, order[1]]:
+        if ratio is not None and d.shape[1] > 1 and np.isfinite(d[i, order[1]]) and not d[i, j] < ratio * d[i, order[1]]:
             continue
         if mutual and np.argmin(d[:, j]) != i:
             continue
         out.append((i, j))
     return np.array(out, dtype=np.int32).reshape(-1, 2)
+
+
+def distances(a, b):
+    return np.sqrt(((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1))
+
+
+def brute_force_match(a, b, max_distance, ratio=None, mutual=False):
+    return oracle_matches(distances(a, b), max_distance, ratio, mutual)
 
 
 def test_match_small_sizes_equal_brute_force():
@@ -491,21 +500,8 @@ def test_real_stereo_pair_against_opencv():
 
 def brute_force_word_match(a, qw, b, cw, max_distance, ratio=None, mutual=False):
     """Oracle: exhaustive distances, pairs that share no word set to infinity."""
-    d = np.sqrt(((a[:, None, :].astype(np.float64) - b[None, :, :]) ** 2).sum(-1))
     shared = (qw[:, :, None] == cw[None, None, :]).any(axis=1)
-    d = np.where(shared, d, np.inf)
-    out = []
-    for i in range(len(a)):
-        order = np.argsort(d[i], kind="stable")
-        j = order[0]
-        if not d[i, j] < max_distance:
-            continue
-        if ratio is not None and np.isfinite(d[i, order[1]]) and not d[i, j] < ratio * d[i, order[1]]:
-            continue
-        if mutual and np.argmin(d[:, j]) != i:
-            continue
-        out.append((i, j))
-    return np.array(out, dtype=np.int32).reshape(-1, 2)
+    return oracle_matches(np.where(shared, distances(a, b), np.inf), max_distance, ratio, mutual)
 
 
 @pytest.mark.parametrize("ratio, mutual", [(None, False), (0.8, False), (None, True), (0.9, True)])

@@ -15,6 +15,8 @@ import struct
 
 import numpy as np
 
+from d2r._protobuf import field as _field
+from d2r._protobuf import varint as _enc_varint
 from d2r.errors import ModelError
 
 
@@ -77,18 +79,8 @@ def decode_datum(data: bytes) -> np.ndarray:
     return arr.reshape(dims).astype(np.float32)
 
 
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _enc_varint((field << 3) | 2) + _enc_varint(len(payload)) + payload
-
-
-def _enc_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _field(number, bytes(payload))
 
 
 def encode_datum(array: np.ndarray) -> bytes:

@@ -21,6 +21,7 @@ import threading
 
 import numpy as np
 
+from ._protobuf import field as _field
 from .errors import InputError
 
 #: the largest code magnitude: codes lie in [-127, 127] (-128 is never used, so negation is safe)
@@ -51,25 +52,6 @@ def inverse_norms(codes: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # ONNX Runtime MatMulInteger, built without the onnx package (a 200-byte protobuf)
 # --------------------------------------------------------------------------------------------
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        out.append(b | (0x80 if v else 0))
-        if not v:
-            return bytes(out)
-
-
-def _field(number: int, value) -> bytes:
-    """One protobuf field: an int (varint, wire type 0) or bytes/str (length-delimited, 2)."""
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    if isinstance(value, str):
-        value = value.encode()
-    return _varint(number << 3 | 2) + _varint(len(value)) + value
 
 
 def _tensor_info(name: str, elem_type: int, dims: tuple) -> bytes:

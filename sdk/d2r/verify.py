@@ -291,10 +291,16 @@ def _query_side(q: LocalFeatures, precision: str) -> tuple:
 
 
 def _match_exhaustive(side: tuple, c: LocalFeatures, params) -> np.ndarray:
+    _, a, norm_a, scale_a = side
+    if a.shape[0] == 0 or c.descriptors.shape[0] == 0:
+        return np.zeros((0, 2), dtype=np.int32)
+    return verify_kernels.nearest_neighbours(*_distance_block(side, c), *params)
+
+
+def _distance_block(side: tuple, c: LocalFeatures) -> tuple:
+    """The nearest-neighbour kernel's operands for one candidate: (gram, |a|^2, |b|^2, scale_a, scale_b)."""
     precision, a, norm_a, scale_a = side
     nb = c.descriptors.shape[0]
-    if a.shape[0] == 0 or nb == 0:
-        return np.zeros((0, 2), dtype=np.int32)
     if precision == "int8":
         codes, scale_b = c.codes()
         gram = int8_gemm.gram(a, codes)
@@ -304,7 +310,7 @@ def _match_exhaustive(side: tuple, c: LocalFeatures, params) -> np.ndarray:
         gram = a @ b.T
         norm_b = np.einsum("ij,ij->i", b, b)
         scale_b = np.ones(nb, np.float32)
-    return verify_kernels.nearest_neighbours(gram, norm_a, norm_b, scale_a, scale_b, *params)
+    return gram, norm_a, norm_b, scale_a, scale_b
 
 
 def _match_features(q: LocalFeatures, c: LocalFeatures, side: tuple, params, use_words: bool) -> np.ndarray:
@@ -354,7 +360,6 @@ def match(
     a = descriptors_array(desc_a, "desc_a")
     b = descriptors_array(desc_b, "desc_b", dim=a.shape[1])
     params = _match_params(max_distance, ratio, mutual)
-    empty = np.zeros((0, 2), np.float32)
     side = _query_side(LocalFeatures(np.zeros((a.shape[0], 2), np.float32), a), _precision(precision))
     return _match_exhaustive(side, LocalFeatures(np.zeros((b.shape[0], 2), np.float32), b), params)
 

@@ -236,6 +236,10 @@ def test_cli_build_and_query(images, tmp_path):
     assert res["hits"][0]["metadata"] == {"title": "Object 1"}
     bad = subprocess.run([sys.executable, "-m", "d2r.cli", "query", str(tmp_path / "none.d2r"), str(images[0])], capture_output=True, text=True)
     assert bad.returncode == 1 and "none.d2r" in bad.stderr
+    for size in ("many", "0"):
+        bad = subprocess.run([sys.executable, "-m", "d2r.cli", "build", str(folder), "-o", str(tmp_path / "x.d2r"), "--codebook-size", size],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "--codebook-size" in bad.stderr and not (tmp_path / "x.d2r").exists()
 
 
 def test_real_bundle_syncs_to_a_device_and_answers_there(built, images, tmp_path):

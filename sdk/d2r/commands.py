@@ -138,7 +138,8 @@ def register_cli(sub) -> None:
     b.add_argument("-o", "--output", required=True, help="bundle folder to write (e.g. museum.d2r)")
     b.add_argument("--features", default=DEFAULT_FEATURES,
                    help=f"local feature model name from models/manifest.json (default {DEFAULT_FEATURES}; xfeat: 7x faster, lower mAP)")
-    b.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"])
+    b.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"],
+                   help="model files to prefer (default int8; a model without that file, like ALIKED, runs the nearest: fp16, then fp32)")
     b.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
     b.add_argument("--detector", default="landmark@0.1",
                    help="NAME@THRESHOLD or 'none' (default landmark@0.1: the fine-tuned landmark SSD; ssd = the OIDv4 SSD)")

@@ -53,7 +53,12 @@ def save(paths, row):
 
 
 def key(args, seed, kind, regions):
-    return (args.features, args.backend, args.precision, args.max_features, args.k, seed, kind, regions)
+    return (args.features, args.backend, args.precision, args.max_features, args.k, seed, kind, regions_label(regions, args.max_regions))
+
+
+def regions_label(regions, max_regions):
+    """Runs with fewer than the 25 detector boxes per image are told apart as REGIONS/max N."""
+    return regions if max_regions == 25 or not regions.startswith(("detector", "shuffled")) else f"{regions}/max{max_regions}"
 
 
 def row_key(r):
@@ -74,6 +79,7 @@ def main() -> None:
     ap.add_argument("--codebooks", default="/tmp/aliked-cb")
     ap.add_argument("--results", default="/tmp/aliked-eval.json",
                     help="JSON list of finished runs (appended, resumable); several comma-separated files are all read, the first written")
+    ap.add_argument("--max-regions", type=int, default=25, help="detector boxes kept per image (d2r eval --max-regions; the Engine keeps 8)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -92,11 +98,11 @@ def main() -> None:
                 res = run(args.dataset, features=args.features, backend=args.backend, precision=args.precision,
                           codebook=str(cb_path) if cb_path.is_file() else None, codebook_size=args.k, kind=kind,
                           regions=regions, seed=seed, threads=1, cache_dir=args.cache, progress=False,
-                          max_features=args.max_features)
+                          max_features=args.max_features, max_regions=args.max_regions)
                 if not cb_path.is_file():
                     res["_codebook"].save(cb_path)
                 row = {"features": args.features, "backend": args.backend, "precision": args.precision,
-                       "max_features": args.max_features, "k": args.k, "seed": seed, "kind": kind, "regions": regions,
+                       "max_features": args.max_features, "k": args.k, "seed": seed, "kind": kind, "regions": regions_label(regions, args.max_regions),
                        "medium": res["map"]["medium"], "hard": res["map"]["hard"], "easy": res["map"]["easy"],
                        "regions_per_image": res["regions_per_image"], "index_bytes_per_image": res["index_bytes_per_image"],
                        "timings": res["timings"], "wall_s": time.perf_counter() - t0,

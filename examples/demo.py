@@ -3,7 +3,7 @@ held-back photos, print the ranked results with timings, and draw them into one 
 
     python examples/demo.py [--out examples/out]
 
-Uses the default models shipped in models/ (XFeat int8 and the MobileNet-V2 SSD, TFLite).
+Uses the default models shipped in models/ (ALIKED-t16 fp16 and the MobileNet-V2 SSD, TFLite).
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     print(f"building a bundle from {len(collection)} photos of {len(set(m['title'] for m in titles.values()))} objects ...")
-    with d2r.Engine.create(features="xfeat", detector="ssd", kind="rasmk_star", threads=2, verification_features=500) as engine:
-        engine.train_codebook(collection, size=128, progress=False)
+    # The default features (ALIKED-t16) and R-ASMK*; the OIDv4 SSD finds the objects (the
+    # landmark detector is for buildings). The codebook size is chosen from the photos (auto).
+    with d2r.Engine.create(detector="ssd", kind="rasmk_star", threads=2, verification_features=500) as engine:
+        engine.train_codebook(collection, progress=False)
         engine.add_images(collection, metadata=titles, progress=False)
         bundle = engine.save(out / "sample.d2r")
     print(f"  wrote {bundle} in {time.perf_counter() - t0:.1f} s")

@@ -62,6 +62,18 @@ def test_train_errors():
         d2r.Codebook.train(x, size=0)
 
 
+def test_auto_size_keeps_39_descriptors_per_word_up_to_8192():
+    from d2r.codebook import auto_size
+
+    assert auto_size(8192 * 39) == 8192 and auto_size(10**9) == 8192
+    assert auto_size(8192 * 39 - 1) == 4096
+    assert auto_size(24 * 1500) == 512  # the sample collection's size with ALIKED-t16
+    assert auto_size(16 * 39) == 16
+    with pytest.raises(d2r.InputError, match="too few for a codebook"):
+        auto_size(16 * 39 - 1)
+    assert auto_size(10**6, max_size=65536) == 16384
+
+
 def test_approximate_assignment_agrees_mostly_and_is_exact_with_all_probes():
     rng = np.random.default_rng(0)
     _, x = blobs(3, k=200, d=32, per=10, spread=0.3)

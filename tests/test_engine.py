@@ -10,6 +10,7 @@ import pytest
 
 import d2r
 from d2r.engine import BundleError, Engine
+from d2r.manifest import DEFAULT_FEATURES
 
 from shared_data import ukbench_groups, ukbench_images
 
@@ -55,6 +56,22 @@ def test_ukbench_tflite_int8(built, images):
     assert image_id == images[0].name and score == res.hits[0].score and metadata is None
 
 
+def test_default_pipeline_on_ukbench(images):
+    """Engine.create() with every default: ALIKED-t16 (its fp16 file: there is no int8 one), the
+    landmark detector at 0.1, D2R-R-ASMK*, a codebook of auto size."""
+    with Engine.create(threads=2) as engine:
+        assert engine.config.features == DEFAULT_FEATURES == "aliked_t16"
+        assert engine.feature_entry.precision == "fp16" and engine.config.kind == "rasmk_star"
+        assert engine.detector_entry.name == "ssd_mobilenetv2_landmark"
+        engine.train_codebook(images, progress=False)
+        # 56 photos give ~80k descriptors: 2048 words keep at least 39 per word.
+        assert engine.codebook.size in (1024, 2048)
+        engine.add_images(images, progress=False)
+        score, per_image = ukbench_score(engine, images)
+    print(f"UKBench-56 top-4 score, default pipeline (ALIKED-t16, landmark regions, R-ASMK*, K={engine.codebook.size}): {score:.2f}")
+    assert score >= 3.0, per_image
+
+
 def test_onnx_gives_the_same_results(built, images):
     engine, path = built
     onnx = Engine.create(features="xfeat", detector="ssd", codebook=engine.codebook, kind="rasmk_star", backend="onnx", precision="int8", threads=2)
@@ -71,8 +88,8 @@ def test_onnx_gives_the_same_results(built, images):
 
 
 def test_fp32_features_agree_between_runtimes(images):
-    a = Engine.create(detector=None, kind="asmk_star", backend="tflite", precision="fp32").extract(images[9])
-    b = Engine.create(detector=None, kind="asmk_star", backend="onnx", precision="fp32").extract(images[9])
+    a = Engine.create(features="xfeat", detector=None, kind="asmk_star", backend="tflite", precision="fp32").extract(images[9])
+    b = Engine.create(features="xfeat", detector=None, kind="asmk_star", backend="onnx", precision="fp32").extract(images[9])
     # Same keypoints (most of them: near-ties in the heatmap can swap) with the same descriptors.
     pa = {tuple(v) for v in a.locations.astype(int).tolist()}
     pb = {tuple(v) for v in b.locations.astype(int).tolist()}
@@ -95,7 +112,7 @@ def test_query_with_spatial_verification(built, images):
         again = opened.query(images[8], top_k=4, verify=True, verify_top=20)
         assert [h.image_id for h in again.hits] == [h.image_id for h in res.hits]
         assert (path / "features.d2rv").is_file()
-    plain = Engine.create(detector=None, kind="asmk_star", codebook=engine.codebook)
+    plain = Engine.create(features="xfeat", detector=None, kind="asmk_star", codebook=engine.codebook)
     plain.add_images(images[:4], progress=False)
     with pytest.raises(d2r.InputError, match="no verification features"):
         plain.query(images[0], verify=True)
@@ -103,7 +120,7 @@ def test_query_with_spatial_verification(built, images):
 
 def test_verification_within_visual_words_travels_in_the_bundle(built, images, tmp_path):
     engine, _ = built
-    words = Engine.create(detector=None, kind="asmk_star", codebook=engine.codebook, verification_features=300, verification_words=3)
+    words = Engine.create(features="xfeat", detector=None, kind="asmk_star", codebook=engine.codebook, verification_features=300, verification_words=3)
     words.add_images(images[:12], progress=False)
     words.save(tmp_path / "w.d2r")
     with Engine.open(tmp_path / "w.d2r") as opened:
@@ -219,6 +236,10 @@ def test_cli_build_and_query(images, tmp_path):
     assert res["hits"][0]["metadata"] == {"title": "Object 1"}
     bad = subprocess.run([sys.executable, "-m", "d2r.cli", "query", str(tmp_path / "none.d2r"), str(images[0])], capture_output=True, text=True)
     assert bad.returncode == 1 and "none.d2r" in bad.stderr
+    for size in ("many", "0"):
+        bad = subprocess.run([sys.executable, "-m", "d2r.cli", "build", str(folder), "-o", str(tmp_path / "x.d2r"), "--codebook-size", size],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "--codebook-size" in bad.stderr and not (tmp_path / "x.d2r").exists()
 
 
 def test_real_bundle_syncs_to_a_device_and_answers_there(built, images, tmp_path):

@@ -48,7 +48,7 @@ def test_eval_asmk_star_and_regions(dataset, tmp_path):
     # The other kinds on one codebook trained once (k-means dominates these small runs).
     from d2r.evaluate import load_dataset
 
-    with d2r.Engine.create(detector=None, kind="asmk_star") as engine:
+    with d2r.Engine.create(features="xfeat", detector=None, kind="asmk_star") as engine:
         engine.train_codebook(load_dataset(dataset).image_paths, size=128, progress=False).save(cb_path)
     regional = run(dataset, kind="rasmk_star", regions="rmac:2", codebook=cb_path, cache_dir=cache, progress=False)
     assert regional["regions_per_image"] > 1 and regional["map"]["medium"] > 50.0
@@ -80,6 +80,12 @@ def test_shuffled_boxes_control(dataset, tmp_path):
     assert ctl["regions_per_image"] == pytest.approx(det["regions_per_image"])
     assert ctl["options"]["regions"] == "shuffled:landmark@0.1"
     assert ctl["index_bytes"] != det["index_bytes"] or ctl["map"] != det["map"]
+    # --max-regions keeps the best boxes (the cached detections serve every cap)
+    one = run(dataset, regions="detector:landmark@0.1", max_regions=1, **kw)
+    assert 1.0 < one["regions_per_image"] <= 2.0 < det["regions_per_image"]
+    assert one["options"]["max_regions"] == 1 and det["options"]["max_regions"] == 25
+    with pytest.raises(d2r.InputError, match="--max-regions"):
+        run(dataset, regions="detector:landmark@0.1", max_regions=26, **kw)
 
 
 def test_eval_cli_json(dataset, tmp_path):

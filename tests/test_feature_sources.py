@@ -56,9 +56,9 @@ def test_rootsift_properties(photo):
 def test_settings_and_cache_keys_differ():
     keys = {RootSIFTExtractor(1000).setting, RootSIFTExtractor(2000).setting, RootSIFTExtractor(1000, score_threshold=0.02).setting}
     assert len(keys) == 3 and all("rootsift" in k for k in keys)
-    with d2r.Engine.create(detector=None) as a, d2r.Engine.create(detector=None, max_features=1000) as b, \
-            d2r.Engine.create(detector=None, scales=[0.5, 1.0]) as c, d2r.Engine.create(detector=None, score_threshold=0.1) as e, \
-            d2r.Engine.create(detector=None, scales=[1.0, 1.414]) as t:
+    with d2r.Engine.create(features="xfeat", detector=None) as a, d2r.Engine.create(features="xfeat", detector=None, max_features=1000) as b, \
+            d2r.Engine.create(features="xfeat", detector=None, scales=[0.5, 1.0]) as c, d2r.Engine.create(features="xfeat", detector=None, score_threshold=0.1) as e, \
+            d2r.Engine.create(features="xfeat", detector=None, scales=[1.0, 1.414]) as t:
         settings = {feature_setting(x.feature_entry.sha256, x.extractor) for x in (a, b, c, e, t)}
         assert len(settings) == 5
         assert "tiles" in feature_setting(t.feature_entry.sha256, t.extractor)
@@ -101,7 +101,7 @@ def test_tiles_partition_and_xfeat_scales_above_one(photo):
         for (s0, lo0, hi0), (s1, lo1, hi1) in zip(tiles, tiles[1:]):
             # The cores meet; a keypoint within 32 px of a tile's inner edge belongs to the neighbour.
             assert hi0 == lo1 and s0 + c - hi0 >= 32 and lo1 - s1 >= 32
-    with d2r.Engine.create(detector=None, scales=[1.0, 1.414], max_features=50000) as e, d2r.Engine.create(detector=None, max_features=50000) as one:
+    with d2r.Engine.create(features="xfeat", detector=None, scales=[1.0, 1.414], max_features=50000) as e, d2r.Engine.create(features="xfeat", detector=None, max_features=50000) as one:
         f = e.extractor.extract(photo)
         g = one.extractor.extract(photo)
         up = f.scales < 1
@@ -112,11 +112,11 @@ def test_tiles_partition_and_xfeat_scales_above_one(photo):
         loc = np.round(f.locations[up] * 1.414).astype(int)
         assert len(np.unique(loc, axis=0)) == len(loc)
     with pytest.raises(d2r.InputError, match="scales"):
-        d2r.Engine.create(detector=None, scales=[5.0])
+        d2r.Engine.create(features="xfeat", detector=None, scales=[5.0])
     # fit="longest": a portrait photo keeps the resolution of a landscape one (two tiles).
     portrait = photo[:, 64:448]  # 512 x 384
-    with d2r.Engine.create(detector=None, max_features=50000) as canvas, \
-            d2r.Engine.create(detector=None, max_features=50000, feature_fit="longest") as longest:
+    with d2r.Engine.create(features="xfeat", detector=None, max_features=50000) as canvas, \
+            d2r.Engine.create(features="xfeat", detector=None, max_features=50000, feature_fit="longest") as longest:
         a, b = canvas.extractor.extract(portrait), longest.extractor.extract(portrait)
         assert len(b) > 1.3 * len(a)  # 640 x 480 pixels instead of 480 x 360
         assert b.locations[:, 0].max() > 500 and b.locations[:, 1].max() < 384
@@ -124,7 +124,7 @@ def test_tiles_partition_and_xfeat_scales_above_one(photo):
         land = photo[64:448]  # landscape 384 x 512: both fits are the same
         np.testing.assert_array_equal(canvas.extractor.extract(land).descriptors, longest.extractor.extract(land).descriptors)
     with pytest.raises(d2r.InputError, match="feature_fit"):
-        d2r.Engine.create(detector=None, feature_fit="width")
+        d2r.Engine.create(features="xfeat", detector=None, feature_fit="width")
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,27 @@ _COL_BLOCK = 4096
 # iterations themselves; distinct random samples are used instead (as faiss does).
 _KMEANSPP_MAX_K = 4096
 
+# ``size="auto"``: the default pipeline's K (issue 6: K >= 8192), or fewer words when the
+# training set is small. 39 training descriptors per centroid is faiss's warning threshold for
+# k-means; below it the words fit noise.
+AUTO_MAX_SIZE = 8192
+AUTO_PER_WORD = 39
+AUTO_MIN_SIZE = 16
+
+
+def auto_size(n_descriptors: int, max_size: int = AUTO_MAX_SIZE, per_word: int = AUTO_PER_WORD) -> int:
+    """K for ``size="auto"``: the largest power of two <= max_size with at least ``per_word``
+    training descriptors per word (K = 8192 from 319,488 descriptors, about 200 photos of
+    ALIKED-t16 features); InputError below AUTO_MIN_SIZE words."""
+    n = int(n_descriptors)
+    k = int(max_size)
+    while k > AUTO_MIN_SIZE and k * per_word > n:
+        k //= 2
+    if k * per_word > n:
+        raise InputError(f"descriptors: {n} descriptors are too few for a codebook (at least {AUTO_MIN_SIZE * per_word} "
+                         f"for K = {AUTO_MIN_SIZE}); add images")
+    return k
+
 
 def _nearest(x: np.ndarray, c: np.ndarray, cnorm: np.ndarray, multiple: int):
     """Exact m-nearest codewords: (int32 [N, m] ids, float64 [N, m] squared distances)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
 import time
 from pathlib import Path
 
+from .manifest import DEFAULT_FEATURES
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -58,6 +60,18 @@ def _parse_detector(value: str):
     except ValueError:
         raise InputError(f"--detector: expected NAME@THRESHOLD (e.g. ssd@0.1), got {value!r}") from None
     return name, t
+
+
+def _codebook_size(value: str):
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of words or 'auto', got {value!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 word, got {k}")
+    return k
 
 
 def cmd_build(args) -> int:
@@ -122,19 +136,22 @@ def register_cli(sub) -> None:
     b = sub.add_parser("build", help="build a bundle (codebook, regions, index) from a folder of photos")
     b.add_argument("images", help="folder of images (jpg, png, ...)")
     b.add_argument("-o", "--output", required=True, help="bundle folder to write (e.g. museum.d2r)")
-    b.add_argument("--features", default="xfeat", help="local feature model name from models/manifest.json (default xfeat)")
-    b.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"])
+    b.add_argument("--features", default=DEFAULT_FEATURES,
+                   help=f"local feature model name from models/manifest.json (default {DEFAULT_FEATURES}; xfeat: 7x faster, lower mAP)")
+    b.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"],
+                   help="model files to prefer (default int8; a model without that file, like ALIKED, runs the nearest: fp16, then fp32)")
     b.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
     b.add_argument("--detector", default="landmark@0.1",
                    help="NAME@THRESHOLD or 'none' (default landmark@0.1: the fine-tuned landmark SSD; ssd = the OIDv4 SSD)")
     b.add_argument("--regions", choices=["crop", "pool"], help="re-extract features on each box (crop, default) or pool whole-image features (pool)")
     b.add_argument("--kind", default="rasmk_star", choices=["asmk_star", "rasmk_star", "d2r_asmk_star"])
     g = b.add_mutually_exclusive_group()
-    g.add_argument("--codebook-size", type=int, default=1024, help="train a codebook of K words on the folder (default 1024)")
+    g.add_argument("--codebook-size", type=_codebook_size, default="auto",
+                   help="train a codebook of K words on the folder (default auto: 8192, fewer when the folder gives under 39 descriptors per word)")
     g.add_argument("--codebook", help="use a codebook file trained elsewhere")
     b.add_argument("--metadata", help="CSV with an image_id (or file) column and any metadata columns")
     b.add_argument("--verification-features", type=int, default=1000,
-                   help="whole-image features kept per image for `d2r query --verify` (default 1000, about 68 KB per image with XFeat; 0 to leave out)")
+                   help="whole-image features kept per image for `d2r query --verify` (default 1000, about 68 KB per image with 64-D features (ALIKED-t16, XFeat); 0 to leave out)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int)
     b.set_defaults(func=cmd_build)

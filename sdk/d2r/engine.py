@@ -1,7 +1,7 @@
 """The end-to-end Engine and its bundle: what runs on the phone, the Pi and the Jetson.
 
-    engine = d2r.Engine.create(features="xfeat", detector="landmark", kind="rasmk_star")
-    engine.train_codebook(images, size=1024)
+    engine = d2r.Engine.create(detector="landmark", kind="rasmk_star")   # ALIKED-t16 features
+    engine.train_codebook(images)              # K = 8192, fewer for small collections
     engine.add_images(images, ids=..., metadata=...)
     res = engine.query(photo, top_k=10)      # res.hits, res.timings
     engine.save("museum.d2r"); engine = d2r.Engine.open("museum.d2r")
@@ -38,12 +38,13 @@ from ._files import sha256_file as _sha256_file
 from ._version import __version__
 from .aggregate import aggregate
 from .backends import load_model
-from .codebook import Codebook
+from .codebook import Codebook, auto_size
 from .errors import D2RError, InputError, ModelError
 from .features import Features, LocalFeatureExtractor
 from .image import load_image
 from .index import Index
 from .manifest import ALIASES as _ALIASES
+from .manifest import DEFAULT_FEATURES
 
 log = logging.getLogger("d2r")
 
@@ -63,7 +64,7 @@ class BundleError(D2RError, ValueError):
 class EngineConfig:
     """The pipeline of an :class:`Engine`; stored in ``bundle.json``."""
 
-    features: str = "xfeat"
+    features: str = DEFAULT_FEATURES
     detector: str | None = "ssd_mobilenetv2_landmark"
     kind: str = "rasmk_star"
     backend: str = "tflite"
@@ -185,7 +186,7 @@ class Engine:
     @classmethod
     def create(
         cls,
-        features: str = "xfeat",
+        features: str = DEFAULT_FEATURES,
         detector: str | None = "landmark",
         codebook: Codebook | None = None,
         kind: str = "rasmk_star",
@@ -274,9 +275,11 @@ class Engine:
         return feats, boxes
 
     # -- codebook ---------------------------------------------------------------------------------
-    def train_codebook(self, images, size: int = 1024, iterations: int = 20, seed: int = 0, max_descriptors: int = 500_000, progress=True) -> Codebook:
+    def train_codebook(self, images, size: int | str = "auto", iterations: int = 20, seed: int = 0, max_descriptors: int = 500_000, progress=True) -> Codebook:
         """Train the codebook on whole-image features of ``images`` (paths or arrays).
 
+        size: K, or ``"auto"`` (default): 8192 words, fewer when the images give fewer than 39
+        descriptors per word (:func:`d2r.codebook.auto_size`; 1024 for ~25 photos).
         Uses at most ``max_descriptors`` (a uniform random sample). Replaces the engine's
         codebook and starts an empty index (images added before are dropped: their words
         belonged to the old codebook).
@@ -292,6 +295,10 @@ class Engine:
         x = np.concatenate(descs) if descs else np.zeros((0, self.extractor.dim), np.float32)
         if len(x) > max_descriptors:
             x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_descriptors, replace=False))]
+        if isinstance(size, str):
+            if size != "auto":
+                raise InputError(f"size: expected a number of words or 'auto', got {size!r}")
+            size = auto_size(len(x))
         if len(x) < size:
             raise InputError(f"images: {len(x)} descriptors from {len(images)} images are fewer than the codebook size {size}; add images or lower size")
         kreport = _progress(progress, "k-means", iterations)

@@ -31,6 +31,8 @@ from .index import Index
 
 # Detector boxes are extracted down to this score (the paper's lowest threshold) and cached.
 DETECT_FLOOR = 0.1
+# Detector boxes kept per image (the detector's own cap); ``--max-regions`` keeps fewer.
+MAX_REGIONS = 25
 EVAL_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star", "asmk", "rasmk", "naive_rasmk", "vlad", "rvlad")
 
 
@@ -194,6 +196,7 @@ def run(
     scales=None,
     score_threshold: float | None = None,
     fit: str | None = None,
+    max_regions: int = MAX_REGIONS,
 ) -> dict:
     """Evaluate one method; returns the JSON-ready result (mAP in percent).
 
@@ -201,6 +204,8 @@ def run(
     :mod:`d2r.feature_sources` (``rootsift``, ``aliked``); max_features, scales and
     score_threshold override the extractor's defaults (the manifest's for models); fit
     (models only): ``canvas`` or ``longest``, see :class:`d2r.LocalFeatureExtractor`.
+    max_regions: detector regions: the best ``max_regions`` boxes above the threshold (25, all
+    the detector gives, by default; the Engine's default is 8).
     progress: True (bars on stderr), False, or a callable(what, done, total) that receives the
     same events (``"index"`` reaches total when the database is aggregated).
     """
@@ -210,6 +215,8 @@ def run(
     if kind not in EVAL_KINDS:
         raise InputError(f"--kind: expected one of {', '.join(EVAL_KINDS)}, got {kind!r}")
     source, param = parse_regions(regions)
+    if isinstance(max_regions, bool) or not isinstance(max_regions, (int, np.integer)) or not 0 <= max_regions <= MAX_REGIONS:
+        raise InputError(f"--max-regions: expected 0 to {MAX_REGIONS}, got {max_regions!r}")
     if isinstance(verify_words, bool) or not isinstance(verify_words, (int, np.integer)) or not 0 <= verify_words <= 64:
         raise InputError(f"--verify-words: expected 0 (exhaustive) to 64, got {verify_words!r}")
     if verify_precision not in verify.PRECISIONS:
@@ -241,11 +248,11 @@ def run(
         # The engine still provides the detector (and is built on the default model).
         ex = make_extractor(features, threads=threads, **overrides)
         engine = Engine.create(features="xfeat", detector=detector, kind="asmk_star", backend=backend, precision=precision,
-                               threads=threads, detector_threshold=detect_at, max_regions=25)
+                               threads=threads, detector_threshold=detect_at, max_regions=MAX_REGIONS)
         setting = ex.setting
     else:
         engine = Engine.create(features=features, detector=detector, kind="asmk_star", backend=backend, precision=precision,
-                               threads=threads, detector_threshold=detect_at, max_regions=25,
+                               threads=threads, detector_threshold=detect_at, max_regions=MAX_REGIONS,
                                feature_fit=fit or "canvas", **{k: v for k, v in overrides.items() if v is not None})
         ex = engine.extractor
         setting = feature_setting(engine.feature_entry.sha256, ex)
@@ -289,7 +296,7 @@ def run(
 
     def detected_regions(p):
         d = detections(p)
-        return unpack_regions(d, [i for i in range(int(d["n"][0])) if d["scores"][i] >= param[1]])
+        return unpack_regions(d, [i for i in range(int(d["n"][0])) if d["scores"][i] >= param[1]][:max_regions])
 
     # The shuffled control: image k takes the boxes of image donor[k] (a derangement, fixed seed).
     if source == "shuffled" and len(ds.image_paths) < 2:
@@ -299,7 +306,7 @@ def run(
 
     def shuffled_regions(p):
         d = detections(ds.image_paths[donor[db_index[str(p)]]])
-        boxes = d["boxes"][d["scores"] >= param[1]].astype(np.float32).reshape(-1, 4)
+        boxes = d["boxes"][d["scores"] >= param[1]][:max_regions].astype(np.float32).reshape(-1, 4)
         tag = "boxes-" + hashlib.sha256(boxes.tobytes()).hexdigest()[:16]
         got = cache.get(p, tag, lambda: crops(load_image(p), boxes, {"n": np.array([len(boxes)])}))
         return unpack_regions(got, range(int(got["n"][0])))
@@ -438,7 +445,8 @@ def run(
         "dataset": str(ds.root),
         "options": {
             "features": features, "precision": precision, "backend": backend, "codebook": codebook_source,
-            "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions, "verify": bool(verify_top), "verify_words": int(verify_words) if verify_top else None,
+            "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions,
+            "max_regions": int(max_regions) if source in ("detector", "shuffled") else None, "verify": bool(verify_top), "verify_words": int(verify_words) if verify_top else None,
             "verify_precision": verify_precision if verify_top else None,
             "max_features": ex.max_features, "scales": list(ex.scales), "score_threshold": ex.score_threshold,
             "fit": getattr(ex, "fit", None),
@@ -570,7 +578,7 @@ def cmd_eval(args) -> int:
             regions=args.regions, verify_top=100 if args.verify else 0, verify_words=args.verify_words,
             verify_precision=args.verify_precision, limit=args.limit, cache_dir=args.cache,
             seed=seed, threads=args.threads, progress=not args.quiet, max_features=args.max_features,
-            scales=args.scales, score_threshold=args.score_threshold, fit=args.fit,
+            scales=args.scales, score_threshold=args.score_threshold, fit=args.fit, max_regions=args.max_regions,
         )
         o = res["options"]
         print(f"{res['dataset']}: {res['n_queries']} queries, {res['n_images']} images; {o['features']} {o['precision']} {o['backend']} "
@@ -597,7 +605,7 @@ def cmd_eval(args) -> int:
 def register_cli(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a retrieval method on a dataset folder (gnd.json, db/, queries/)")
     e.add_argument("--dataset", required=True, help="folder in the roxford5k-mini layout")
-    e.add_argument("--features", default="xfeat", help="a local-feature model of the manifest (xfeat) or a source: rootsift, aliked")
+    e.add_argument("--features", default="xfeat", help="a local-feature model of the manifest (xfeat, aliked_t16, aliked_n16) or a source: rootsift, aliked (default xfeat: the baseline of the comparison; the SDK default is aliked_t16)")
     e.add_argument("--max-features", type=int, help="keep the N best features per image (default: the model's or source's)")
     e.add_argument("--scales", help="image pyramid, comma-separated, e.g. 0.5,0.707,1,1.414 (model sources; >1 runs in tiles)")
     e.add_argument("--score-threshold", type=float, help="minimum keypoint score (default: the model's or source's)")
@@ -612,6 +620,8 @@ def register_cli(sub) -> None:
     e.add_argument("--pooling", default="max", choices=["max", "avg"], help="regional search (d2r_asmk_star): max or mean over regions")
     e.add_argument("--regions", default="none",
                    help="none | rmac:L | detector:NAME@THRESH | shuffled:NAME@THRESH (control: another image's boxes)")
+    e.add_argument("--max-regions", type=int, default=MAX_REGIONS,
+                   help=f"detector regions: the best N boxes above the threshold per image (default {MAX_REGIONS}; d2r build keeps 8)")
     e.add_argument("--verify", action="store_true", help="spatial verification of the top 100")
     e.add_argument("--verify-words", type=int, default=0, metavar="M",
                    help="verification matches a query feature only with features of its M nearest visual words (default 0: exhaustive; faster, loses inliers)")

@@ -198,6 +198,12 @@ _PREFERENCE = {"tflite": ("int8", "fp16", "fp32"), "onnx": ("int8", "fp32")}
 # "landmark": the default region detector (OIDv4 SSD fine-tuned on mined landmark boxes, issue 7);
 # "ssd": the Open Images V4 detector it was fine-tuned from.
 ALIASES = {"ssd": "ssd_mobilenetv2_oidv4", "landmark": "ssd_mobilenetv2_landmark"}
+# The default local features of Engine.create and `d2r build`: ALIKED-t16 (TFLite fp16; it has
+# no int8 file, so precision="int8" runs its fp16 file). With the landmark detector it clears
+# issue 6's mAP goal with D2R-R-ASMK* at K = 8192 and extracts in ~100 ms per photo on one
+# core; XFeat int8 ("xfeat") is 7x faster and much lower in mAP (benchmarks/RESULTS.md,
+# "The default pipeline").
+DEFAULT_FEATURES = "aliked_t16"
 
 
 def resolve_model_path(name: str, backend: str = "auto", manifest: Manifest | None = None) -> Path:

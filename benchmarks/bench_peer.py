@@ -38,13 +38,14 @@ from d2r.evaluation import FeatureCache  # noqa: E402
 from d2r.index import Index  # noqa: E402
 
 
-def cached_features(dataset, cache_dir, features="xfeat", precision="int8", backend="tflite"):
+def cached_features(dataset, cache_dir, features="xfeat", precision="int8", backend="tflite", max_features=None):
     """Whole-image descriptors of the database and the queries from d2r eval's cache (the same
     key as evaluation.run without regions; features missing from the cache are an error)."""
     from d2r.engine import Engine
 
+    extra = {"max_features": max_features} if max_features else {}
     engine = Engine.create(features=features, detector=None, kind="asmk_star", backend=backend, precision=precision,
-                           threads=1, detector_threshold=0.1, max_regions=25)
+                           threads=1, detector_threshold=0.1, max_regions=25, **extra)
     ex = engine.extractor
     setting = f"{engine.feature_entry.sha256}|{ex.scales}|{ex.max_features}|{ex.score_threshold}"
     engine.close()
@@ -98,16 +99,16 @@ def run_asmk(centroids, db, queries, n_images):
     return ranks, times, build_s
 
 
-def run_ours(cb, db, queries, n_images, normalize):
+def run_ours(cb, db, queries, n_images, normalize, approximate=False):
     t = time.perf_counter()
     index = Index(cb, kind="asmk_star", normalize=normalize)
     for i, d in enumerate(db):
-        index.add(str(i), aggregate(d, cb, kind="asmk_star"))
+        index.add(str(i), aggregate(d, cb, kind="asmk_star", approximate=approximate))
     build_s = time.perf_counter() - t
     ranks, times = [], []
     for q in queries:
         tq = time.perf_counter()
-        hits = index.search(aggregate(q, cb, kind="asmk_star"), top_k=n_images)
+        hits = index.search(aggregate(q, cb, kind="asmk_star", approximate=approximate), top_k=n_images)
         times.append((time.perf_counter() - tq) * 1e3)
         order = [int(h.image_id) for h in hits]
         seen = set(order)
@@ -120,19 +121,28 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="../shared/data/roxford5k-mini")
     p.add_argument("--cache", default="/tmp/d2rcache2")
     p.add_argument("--codebook", nargs="+", required=True, help="d2r codebook files (one row each)")
+    p.add_argument("--features", default="xfeat", help="a feature model of the manifest whose whole-image features d2r eval cached")
+    p.add_argument("--precision", default="int8")
+    p.add_argument("--max-features", type=int, help="as given to d2r eval (default: the model's)")
+    p.add_argument("--approximate", action="store_true",
+                   help="also run ours with the two-level approximate assignment (8 probes; the coarse level is built with the index)")
     args = p.parse_args(argv)
     import numba
 
     numba.set_num_threads(1)
-    ds, db, queries = cached_features(args.dataset, args.cache)
+    ds, db, queries = cached_features(args.dataset, args.cache, features=args.features, precision=args.precision,
+                                      max_features=args.max_features)
     n = ds.n_images
     print(f"{len(db)} images, {len(queries)} queries, {sum(map(len, db)) / len(db):.0f} descriptors per image", flush=True)
     rows = []
     for path in args.codebook:
         cb = Codebook.load(path)
-        for name, fn in (("asmk 0.1.1 ASMK* (normalised)", lambda: run_asmk(cb.centroids, db, queries, n)),
-                         ("d2r ASMK* (normalised)", lambda: run_ours(cb, db, queries, n, True)),
-                         ("d2r ASMK* (un-normalised, d2r eval)", lambda: run_ours(cb, db, queries, n, False))):
+        runs = [("asmk 0.1.1 ASMK* (normalised)", lambda: run_asmk(cb.centroids, db, queries, n)),
+                ("d2r ASMK* (normalised)", lambda: run_ours(cb, db, queries, n, True)),
+                ("d2r ASMK* (un-normalised, d2r eval)", lambda: run_ours(cb, db, queries, n, False))]
+        if args.approximate:
+            runs.append(("d2r ASMK* (normalised, approximate assignment)", lambda: run_ours(cb, db, queries, n, True, approximate=True)))
+        for name, fn in runs:
             ranks, times, build_s = fn()
             res = evaluate.compute_map(ranks, ds.gnd).to_dict()
             rows.append((Path(path).name, cb.size, name, res["map"]["medium"], res["map"]["hard"], float(np.median(times)), build_s))

@@ -279,7 +279,7 @@ class Engine:
         """Train the codebook on whole-image features of ``images`` (paths or arrays).
 
         size: K, or ``"auto"`` (default): 8192 words, fewer when the images give fewer than 39
-        descriptors per word (:func:`d2r.codebook.auto_size`; 1024 for ~25 photos).
+        descriptors per word (:func:`d2r.codebook.auto_size`; 512 for the 24 demo photos).
         Uses at most ``max_descriptors`` (a uniform random sample). Replaces the engine's
         codebook and starts an empty index (images added before are dropped: their words
         belonged to the old codebook).

@@ -17,45 +17,117 @@ def _exact(a_codes, b_codes):
     return a_codes.astype(np.int64) @ b_codes.astype(np.int64).T
 
 
-def test_quantize_rows_keeps_directions_and_uses_the_whole_range():
+@pytest.mark.parametrize("peak", [int8_gemm.STORED_MAX, int8_gemm.INT8_MAX])
+def test_quantize_rows_keeps_directions_and_uses_the_whole_range(peak):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 128)).astype(np.float32)
     x[5] = 0.0
-    codes, inv = int8_gemm.quantize_rows(x)
+    codes, inv = int8_gemm.quantize_rows(x, peak)
     assert codes.dtype == np.int8 and inv.dtype == np.float32 and codes.shape == x.shape
-    peak = np.abs(codes.astype(np.int16)).max(axis=1)
-    assert peak[5] == 0 and inv[5] == 0
-    assert (np.delete(peak, 5) == 127).all()
+    top = np.abs(codes.astype(np.int16)).max(axis=1)
+    assert top[5] == 0 and inv[5] == 0
+    assert (np.delete(top, 5) == peak).all()
     unit = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     cos = np.einsum("ij,ij->i", codes * inv[:, None], unit)
-    assert np.delete(cos, 5).min() > 0.9995
+    # 7-bit codes keep directions to within 0.2 %, 8-bit ones to within 0.05 %
+    assert np.delete(cos, 5).min() > (0.998 if peak == 63 else 0.9995)
     np.testing.assert_allclose(np.linalg.norm(np.delete(codes * inv[:, None], 5, axis=0), axis=1), 1.0, rtol=1e-6)
     with pytest.raises(d2r.InputError, match="2-D"):
         int8_gemm.quantize_rows(np.ones(5, np.float32))
+    with pytest.raises(d2r.InputError, match="peak"):
+        int8_gemm.quantize_rows(x, 100)
 
 
-@pytest.mark.parametrize("dim", [1, 7, 64, 128, 1040])
+def _vpmaddubsw_gram(a_u8, b_codes):
+    """The uint8 x int8 GEMM of CPUs without VNNI (AVX2 ``vpmaddubsw`` then ``vpmaddwd``):
+    each adjacent pair of products is added into int16 with saturation, then summed in int32."""
+    a = a_u8.astype(np.int64)
+    b = b_codes.astype(np.int64)
+    d = a.shape[1]
+    if d % 2:
+        a = np.pad(a, ((0, 0), (0, 1)))
+        b = np.pad(b, ((0, 0), (0, 1)))
+    prod = a[:, None, :] * b[None, :, :]
+    pairs = prod[..., 0::2] + prod[..., 1::2]
+    sat = np.clip(pairs, int8_gemm.INT16_MIN, int8_gemm.INT16_MAX)
+    return sat.sum(axis=-1)
+
+
+def test_code_ranges_cannot_saturate_int16_pairs():
+    # The construction itself, for the extreme codes, whatever the CPU: every pair sum
+    # a0*b0 + a1*b1 of shifted uint8 query codes and stored codes fits in int16.
+    q = np.array([[-int8_gemm.INT8_MAX, int8_gemm.INT8_MAX]], np.int8)
+    a_lo, a_hi = (int(v) for v in int8_gemm.query_operand(q)[0])
+    b_lo, b_hi = -int8_gemm.STORED_MAX, int8_gemm.STORED_MAX
+    assert (a_lo, a_hi) == (1, 255)
+    extremes = [a0 * b0 + a1 * b1 for a0 in (a_lo, a_hi) for a1 in (a_lo, a_hi) for b0 in (b_lo, b_hi) for b1 in (b_lo, b_hi)]
+    assert int8_gemm.INT16_MIN <= min(extremes) and max(extremes) <= int8_gemm.INT16_MAX
+    # ...and what quantize_rows produces stays inside those ranges, for any input
+    rng = np.random.default_rng(1)
+    x = rng.standard_cauchy(size=(500, 64)).astype(np.float32)
+    x[0] = 1.0
+    x[1] = -1e30
+    stored, _ = int8_gemm.quantize_rows(x)
+    query, _ = int8_gemm.quantize_rows(x, int8_gemm.INT8_MAX)
+    assert np.abs(stored.astype(np.int16)).max() == int8_gemm.STORED_MAX
+    u8 = int8_gemm.query_operand(query)
+    assert u8.min() >= a_lo and u8.max() <= a_hi
+
+
+def test_saturating_pairs_are_exact_for_stored_codes_and_not_for_wide_ones():
+    # The AVX2 path, emulated: exact with 7-bit stored codes, wrong with 8-bit ones (the bug
+    # seen on AMD EPYC without VNNI: 16320 instead of 2064512 for D = 128).
+    a = np.full((2, 128), 127, np.int8)
+    a[1, ::2] = -127
+    stored = np.full((3, 128), int8_gemm.STORED_MAX, np.int8)
+    stored[1] = -int8_gemm.STORED_MAX
+    stored[2, 1::2] = -int8_gemm.STORED_MAX
+    u8 = int8_gemm.query_operand(a)
+    assert np.array_equal(_vpmaddubsw_gram(u8, stored) - 128 * stored.astype(np.int64).sum(1), _exact(a, stored))
+    wide = np.full((1, 128), 127, np.int8)
+    assert _vpmaddubsw_gram(u8[:1], wide)[0, 0] - 128 * 127 * 128 != _exact(a[:1], wide)[0, 0]
+
+
+@pytest.mark.parametrize("dim", [1, 7, 64, 128, 1040, 2096])
 def test_gram_is_exact_on_both_backends(dim, monkeypatch):
     rng = np.random.default_rng(dim)
     a = rng.integers(-127, 128, size=(37, dim)).astype(np.int8)
-    b = rng.integers(-127, 128, size=(53, dim)).astype(np.int8)
-    # the largest sums: rows of +-127 everywhere
-    a[0], b[0], b[1] = 127, 127, -127
+    b = rng.integers(-63, 64, size=(53, dim)).astype(np.int8)
+    # the largest sums: query rows of +-127 and stored rows of +-63 everywhere
+    a[0], b[0], b[1] = 127, 63, -63
     ref = _exact(a, b)
     got = int8_gemm.gram(_u8(a), b)
     assert got.dtype == np.int32 and np.array_equal(got, ref)
+    # what an AVX2 CPU without VNNI computes for the same codes (zero point 128 removed)
+    if dim <= 128:
+        avx2 = _vpmaddubsw_gram(_u8(a), b) - 128 * b.astype(np.int64).sum(1)
+        assert np.array_equal(avx2, ref)
     monkeypatch.setattr(int8_gemm, "_session", lambda threads: None)
     assert int8_gemm.backend() == "blas-float32"
     fallback = int8_gemm.gram(_u8(a), b)
     assert fallback.dtype == np.int32 and np.array_equal(fallback, ref)
 
 
+def test_gram_refuses_codes_wider_than_stored():
+    a = np.zeros((2, 8), np.int8)
+    with pytest.raises(d2r.InputError, match=r"\[-63, 63\]"):
+        int8_gemm.gram(_u8(a), np.full((3, 8), 64, np.int8))
+
+
+def test_to_stored_rescales_only_wide_rows():
+    codes = np.array([[127, -64, 3, 0], [63, -63, 1, 0], [0, 0, 0, 0]], np.int8)
+    stored, inv = int8_gemm.to_stored(codes)
+    assert np.array_equal(stored[0], [63, -32, 1, 0])
+    assert np.array_equal(stored[1:], codes[1:])
+    assert inv[2] == 0 and abs(inv[1] - 1 / np.sqrt(63**2 * 2 + 1)) < 1e-9
+
+
 def test_gram_beyond_float32_exactness_uses_integers(monkeypatch):
-    # D = 2000: sums of +-127^2 products reach 3.2e7 > 2^24, where float32 would round
+    # D = 3000: sums of 127 x 63 products reach 2.4e7 > 2^24, where float32 would round
     monkeypatch.setattr(int8_gemm, "_session", lambda threads: None)
-    a = np.full((2, 2000), 127, np.int8)
-    b = np.full((3, 2000), 127, np.int8)
-    b[1, 0] = 126
+    a = np.full((2, 3000), 127, np.int8)
+    b = np.full((3, 3000), 63, np.int8)
+    b[1, 0] = 62
     assert np.array_equal(int8_gemm.gram(_u8(a), b), _exact(a, b))
 
 

@@ -386,15 +386,15 @@ def test_pack_round_trip(dtype):
 
 
 def test_int8_packing_uses_the_whole_range_per_row():
-    # RootSIFT-like rows: non-negative, largest component about 0.3; a fixed scale of 127
-    # would leave about 50 levels, the per-row scale uses all 127
+    # RootSIFT-like rows: non-negative, largest component about 0.3; a fixed scale of 63
+    # would leave about 25 levels, the per-row scale uses all 63 of the 7-bit stored codes
     rng = np.random.default_rng(4)
     d = unit(rng.gamma(0.5, size=(300, 128)))
     loc = rng.uniform(0, 100, size=(300, 2))
     back = verify.unpack_features(verify.pack_features((loc, d), "int8")).descriptors
-    fixed = unit(np.rint(d * 127))
+    fixed = unit(np.rint(d * 63))
     err = np.linalg.norm(back - d, axis=1).max()
-    assert err < 0.02 and err < 0.7 * np.linalg.norm(fixed - d, axis=1).max()
+    assert err < 0.04 and err < 0.7 * np.linalg.norm(fixed - d, axis=1).max()
     np.testing.assert_allclose(np.linalg.norm(back, axis=1), 1.0, rtol=1e-5)
 
 
@@ -634,3 +634,18 @@ def test_unpacked_int8_features_carry_their_stored_codes():
     np.testing.assert_allclose(stored * inv[:, None], back.descriptors, atol=1e-6)
     assert np.array_equal(verify.match(q.descriptors, back.descriptors, precision="int8"),
                           verify.match(q.descriptors, c.descriptors, precision="int8"))
+
+
+def test_features_files_with_8_bit_codes_still_match_exactly():
+    # Files written before 7-bit stored codes hold +-127 codes: reading re-scales them to the
+    # stored range, so int8 matching neither refuses them nor saturates on AVX2.
+    rng = np.random.default_rng(7)
+    d = unit(rng.normal(size=(50, 64)))
+    loc = rng.uniform(0, 100, size=(50, 2))
+    codes8 = np.rint(d * (127 / np.abs(d).max(axis=1, keepdims=True))).astype("<i1")
+    old = verify._HEADER.pack(b"VF", 1, 1, 50, 64) + np.rint(loc).astype("<u2").tobytes() + codes8.tobytes()
+    back = verify.unpack_features(old)
+    stored, inv = back.codes()
+    assert np.abs(stored.astype(np.int16)).max() == 63
+    assert np.einsum("ij,ij->i", stored * inv[:, None], d).min() > 0.998
+    assert verify.verify_pair(back, back, precision="int8").inliers == 50

@@ -4,15 +4,27 @@ Spatial verification compares every query feature with every feature of each can
 100 candidates of 1000 features of D = 128 that is 12.8 G multiply-adds, about 240 ms of float32
 GEMM on one core here. With int8 codes the same products run on the CPU's integer dot-product
 instructions (AVX-512 VNNI, AVX-VNNI, ARM dotprod) through ONNX Runtime's ``MatMulInteger``,
-which is 7-10 times faster (benchmarks/RESULTS.md, "Verification").
+which is several times faster (benchmarks/RESULTS.md, "Verification").
 
-Codes: each row is scaled so that its largest component is +-127 and rounded,
-``round(127 * x / max|x|)``; only the direction is kept (the verification descriptors are unit
-vectors), and ``<a, b> ~= <qa, qb> / (|qa| |qb|)``. The codes of one 128-D row take 128 bytes.
+Codes: each row is scaled so that its largest component is +-``peak`` and rounded,
+``round(peak * x / max|x|)``; only the direction is kept (the verification descriptors are unit
+vectors), and ``<a, b> ~= <qa, qb> / (|qa| |qb|)``. The two operands have different ranges:
 
-The integer products are exact with either backend: ONNX Runtime's int32 accumulation, or, when
-ONNX Runtime is not installed, a float32 BLAS GEMM of the codes (every partial sum is an integer
-below 2**24 for D <= 1040, so float32 holds it exactly). Both give bit-identical results.
+- query codes (the left operand) use +-127 and are shifted to uint8 (zero point 128), so they
+  lie in [1, 255];
+- stored codes (the right operand: candidates, and what the features file keeps) use +-63,
+  7 bits.
+
+Exact by construction on every instruction set: CPUs without VNNI (AVX2: AMD Zen 1-3, Intel
+before Ice Lake) run uint8 x int8 GEMMs with ``vpmaddubsw``, which adds each adjacent pair of
+products ``a0*b0 + a1*b1`` into int16 with saturation. With |b| <= 63 and a <= 255 a pair is at
+most 255 * 63 * 2 = 32130 < 2**15 in magnitude, so nothing saturates whatever the query codes
+(with |b| <= 127 it would: 64770). VNNI, ARM dotprod and the plain int32 kernels are exact for
+these ranges too. :func:`gram` refuses stored codes outside +-63.
+
+Without ONNX Runtime the same integers come from a float32 BLAS GEMM of the codes: every partial
+sum is an integer below 2**24 for D <= 2096 (127 * 63 * D < 2**24), so float32 holds it exactly;
+larger D use int64. Both backends give bit-identical results.
 """
 
 from __future__ import annotations
@@ -24,21 +36,43 @@ import numpy as np
 from ._protobuf import field as _field
 from .errors import InputError
 
-#: the largest code magnitude: codes lie in [-127, 127] (-128 is never used, so negation is safe)
-INT8_MAX = 127.0
-# float32 sums of int8 products stay exact while |sum| < 2**24: 127 * 127 * D < 2**24.
-_EXACT_FLOAT_DIM = (1 << 24) // (127 * 127)
+#: the largest query code magnitude: query codes lie in [-127, 127] (-128 is never used, so
+#: negation is safe), [1, 255] once shifted by :func:`query_operand`
+INT8_MAX = 127
+#: the largest stored code magnitude: 7 bits, so that no pair of products saturates int16
+STORED_MAX = 63
+#: the int16 range that ``vpmaddubsw`` (AVX2 without VNNI) saturates each pair sum to
+INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
+# float32 sums of the products stay exact while |sum| < 2**24: 127 * 63 * D < 2**24.
+_EXACT_FLOAT_DIM = (1 << 24) // (INT8_MAX * STORED_MAX)
 
 
-def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def quantize_rows(x: np.ndarray, peak: int = STORED_MAX) -> tuple[np.ndarray, np.ndarray]:
     """int8 codes of the rows of ``x`` [N, D] and float32 [N] inverse code norms (0 for a row of
-    zeros): ``codes[i] * inv_norm[i]`` is the unit vector closest to ``x[i]`` in the code grid."""
+    zeros): ``codes[i] * inv_norm[i]`` is the unit vector closest to ``x[i]`` in the code grid.
+
+    ``peak``: the largest code magnitude, :data:`STORED_MAX` (63, the default) for stored and
+    candidate codes, :data:`INT8_MAX` (127) for query codes."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise InputError(f"descriptors: expected a 2-D array [N, D], got shape {x.shape}")
-    peak = np.abs(x).max(axis=1, initial=0.0)
-    scale = np.float32(INT8_MAX) / np.where(peak > 0, peak, np.float32(1.0))
-    codes = np.clip(np.rint(x * scale[:, None]), -INT8_MAX, INT8_MAX).astype(np.int8)
+    if peak not in (STORED_MAX, INT8_MAX):
+        raise InputError(f"peak: expected {STORED_MAX} or {INT8_MAX}, got {peak!r}")
+    top = np.abs(x).max(axis=1, initial=0.0)
+    scale = np.float32(peak) / np.where(top > 0, top, np.float32(1.0))
+    codes = np.clip(np.rint(x * scale[:, None]), -peak, peak).astype(np.int8)
+    return codes, inverse_norms(codes)
+
+
+def to_stored(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stored codes (+-63) of int8 codes of any range, e.g. +-127 codes read from a features
+    file written before d2r used 7-bit stored codes. Rows already within +-63 are kept as
+    they are; wider rows are re-scaled to a largest component of 63."""
+    codes = np.asarray(codes, dtype=np.int8)
+    wide = np.abs(codes.astype(np.int16)).max(axis=1, initial=0) > STORED_MAX
+    if wide.any():
+        codes = codes.copy()
+        codes[wide] = quantize_rows(codes[wide].astype(np.float32), STORED_MAX)[0]
     return codes, inverse_norms(codes)
 
 
@@ -115,10 +149,14 @@ def query_operand(codes: np.ndarray) -> np.ndarray:
 
 def gram(a_u8: np.ndarray, b_codes: np.ndarray, threads: int = 1) -> np.ndarray:
     """Exact int32 [Na, Nb] dot products of int8 codes: ``a_u8`` from :func:`query_operand`
-    ([Na, D] uint8), ``b_codes`` int8 [Nb, D]."""
+    ([Na, D] uint8), ``b_codes`` int8 [Nb, D] stored codes within +-:data:`STORED_MAX`
+    (:class:`InputError` otherwise: wider codes could saturate on CPUs without VNNI)."""
     d = a_u8.shape[1]
     if b_codes.shape[1] != d:
         raise InputError(f"codes: dimensions differ ({d} and {b_codes.shape[1]})")
+    if b_codes.size and (int(b_codes.max()) > STORED_MAX or int(b_codes.min()) < -STORED_MAX):
+        raise InputError(f"codes: stored codes must lie in [-{STORED_MAX}, {STORED_MAX}] "
+                         f"(got [{int(b_codes.min())}, {int(b_codes.max())}]); use quantize_rows or to_stored")
     sess = _session(threads) if a_u8.shape[0] and b_codes.shape[0] else None
     if sess is not None:
         return sess.run(None, {"a": a_u8, "b": np.ascontiguousarray(b_codes.T), "za": _ZERO_POINT})[0]

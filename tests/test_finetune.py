@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from d2r.errors import InputError
-from shared_data import roxford_dir, ukbench_images
+from shared_data import landmark_photo, landmark_photos, landmarks_dir, ukbench_dir, ukbench_images
 
 tf = pytest.importorskip("tensorflow")
 from d2r_convert import finetune, ssd  # noqa: E402
@@ -20,7 +20,7 @@ def _paste_set(folder, n=6):
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
-    oxford = sorted((roxford_dir() / "db").glob("*.jpg"))[::97][:n]
+    oxford = landmark_photos()[:n]
     objects = ukbench_images()[::9][:n]
     rng = np.random.default_rng(0)
     recs = []
@@ -53,7 +53,8 @@ def trained(tiny, tmp_path_factory):
     args = parser.parse_args(["--images", str(folder), "--boxes", str(folder / "boxes.json"), "-o", str(out),
                               "--epochs", "6", "--batch-size", "4", "--views", "2", "--val-fraction", "0.34",
                               "--lr", "3e-3", "--cache", str(out / "cache"), "--keep", "tflite:int8", "--measure", "", "--timing-runs", "1",
-                              "--calibration-count", "4", "--evaluation-count", "2"])
+                              "--calibration-count", "4", "--evaluation-count", "2",
+                              "--calibration", str(ukbench_dir() / "images"), "--evaluation", str(landmarks_dir())])
     assert finetune.cmd_finetune(args) == 0
     return out
 
@@ -156,5 +157,5 @@ def test_shipped_landmark_detector_is_the_default():
         entry = manifest.find("ssd_mobilenetv2_landmark", format=fmt, precision="int8")
         entry.verify()
         assert entry.labels == ("background", "landmark") and entry.training["ground_truth_used"] is False
-        det = Detector(d2r.load_model(entry.path, threads=1), threshold=0.05).detect(roxford_dir() / "db" / "all_souls_000000.jpg")
+        det = Detector(d2r.load_model(entry.path, threads=1), threshold=0.05).detect(landmark_photo("all_souls_000000.jpg"))
         assert len(det) >= 1 and set(det.labels) == {"landmark"}

@@ -17,7 +17,7 @@ from PIL import Image
 
 from d2r import cli, mining
 from d2r.errors import InputError
-from shared_data import roxford_dir, ukbench_groups, ukbench_dir
+from shared_data import landmark_photo, ukbench_groups, ukbench_dir
 
 BG_SIZE = (320, 240)  # (w, h) of each background
 
@@ -51,7 +51,7 @@ def warped(obj: Image.Image, angle_deg: float, scale: float):
 def collection(tmp_path_factory):
     """4 photos with the pasted landmark (true boxes known) and 2 photos with nothing shared."""
     root = tmp_path_factory.mktemp("photos")
-    src = Image.open(roxford_dir() / "db" / "all_souls_000000.jpg").convert("RGB")
+    src = Image.open(landmark_photo("all_souls_000000.jpg")).convert("RGB")
     w, h = src.size
     obj = src.crop((int(w * 0.15), int(h * 0.2), int(w * 0.85), int(h * 0.6))).resize((150, 110), Image.BILINEAR)
     groups = ukbench_groups()["groups"]

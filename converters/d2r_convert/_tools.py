@@ -99,15 +99,17 @@ def load_rgb(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np
         return np.asarray(im, dtype=np.uint8)
 
 
-def default_photo_sets(n_calibration: int = 32, n_evaluation: int = 8) -> tuple[list[Path], list[Path]]:
-    """Disjoint real-photo sets from shared/data: (calibration, evaluation).
+def default_photo_sets(n_calibration: int = 32, n_evaluation: int = 8, oxford=None, ukbench=None) -> tuple[list[Path], list[Path]]:
+    """Disjoint real-photo sets: (calibration, evaluation).
 
     Calibration mixes Oxford landmark photos and UKBench object photos (the two kinds of
     scene the SDK serves); evaluation takes other Oxford photos, never used in calibration.
+    ``oxford`` and ``ukbench``: lists of photo paths, by default those of shared/data
+    (roxford5k-mini/db and ukbench-56/images).
     """
     data = shared_dir() / "data"
-    oxford = list_photos(data / "roxford5k-mini" / "db")
-    ukbench = list_photos(data / "ukbench-56" / "images")
+    oxford = sorted(map(Path, oxford)) if oxford is not None else list_photos(data / "roxford5k-mini" / "db")
+    ukbench = sorted(map(Path, ukbench)) if ukbench is not None else list_photos(data / "ukbench-56" / "images")
     n_ox = (2 * n_calibration) // 3
     step = max(1, len(oxford) // max(n_ox, 1))
     cal = oxford[::step][:n_ox] + ukbench[1::4][: n_calibration - n_ox]

@@ -37,10 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="TFLite precisions, comma-separated, or none (default: fp32,fp16,int8)")
     p.add_argument("--onnx", type=_precisions(("fp32", "int8")), default=["fp32", "int8"],
                    help="ONNX precisions, comma-separated, or none (default: fp32,int8)")
-    p.add_argument("--calibration", metavar="DIR", help="folder of real photos for int8 calibration (default: shared/data)")
-    p.add_argument("--calibration-count", type=int, default=32, help="photos used for calibration (default 32)")
-    p.add_argument("--evaluation", metavar="DIR", help="folder of photos for the parity report (default: other shared/data photos)")
-    p.add_argument("--evaluation-count", type=int, default=8, help="photos compared in the parity report (default 8)")
+    add_photo_arguments(p)
     p.add_argument("--threads", default="1,2", help="thread counts timed in LiteRT and ONNX Runtime (default 1,2)")
     p.add_argument("--timing-runs", type=int, default=10, help="timed inferences per file and thread count (median; default 10)")
     p.add_argument("--manifest", metavar="FILE", help="manifest to update (default: OUTPUT/manifest.json)")
@@ -81,16 +78,29 @@ def register_cli(sub) -> None:
     p.set_defaults(func=_run_delf)
 
 
-def _photo_sets(args):
+def add_photo_arguments(p: argparse.ArgumentParser) -> None:
+    """--calibration/--evaluation folders and counts (``convert`` and ``detector finetune``)."""
+    p.add_argument("--calibration", metavar="DIR", help="folder of real photos for int8 calibration (default: shared/data)")
+    p.add_argument("--calibration-count", type=int, default=32, help="photos used for calibration (default 32)")
+    p.add_argument("--evaluation", metavar="DIR", help="folder of photos for the parity report (default: other shared/data photos)")
+    p.add_argument("--evaluation-count", type=int, default=8, help="photos compared in the parity report (default 8)")
+
+
+def photo_sets(args):
+    """The (calibration, evaluation) photos of :func:`add_photo_arguments`' options; shared/data
+    is read only for a set that no folder was given for."""
     from ._tools import default_photo_sets, list_photos
 
+    if args.calibration_count < 1 or args.evaluation_count < 1:
+        raise InputError("--calibration-count and --evaluation-count must be >= 1")
+    if args.calibration and args.evaluation:
+        return (list_photos(args.calibration, limit=args.calibration_count),
+                list_photos(args.evaluation, limit=args.evaluation_count))
     cal, ev = default_photo_sets(args.calibration_count, args.evaluation_count)
     if args.calibration:
         cal = list_photos(args.calibration, limit=args.calibration_count)
     if args.evaluation:
         ev = list_photos(args.evaluation, limit=args.evaluation_count)
-    if args.calibration_count < 1 or args.evaluation_count < 1:
-        raise InputError("--calibration-count and --evaluation-count must be >= 1")
     return cal, ev
 
 
@@ -119,7 +129,7 @@ def _finish(job, args) -> int:
 def _run_ssd(args) -> int:
     from . import ssd
 
-    cal, ev = _photo_sets(args)
+    cal, ev = photo_sets(args)
     src = Path(args.source_tflite) if args.source_tflite else None
     return _finish(ssd.make_job(calibration=cal, evaluation=ev, source_tflite=src), args)
 
@@ -127,7 +137,7 @@ def _run_ssd(args) -> int:
 def _run_xfeat(args) -> int:
     from . import xfeat
 
-    cal, ev = _photo_sets(args)
+    cal, ev = photo_sets(args)
     h, w = args.size
     return _finish(xfeat.make_job(h, w, calibration=cal, evaluation=ev), args)
 
@@ -135,7 +145,7 @@ def _run_xfeat(args) -> int:
 def _run_aliked(args) -> int:
     from . import aliked
 
-    cal, ev = _photo_sets(args)
+    cal, ev = photo_sets(args)
     h, w = args.size
     if args.top_k < 1:
         raise InputError(f"--top-k: expected >= 1, got {args.top_k}")
@@ -148,7 +158,7 @@ def _run_delf(args) -> int:
     if not args.checkpoint and not args.random_weights:
         raise InputError("d2r convert delf needs --checkpoint PREFIX (the official DELF weights; none ship with d2r) "
                          "or --random-weights for a pipeline check")
-    cal, ev = _photo_sets(args)
+    cal, ev = photo_sets(args)
     h, w = args.size
     job = delf.make_job(h, w, checkpoint=args.checkpoint, pca_dir=args.pca, calibration=cal, evaluation=ev,
                         random_weights=args.random_weights, work_dir=Path(args.output))

@@ -46,6 +46,7 @@ import numpy as np
 from d2r.errors import InputError, ModelError
 
 from . import ssd
+from .cli import add_photo_arguments, photo_sets
 
 BOXES_FORMAT = "d2r-boxes"
 BOXES_VERSION = 1
@@ -601,14 +602,19 @@ def manifest_entry(name: str, train_report: dict, boxes_path: Path, boxes_sha: s
 
 
 def export(result: dict, out_dir, name: str, boxes_path: Path, keep, tflite=("fp32", "int8"), onnx=("fp32", "int8"),
-           threads=(1,), timing_runs: int = 5, manifest_path=None, report_path=None, calibration_count: int = 32,
-           evaluation_count: int = 8, data_notice: str | None = None, log=print) -> dict:
-    """Export the fine-tuned network through :func:`d2r_convert.pipeline.run` (parity report, manifest)."""
+           threads=(1,), timing_runs: int = 5, manifest_path=None, report_path=None, calibration=None,
+           evaluation=None, data_notice: str | None = None, log=print) -> dict:
+    """Export the fine-tuned network through :func:`d2r_convert.pipeline.run` (parity report, manifest).
+    ``calibration`` / ``evaluation``: photo paths (default: :func:`default_photo_sets`)."""
     from . import compare, pipeline
     from ._tools import default_photo_sets, load_rgb, sha256_file
 
     model = full_network(result["source_model"], result["heads"], name)
-    cal_paths, ev_paths = default_photo_sets(calibration_count, evaluation_count)
+    if calibration is None or evaluation is None:
+        cal_default, ev_default = default_photo_sets()
+        calibration = calibration if calibration is not None else cal_default
+        evaluation = evaluation if evaluation is not None else ev_default
+    cal_paths, ev_paths = list(calibration), list(evaluation)
     size = (ssd.INPUT_SIZE, ssd.INPUT_SIZE)
     cal = [ssd.preprocess(load_rgb(p, size)) for p in cal_paths]
     ev = [ssd.preprocess(load_rgb(p, size)) for p in ev_paths]
@@ -661,8 +667,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
                    help="files to keep and list in the manifest (default tflite:int8,onnx:int8); fp32 files are measured for the parity report")
     p.add_argument("--measure", default="tflite:fp32,onnx:fp32",
                    help="files exported and compared for the parity report but not kept (default tflite:fp32,onnx:fp32; '' for none)")
-    p.add_argument("--calibration-count", type=int, default=32, help="photos for int8 calibration (default 32, shared/data)")
-    p.add_argument("--evaluation-count", type=int, default=8, help="other photos compared in the parity report (default 8)")
+    add_photo_arguments(p)
     p.add_argument("--manifest", metavar="FILE", help="manifest to update (default: OUT/manifest.json)")
     p.add_argument("--timing-runs", type=int, default=5, help="timed inferences per exported file (default 5)")
     p.add_argument("--data-notice", help="a line about the training photos' terms, stored in the manifest entry")
@@ -683,8 +688,7 @@ def cmd_finetune(args) -> int:
 
     keep = pairs(args.keep, "--keep")
     measure = pairs(args.measure, "--measure") | keep
-    if args.calibration_count < 1 or args.evaluation_count < 1:
-        raise InputError("--calibration-count and --evaluation-count must be >= 1")
+    calibration, evaluation = (None, None) if args.no_export else photo_sets(args)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     result = train(records, views=args.views, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                    val_fraction=args.val_fraction, null=args.null, min_support=args.min_support, cache_root=args.cache,
@@ -699,8 +703,7 @@ def cmd_finetune(args) -> int:
         onx = sorted({p for f, p in measure if f == "onnx"}, key=order.get)
         t0 = time.perf_counter()
         export(result, out, args.name, boxes_path, keep, tflite=tfl, onnx=onx, manifest_path=args.manifest,
-               timing_runs=args.timing_runs, calibration_count=args.calibration_count,
-               evaluation_count=args.evaluation_count, data_notice=args.data_notice, log=log)
+               timing_runs=args.timing_runs, calibration=calibration, evaluation=evaluation, data_notice=args.data_notice, log=log)
         report["seconds"]["export"] = time.perf_counter() - t0
     from d2r._files import atomic_write
 

@@ -166,6 +166,22 @@ def test_kiosk_on_a_folder_of_frames_announces_debounced_exhibits(museum, tmp_pa
     assert [n for n, _ in kiosk.frames(folder, every=5)] == ["f000.jpg", "f005.jpg", "f010.jpg", "f015.jpg"]
 
 
+def test_kiosk_skips_bad_frames_and_says_so_once(museum, tmp_path, capsys):
+    kiosk = load_example("kiosk/kiosk.py")
+    folder = _frames_folder(tmp_path / "frames", [(BOOK, 4)])
+    for name in ("f000a.jpg", "f001a.jpg"):  # a truncated file and one that is not an image
+        (folder / name).write_bytes(b"\xff\xd8\xff\xe0 truncated" if name == "f000a.jpg" else b"not a photo")
+    assert kiosk.main(["--bundle", str(museum), "--source", str(folder), "--frames", "3", "--threads", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "[f002.jpg] Picture book 'Muna': " + out.split(": ", 1)[1].strip()
+    assert err.count("skipping unreadable frame") == 1 and "f000a.jpg" in err and "2 unreadable frame(s) skipped" in err
+    # frames that decode but cannot be queried (an empty array) are skipped the same way
+    bad = kiosk.BadFrames(log=lambda msg: None)
+    with __import__("d2r").Engine.open(museum, threads=2) as engine:
+        said = kiosk.Kiosk(engine, stable_frames=1, bad=bad).run([("empty", np.zeros((0, 4, 3), np.uint8)), ("book", np.asarray(Image.open(BOOK)))])
+    assert bad.count == 1 and [a.frame for a in said] == ["book"]
+
+
 def test_kiosk_syncs_from_the_edge_server_and_hot_reloads(museum, tmp_path, capsys):
     pytest.importorskip("flask")
     pytest.importorskip("waitress")

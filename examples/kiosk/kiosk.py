@@ -48,12 +48,28 @@ def _opencv():
     return cv2
 
 
-def frames(source, every: int = 1, max_frames: int | None = None):
+class BadFrames:
+    """Counts frames that could not be read or queried and says so once, at the first one: a
+    kiosk must keep running through a corrupt file or a garbled camera frame."""
+
+    def __init__(self, log=None):
+        self.log = log or (lambda msg: print(f"kiosk: {msg}", file=sys.stderr, flush=True))
+        self.count = 0
+
+    def skip(self, name: str, exc: Exception) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.log(f"skipping unreadable frame {name} ({exc}); further bad frames are skipped silently and counted")
+
+
+def frames(source, every: int = 1, max_frames: int | None = None, bad: BadFrames | None = None):
     """Yield (name, RGB uint8 [H, W, 3]) frames from a camera index ("0"), a video file or a
-    folder of images (sorted by name); every n-th frame only, at most ``max_frames``."""
+    folder of images (sorted by name); every n-th frame only, at most ``max_frames``. An image
+    of the folder that cannot be decoded is skipped and reported to ``bad``."""
     source = str(source)
+    bad = bad if bad is not None else BadFrames()
     n = 0
-    for i, (name, frame) in enumerate(_raw_frames(source)):
+    for i, (name, frame) in enumerate(_raw_frames(source, bad)):
         if i % max(int(every), 1):
             continue
         yield name, frame
@@ -62,14 +78,19 @@ def frames(source, every: int = 1, max_frames: int | None = None):
             return
 
 
-def _raw_frames(source: str):
+def _raw_frames(source: str, bad: BadFrames):
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise d2r.InputError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         for p in files:
-            yield p.name, d2r.load_image(p)
+            try:
+                rgb = d2r.load_image(p)
+            except d2r.ImageError as exc:
+                bad.skip(p.name, exc)
+                continue
+            yield p.name, rgb
         return
     cv2 = _opencv()
     is_camera = source.isdigit()
@@ -192,8 +213,10 @@ class Kiosk:
     """The loop: ``engine`` answers queries (a :class:`d2r.Engine` or a
     :class:`d2r.sync.LiveBundle`); :meth:`step` takes one frame, :meth:`run` a stream of them."""
 
-    def __init__(self, engine, min_inliers: int = MIN_INLIERS, margin: float = MARGIN, stable_frames: int = STABLE_FRAMES, verify_top: int = 5):
+    def __init__(self, engine, min_inliers: int = MIN_INLIERS, margin: float = MARGIN, stable_frames: int = STABLE_FRAMES, verify_top: int = 5,
+                 bad: BadFrames | None = None):
         self.engine = engine
+        self.bad = bad if bad is not None else BadFrames()
         self.min_inliers = int(min_inliers)
         self.margin = float(margin)
         self.debouncer = Debouncer(stable_frames)
@@ -216,7 +239,11 @@ class Kiosk:
         """Run over ``stream`` of (name, frame); returns the announcements made."""
         said = []
         for name, frame in stream:
-            a = self.step(name, frame)
+            try:
+                a = self.step(name, frame)
+            except d2r.ImageError as exc:  # an unusable frame (empty, wrong shape): skip it
+                self.bad.skip(name, exc)
+                continue
             if a is not None:
                 said.append(a)
                 if on_announce is not None:
@@ -270,8 +297,11 @@ def main(argv=None) -> int:
                 syncer.sync_once()  # before the first frame: a fresh kiosk has no bundle yet
                 syncer.start()
             engine = LiveBundle(args.dest, opener=lambda p: d2r.Engine.open(p, threads=args.threads))
+        bad = BadFrames(log)
         with engine:
-            Kiosk(engine, args.min_inliers, args.margin, args.frames).run(frames(args.source, args.every, args.max_frames), announce)
+            Kiosk(engine, args.min_inliers, args.margin, args.frames, bad=bad).run(frames(args.source, args.every, args.max_frames, bad), announce)
+        if bad.count:
+            log(f"{bad.count} unreadable frame(s) skipped")
     except KeyboardInterrupt:
         pass
     except (d2r.D2RError, OSError) as exc:

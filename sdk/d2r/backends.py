@@ -13,8 +13,12 @@ warning on the ``d2r`` logger, and ``model.accelerator`` says what is really use
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +43,49 @@ class TensorSpec:
     shape: tuple
     dtype: np.dtype
     quantization: tuple = (0.0, 0)
+
+
+# What the TFLite runtime prints on stderr from C++ for every process that loads a model: an
+# INFO line, not a problem, so d2r drops it (everything else it prints is passed on).
+_NATIVE_NOISE = ("INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",)
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered():
+    """Capture what native code writes to file descriptor 2 while the block runs, then write
+    it back without the lines of ``_NATIVE_NOISE``. A no-op where fd 2 cannot be redirected."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    tmp = tempfile.TemporaryFile()
+    try:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().decode("utf-8", "replace").splitlines(keepends=True)
+                    if line.strip() not in _NATIVE_NOISE]
+            if kept:
+                os.write(2, "".join(kept).encode())
+    finally:
+        os.close(saved)
+        tmp.close()
+
+
+def _library_loads(name: str) -> bool:
+    """Whether the shared library ``name`` can be loaded at all. Asked before
+    ``load_delegate``: a delegate whose library is missing leaves a half-built object whose
+    ``__del__`` prints an AttributeError traceback (ai-edge-litert 2.x)."""
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
 
 
 def _tflite_interpreter_class():
@@ -143,6 +190,8 @@ class TFLiteModel(Model):
         if accelerator in ("gpu", "nnapi"):
             names = _TFLITE_GPU_DELEGATES if accelerator == "gpu" else ("libnnapi_delegate.so",)
             for lib in names:
+                if not _library_loads(lib):
+                    continue
                 try:
                     delegates = [load_delegate(lib)]
                     used = accelerator
@@ -154,13 +203,15 @@ class TFLiteModel(Model):
         elif accelerator in ("cuda", "tensorrt"):
             log.warning("d2r: %s: accelerator %r is an ONNX Runtime provider, not a TFLite delegate; running on the CPU (XNNPACK)", path.name, accelerator)
         try:
-            self._interp = Interpreter(model_path=str(path), num_threads=threads, experimental_delegates=delegates or None)
-            self._interp.allocate_tensors()
+            with _native_stderr_filtered():
+                self._interp = Interpreter(model_path=str(path), num_threads=threads, experimental_delegates=delegates or None)
+                self._interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             if delegates:
                 log.warning("d2r: %s: %s delegate rejected the model (%s); running on the CPU", path.name, accelerator, exc)
-                self._interp = Interpreter(model_path=str(path), num_threads=threads)
-                self._interp.allocate_tensors()
+                with _native_stderr_filtered():
+                    self._interp = Interpreter(model_path=str(path), num_threads=threads)
+                    self._interp.allocate_tensors()
                 used = "cpu"
             else:
                 raise ModelError(f"{path}: cannot load TFLite model ({exc})") from exc

@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except D2RError as exc:
+        from ._progress import end_line
+
+        end_line()  # never glue the error to an open progress counter
         print(f"d2r {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

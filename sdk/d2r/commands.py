@@ -62,6 +62,30 @@ def _parse_detector(value: str):
     return name, t
 
 
+def check_metadata(metadata: dict, images) -> list[str]:
+    """Warnings for a metadata CSV that does not match the photos: rows naming no photo, and
+    photos without a row (each list shortened to its first 10 names)."""
+    names = {Path(p).name for p in images}
+    unmatched = sorted(set(metadata) - names)
+    missing = sorted(names - set(metadata))
+    out = []
+    for what, items in (("metadata rows that match no photo", unmatched), ("photos without a metadata row", missing)):
+        if items:
+            shown = ", ".join(items[:10]) + (f", ... ({len(items) - 10} more)" if len(items) > 10 else "")
+            out.append(f"{len(items)} {what}: {shown}")
+    return out
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n}")
+    return n
+
+
 def _codebook_size(value: str):
     if value == "auto":
         return value
@@ -88,16 +112,26 @@ def cmd_build(args) -> int:
     options["verification_features"] = args.verification_features
     codebook = Codebook.load(args.codebook) if args.codebook else None
     metadata = read_metadata_csv(args.metadata) if args.metadata else None
+    if metadata is not None:
+        for line in check_metadata(metadata, images):
+            print(f"d2r build: warning: {args.metadata}: {line}", file=sys.stderr)
+    on_error = "raise" if args.strict else "skip"
     t0 = time.perf_counter()
     engine = Engine.create(features=args.features, detector=name, codebook=codebook, kind=args.kind,
                            backend=args.backend, precision=args.precision, threads=args.threads, **options)
     with engine:
         if codebook is None:
-            engine.train_codebook(images, size=args.codebook_size, seed=args.seed)
-        engine.add_images(images, metadata=metadata)
+            engine.train_codebook(images, size=args.codebook_size, seed=args.seed, on_error=on_error)
+        engine.add_images(images, metadata=metadata, on_error=on_error)
         engine.save(args.output)
         n = len(engine.index)
+        skipped = dict(engine.skipped)
     print(f"wrote {args.output}: {n} images, kind {args.kind}, in {time.perf_counter() - t0:.1f} s")
+    if skipped:
+        print(f"skipped {len(skipped)} photo(s) that could not be read (listed in {Path(args.output) / 'bundle.json'}, 'skipped'):",
+              file=sys.stderr)
+        for name, why in skipped.items():
+            print(f"  {name}: {why}", file=sys.stderr)
     return 0
 
 
@@ -106,10 +140,17 @@ def cmd_query(args) -> int:
 
     if args.show and Path(args.show).suffix.lower() != ".png":
         raise InputError(f"--show: the picture is a PNG file; give a name ending in .png, got {args.show!r}")
-    results = {}
+    from .errors import ImageError
+
+    results, failed = {}, {}
     with Engine.open(args.bundle, threads=args.threads) as engine:
         for image in args.images:
-            res = engine.query(image, top_k=args.top_k, verify=args.verify)
+            try:
+                res = engine.query(image, top_k=args.top_k, verify=args.verify)
+            except ImageError as exc:  # one bad photo: say so, answer the others
+                failed[str(image)] = str(exc)
+                print(f"d2r query: error: {exc}", file=sys.stderr)
+                continue
             results[str(image)] = res
             if args.show:
                 from .visualize import draw_query
@@ -127,8 +168,13 @@ def cmd_query(args) -> int:
                 if args.show:
                     print(f"  picture: {show}")
     if args.json:
-        json.dump({k: v.to_json() for k, v in results.items()}, sys.stdout, indent=1, ensure_ascii=False)
+        out = {k: v.to_json() for k, v in results.items()}
+        out.update({k: {"error": v} for k, v in failed.items()})
+        json.dump(out, sys.stdout, indent=1, ensure_ascii=False)
         print()
+    if failed:
+        print(f"d2r query: {len(failed)} of {len(args.images)} photo(s) failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -154,12 +200,14 @@ def register_cli(sub) -> None:
                    help="whole-image features kept per image for `d2r query --verify` (default 1000, about 68 KB per image with 64-D features (ALIKED-t16, XFeat); 0 to leave out)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int)
+    b.add_argument("--strict", action="store_true",
+                   help="stop at the first photo that cannot be read (default: skip it, list it at the end and in bundle.json)")
     b.set_defaults(func=cmd_build)
 
     q = sub.add_parser("query", help="query a bundle with photos")
     q.add_argument("bundle", help="bundle folder written by d2r build")
     q.add_argument("images", nargs="+", help="query images")
-    q.add_argument("--top-k", type=int, default=10)
+    q.add_argument("--top-k", type=_positive_int, default=10, help="results per photo (default 10)")
     q.add_argument("--verify", action="store_true", help="re-rank the top 100 by spatial verification (RANSAC inliers)")
     q.add_argument("--json", action="store_true", help="print results as JSON")
     q.add_argument("--show", metavar="OUT.png", help="draw the query, its detected boxes, the results and (with --verify) the inlier matches")

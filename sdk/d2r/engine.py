@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,11 +34,14 @@ from pathlib import Path
 import numpy as np
 
 from ._files import sha256_file as _sha256_file
+from ._checks import positive_int
+from ._progress import counter as _progress
+from ._progress import end_line as _end_progress_line
 from ._version import __version__
 from .aggregate import aggregate
 from .backends import load_model
 from .codebook import Codebook, auto_size
-from .errors import D2RError, InputError, ModelError
+from .errors import D2RError, ImageError, InputError, ModelError
 from .features import Features, LocalFeatureExtractor
 from .image import load_image
 from .index import Index
@@ -181,6 +183,10 @@ class Engine:
         self._vfeats: dict = {}
         self._vfile = None
         self._vfile_ids: dict = {}
+        #: photos left out of this collection because they could not be read: image id (or
+        #: file name) -> the reason. Filled by :meth:`train_codebook` and :meth:`add_images`,
+        #: saved in bundle.json as ``skipped``.
+        self.skipped: dict[str, str] = {}
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -275,22 +281,31 @@ class Engine:
         return feats, boxes
 
     # -- codebook ---------------------------------------------------------------------------------
-    def train_codebook(self, images, size: int | str = "auto", iterations: int = 20, seed: int = 0, max_descriptors: int = 500_000, progress=True) -> Codebook:
+    def train_codebook(self, images, size: int | str = "auto", iterations: int = 20, seed: int = 0, max_descriptors: int = 500_000, progress=True,
+                       on_error: str = "skip") -> Codebook:
         """Train the codebook on whole-image features of ``images`` (paths or arrays).
 
         size: K, or ``"auto"`` (default): 8192 words, fewer when the images give fewer than 39
         descriptors per word (:func:`d2r.codebook.auto_size`; 512 for the 24 demo photos).
         Uses at most ``max_descriptors`` (a uniform random sample). Replaces the engine's
         codebook and starts an empty index (images added before are dropped: their words
-        belonged to the old codebook).
+        belonged to the old codebook). on_error: ``"skip"`` (default) leaves out a photo that
+        cannot be read and records it in :attr:`skipped`; ``"raise"`` raises its
+        :class:`ImageError`.
         """
         images = list(images)
+        _check_on_error(on_error)
         if not images:
             raise InputError("images: no images to train a codebook on")
         report = _progress(progress, "features", len(images))
         descs = []
         for i, img in enumerate(images):
-            descs.append(self.extractor.extract(img).descriptors)
+            try:
+                descs.append(self.extractor.extract(img).descriptors)
+            except ImageError as exc:
+                if on_error == "raise":
+                    raise
+                self._skip(img, i, exc)
             report(i + 1)
         x = np.concatenate(descs) if descs else np.zeros((0, self.extractor.dim), np.float32)
         if len(x) > max_descriptors:
@@ -336,12 +351,16 @@ class Engine:
             self.index.add_regions(image_id, aggs, metadata=metadata)
         return len(feats)
 
-    def add_images(self, paths_or_images, ids=None, metadata=None, progress=True) -> list:
+    def add_images(self, paths_or_images, ids=None, metadata=None, progress=True, on_error: str = "skip") -> list:
         """Index several images. ids default to the file names (without folder) of paths.
 
         metadata: None, a list (one dict per image) or a dict image_id -> dict.
+        on_error: ``"skip"`` (default) leaves out an image that cannot be read (corrupt,
+        truncated, not an image, too many pixels) and records it in :attr:`skipped`, so one
+        bad photo never stops a batch; ``"raise"`` raises its :class:`ImageError` instead.
         Returns the ids added.
         """
+        _check_on_error(on_error)
         items = list(paths_or_images)
         if ids is None:
             ids = []
@@ -364,10 +383,25 @@ class Engine:
             if len(metas) != len(items):
                 raise InputError(f"metadata: {len(metas)} entries for {len(items)} images")
         report = _progress(progress, "index", len(items))
+        added = []
         for n, (item, image_id, meta) in enumerate(zip(items, ids, metas)):
-            self.add_image(item, image_id, meta)
+            try:
+                self.add_image(item, image_id, meta)
+            except ImageError as exc:
+                if on_error == "raise":
+                    raise
+                self._skip(image_id, n, exc)
+            else:
+                added.append(image_id)
+                self.skipped.pop(image_id, None)
             report(n + 1)
-        return ids
+        return added
+
+    def _skip(self, item, position: int, exc: Exception) -> None:
+        key = item if isinstance(item, str) else Path(item).name if isinstance(item, os.PathLike) else f"#{position}"
+        self.skipped[key] = str(exc)
+        _end_progress_line()
+        log.warning("d2r: skipped %s: %s", key, exc)
 
     def remove(self, image_id: str) -> None:
         self._require_index()
@@ -395,6 +429,8 @@ class Engine:
         verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
         (ALGORITHM.md section 6); needs an engine built with ``verification_features > 0``.
         """
+        top_k = positive_int(top_k, "top_k")
+        verify_top = positive_int(verify_top, "verify_top")
         self._require_index()
         if verify and not self.config.verification_features:
             raise InputError("verify: this bundle stores no verification features (build it with verification_features=1000)")
@@ -406,7 +442,10 @@ class Engine:
         t2 = time.perf_counter()
         agg = aggregate(feats.descriptors, self.codebook, kind="asmk_star", approximate=self.config.approximate_assignment)
         t3 = time.perf_counter()
-        hits = self.index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling)
+        if len(feats) == 0:  # a blank or tiny photo: nothing to compare, so nothing matches
+            hits = []
+        else:
+            hits = self.index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling)
         t4 = time.perf_counter()
         t.update(load_image=(t1 - t0) * 1e3, features=(t2 - t1) * 1e3, aggregation=(t3 - t2) * 1e3, search=(t4 - t3) * 1e3)
         inliers = {}
@@ -480,6 +519,7 @@ class Engine:
                 "models": {"features": Path(self.feature_entry.file).name, "detector": Path(self.detector_entry.file).name if self.detector_entry else None},
                 "codebook_sha256": self.codebook.checksum,
                 "n_images": len(self.index),
+                "skipped": dict(sorted(self.skipped.items())),
                 "files": files,
             }
             body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
@@ -585,6 +625,11 @@ def _swap_in(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def _check_on_error(value) -> None:
+    if value not in ("skip", "raise"):
+        raise InputError(f"on_error: expected 'skip' or 'raise', got {value!r}")
+
+
 def _raw_entry(entry) -> dict:
     """The manifest JSON object of an entry (re-read from its manifest file)."""
     src = None
@@ -614,17 +659,3 @@ def _find_entry(manifest, name: str, task: str, backend: str, precision: str):
     raise ModelError(f"{manifest.path}: no {precision} {backend} file for model {name!r}")
 
 
-def _progress(progress, what: str, total: int):
-    if not progress:
-        return lambda done: None
-    if callable(progress):
-        return lambda done: progress(what, done, total)
-    last = [0.0]
-
-    def report(done):
-        now = time.monotonic()
-        if done == total or now - last[0] > 1.0:
-            last[0] = now
-            print(f"\r{what}: {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    return report

@@ -19,6 +19,10 @@ from .errors import ImageError
 # Decompression-bomb guard: 64 megapixels is far above any phone photo we need (we work at
 # ~640 px) and far below what would exhaust a Raspberry Pi's memory.
 DEFAULT_MAX_PIXELS = 64_000_000
+# JPEG photos above max_pixels (108 and 200 megapixel phone cameras) are decoded reduced, by
+# 1/2, 1/4 or 1/8 in the DCT (Pillow's draft mode: no full-size buffer is ever allocated), to at
+# most this many pixels; a JPEG that would still be larger at 1/8 is refused as a bomb.
+DRAFT_PIXELS = 16_000_000
 
 
 def _describe(src) -> str:
@@ -91,12 +95,35 @@ def _pil_to_rgb(img, name: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _open_jpeg_reduced(data: bytes, name: str, max_pixels: int):
+    """A JPEG opened for decoding at a reduced scale when it has more than ``max_pixels``
+    pixels (None when it has fewer: the ordinary path opens it). Pillow's own bomb check in
+    ``Image.open`` would refuse a 200-megapixel photo before draft mode can shrink it, so the
+    JPEG is opened through its plugin and checked here instead."""
+    from PIL import JpegImagePlugin
+
+    img = JpegImagePlugin.JpegImageFile(io.BytesIO(data))
+    w, h = img.size
+    if w * h <= max_pixels:
+        return None
+    target = min(max_pixels, DRAFT_PIXELS)
+    for scale in (2, 4, 8):
+        if (w // scale) * (h // scale) <= target:
+            break
+    else:
+        raise ImageError(f"{name}: refused, {w}x{h} = {w * h} pixels is too many even decoded at 1/8 (decompression bomb?)")
+    img.draft("RGB", (-(-w // scale), -(-h // scale)))
+    return img
+
+
 def load_image(src, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``src`` to uint8 RGB [H, W, 3].
 
     src: a path (str or os.PathLike), encoded image bytes, a numpy array ([H, W], [H, W, 1],
     [H, W, 3] RGB or [H, W, 4] RGBA; uint8, uint16 or float in [0, 1]) or a PIL image.
-    max_pixels: images with more pixels are refused (decompression bombs).
+    max_pixels: images with more pixels are refused (decompression bombs), except JPEG
+    photos, which are decoded reduced by 1/2, 1/4 or 1/8 to at most :data:`DRAFT_PIXELS`
+    pixels (108 and 200 megapixel phone photos) when that is possible.
     Raises :class:`d2r.ImageError` for missing, unreadable, corrupt, truncated, empty or
     oversized images, naming the input.
     """
@@ -130,7 +157,9 @@ def load_image(src, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = _open_jpeg_reduced(data, name, max_pixels) if data[:3] == b"\xff\xd8\xff" else None
+            if img is None:
+                img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
                 raise ImageError(f"{name}: {img.width}x{img.height} = {img.width * img.height} pixels exceeds the limit of {max_pixels}")
             img.load()  # decodes fully: truncated files fail here, not later

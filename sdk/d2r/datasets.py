@@ -172,8 +172,8 @@ class Progress:
         self.stream.flush()
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+def _say(msg: str, stream=None) -> None:
+    print(msg, file=stream if stream is not None else sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def fetch(url: str, part: Path, label: str, timeout: float = 60.0, retries: int 
                     mode = "ab"
                 elif status == 200:
                     if have:
-                        _say(f"{label}: the server sent the whole file again (no range support, or the file changed); restarting")
+                        _say(f"{label}: the server sent the whole file again (no range support, or the file changed); restarting", stream)
                     have, total, expect, mode = 0, length, length, "wb"
                 else:  # pragma: no cover - urllib raises for other codes
                     raise DownloadError(f"{url}: unexpected HTTP status {status}")
@@ -299,7 +299,13 @@ def fetch(url: str, part: Path, label: str, timeout: float = 60.0, retries: int 
             return
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and have:
-                # Our part file is longer than, or as long as, the server's file: start over.
+                cr = re.match(r"^\s*bytes\s+\*/(\d+)\s*$", exc.headers.get("Content-Range") or "")
+                if cr and int(cr.group(1)) == have:  # complete already (stopped before the rename)
+                    if progress is not None:
+                        progress.close()
+                    meta_path.unlink(missing_ok=True)
+                    return
+                # Our part file is longer than the server's file: start over.
                 part.unlink(missing_ok=True)
                 meta = {}
                 continue
@@ -307,13 +313,13 @@ def fetch(url: str, part: Path, label: str, timeout: float = 60.0, retries: int 
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
             if isinstance(exc, DownloadError):
                 raise
-            failures = 0 if got else failures + 1
+            failures = 1 if got else failures + 1  # a drop after progress starts a new count
             if failures > retries:
                 reason = getattr(exc, "reason", exc)
                 raise DownloadError(f"{url}: download failed ({reason}); {part} keeps "
                                     f"{part.stat().st_size if part.exists() else 0} bytes: run the command again to resume") from exc
             wait = backoff * (2 ** max(failures - 1, 0))
-            _say(f"{label}: connection lost ({getattr(exc, 'reason', exc)}); resuming in {wait:g} s")
+            _say(f"{label}: connection lost ({getattr(exc, 'reason', exc)}); resuming in {wait:g} s", stream)
             time.sleep(wait)
 
 
@@ -336,7 +342,21 @@ def _numpy_globals() -> dict:
             out[(mod, name)] = obj
     out[("numpy", "ndarray")] = np.ndarray
     out[("numpy", "dtype")] = np.dtype
+    out[("_codecs", "encode")] = _latin1_bytes  # how protocol 2 writes bytes (an array's data)
+    out[("__builtin__", "bytes")] = out[("builtins", "bytes")] = _empty_bytes  # ... and b""
     return out
+
+
+def _empty_bytes(*args):
+    if args:
+        raise pickle.UnpicklingError("bytes(...) is accepted only without arguments")
+    return b""
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode is accepted only for latin1 text, got {encoding!r}")
+    return text.encode("latin1")
 
 
 class _GroundTruthUnpickler(pickle.Unpickler):
@@ -593,7 +613,7 @@ def download(dataset: str, dest, mirror: str | None = None, checksums: dict | No
     sums_path = root / "SHA256SUMS"
     recorded = read_sha256sums(sums_path) if sums_path.exists() else {}
     if d.marker.get("converted") and (root / "gnd.json").exists():
-        _say(f"{root}: {dataset} is already downloaded and converted")
+        _say(f"{root}: {dataset} is already downloaded and converted", stream)
         return root
     downloads = d.claim("downloads")
     downloads.mkdir(exist_ok=True)
@@ -622,7 +642,7 @@ def download(dataset: str, dest, mirror: str | None = None, checksums: dict | No
                                     "nothing was converted: delete the file to download it again")
         if expected is None:
             _say(f"{dataset}: no published sha256 for {f.name}; recorded {got} in {sums_path} "
-                 "(later runs check against it; compare it with another copy to be sure)")
+                 "(later runs check against it; compare it with another copy to be sure)", stream)
         if recorded.get(f.name) != got:
             recorded[f.name] = got
             d.claim("SHA256SUMS")
@@ -653,7 +673,7 @@ def download(dataset: str, dest, mirror: str | None = None, checksums: dict | No
         d.marker["created"].remove("downloads")
         d.save()
     n = len(json.loads((root / "gnd.json").read_text())["imlist"])
-    _say(f"{root}: {dataset} ready: {n} database images, d2r eval --dataset {root}")
+    _say(f"{root}: {dataset} ready: {n} database images, d2r eval --dataset {root}", stream)
     return root
 
 
@@ -810,7 +830,7 @@ def make_mini(src, dest, size: int = 640, step: int = 5, negatives: int = 5, que
         if stage.exists():
             shutil.rmtree(stage)
     n_eval = sum(1 for e in out_gnd if e["easy"] or e["hard"])
-    _say(f"{dest}: {len(sel)} database images, {len(qsel)} queries ({n_eval} with positives)")
+    _say(f"{dest}: {len(sel)} database images, {len(qsel)} queries ({n_eval} with positives)", stream)
     return dest
 
 

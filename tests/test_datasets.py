@@ -46,6 +46,13 @@ class Mirror:
                 pass
 
             def do_GET(self):
+                if self.path.startswith("/moved/"):  # like www.robots.ox.ac.uk -> thor.robots.ox.ac.uk
+                    self.send_response(301)
+                    self.send_header("Location", mirror.url + self.path[len("/moved/"):])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    mirror.log.append(("moved", self.headers.get("Range"), 301, 0))
+                    return
                 name = self.path.lstrip("/")
                 data = mirror.files.get(name)
                 if data is None:
@@ -266,6 +273,18 @@ def test_an_interrupted_run_resumes_and_does_not_fetch_completed_files_again(mir
     ds = load_dataset(dest)
     assert ds.names == PA_DB and ds.query_names == PA_Q  # images from nested folders of two archives
     assert all(p.read_bytes() == images[n] for n, p in zip(ds.names, ds.image_paths))
+
+
+def test_resume_follows_a_redirect(mirror, tmp_path):
+    files, _ = _oxford_files()
+    mirror.files.update(files)
+    arc = "oxbuild_images-v1.tgz"
+    mirror.drop[arc] = 3000
+    dest = tmp_path / "rox"
+    download("roxford5k", dest, mirror=mirror.url + "moved/", checksums=_sums(files), backoff=0, stream=io.StringIO())
+    assert [r[1] for r in mirror.requests("moved")][:2] == [None, "bytes=3000-"]
+    assert [r[1:3] for r in mirror.requests(arc)] == [(None, 200), ("bytes=3000-", 206)]
+    assert load_dataset(dest).n_images == len(OX_DB)
 
 
 def test_a_file_that_changed_on_the_server_is_fetched_again_whole(mirror, tmp_path):

@@ -556,13 +556,17 @@ def _convert(src: DatasetSource, downloads: Path, stage: Path, stream=None) -> N
                     if stem not in want_db and stem not in want_q:
                         continue
                     fh = tar.extractfile(member)
-                    data = fh.read() if fh is not None else b""
-                    if stem in want_db:
-                        (stage / "db" / f"{stem}.jpg").write_bytes(data)
-                        found_db.add(stem)
-                    if stem in want_q:
+                    if fh is None:
+                        continue
+                    if stem in want_q:  # 70 queries: kept in memory for the crop
+                        data = fh.read()
                         (stage / "full" / f"{stem}.jpg").write_bytes(data)
                         found_q[stem] = data
+                        fh = io.BytesIO(data)
+                    if stem in want_db:
+                        with open(stage / "db" / f"{stem}.jpg", "wb") as out:
+                            shutil.copyfileobj(fh, out)
+                        found_db.add(stem)
                     progress.update(1)
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             raise DatasetError(f"{path}: not a readable image archive ({exc})") from exc
@@ -768,6 +772,8 @@ def make_mini(src, dest, size: int = 640, step: int = 5, negatives: int = 5, que
         if unknown:
             raise InputError(f"queries: {', '.join(unknown[:5])} not among the queries of {src / 'gnd.json'}")
         qsel = sorted(where[n] for n in dict.fromkeys(names))
+        if not qsel:
+            raise InputError("queries: no query selected")
     full_dir = src / "full"
     no_full = [ds.query_names[q] for q in qsel if not (full_dir / f"{ds.query_names[q]}.jpg").exists()]
     if no_full:

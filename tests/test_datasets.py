@@ -526,3 +526,31 @@ def test_mini_never_enlarges_and_the_cli_runs_both_steps(mirror, tmp_path):
     with Image.open(ds.image_paths[0]) as im:
         assert im.size == (160, 120)  # smaller than 640: kept
     assert ds.gnd[0]["bbx"] == (30.0, 10.0, 150.0, 110.0)
+
+
+def test_mini_takes_the_21_queries_of_roxford5k_mini_by_default(tmp_path):
+    # a full-size folder in the converted layout, made by hand: 21 + 1 queries, 12 database images
+    src = tmp_path / "src"
+    for sub in ("db", "full", "queries"):
+        (src / sub).mkdir(parents=True)
+    db = [f"x_{i:06d}" for i in range(12)]
+    queries = list(datasets.MINI_QUERIES) + ["zz_000001"]
+    for i, n in enumerate(db):
+        (src / "db" / f"{n}.jpg").write_bytes(_jpeg(i, size=(1024, 768)))
+    for i, n in enumerate(queries):
+        (src / "full" / f"{n}.jpg").write_bytes(_jpeg(50 + i, size=(768, 1024)))
+        (src / "queries" / f"{n}.jpg").write_bytes(_jpeg(50 + i, size=(64, 64)))
+    gnd = [{"bbx": [100.0, 200.0, 600.0, 1000.0], "easy": [i % 12], "hard": [(i + 1) % 12], "junk": []} for i in range(len(queries))]
+    (src / "gnd.json").write_text(json.dumps({"imlist": db, "qimlist": queries, "gnd": gnd}))
+    (tmp_path / ".mini.d2r-mini-1").mkdir()  # left by a killed run
+    make_mini(src, tmp_path / "mini", stream=io.StringIO())
+    assert not (tmp_path / ".mini.d2r-mini-1").exists()
+    ds = load_dataset(tmp_path / "mini")
+    assert ds.query_names == list(datasets.MINI_QUERIES)
+    with Image.open(ds.image_paths[0]) as im:
+        assert im.size == (640, 480)
+    with Image.open(tmp_path / "mini" / "full" / f"{queries[0]}.jpg") as im:
+        assert im.size == (480, 640)
+    assert ds.gnd[0]["bbx"] == (62.5, 125.0, 375.0, 625.0)  # x 640/1024 = 0.625
+    with Image.open(ds.query_paths[0]) as im:
+        assert im.size == (313, 500)  # round(375) - round(62.5) = 375 - 62 (round half to even), 625 - 125

@@ -785,6 +785,9 @@ def make_mini(src, dest, size: int = 640, step: int = 5, negatives: int = 5, que
     remap = {old: new for new, old in enumerate(sel)}
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for old in dest.parent.glob(f".{dest.name}.d2r-mini-*"):  # ours, left by a killed run
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
     stage = dest.parent / f".{dest.name}.d2r-mini-{os.getpid()}"
     stage.mkdir()
     try:

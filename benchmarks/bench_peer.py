@@ -13,7 +13,7 @@ asmk's ASMK* (asmk 0.1.1, params as in its examples minus idf): binary kernel, a
 similarity threshold 0 (s >= 0; ours s > 0: the same sum, since 0^3 = 0), exact faiss
 assignment, one word per descriptor, no idf, scores normalised by sqrt(n_words(q) n_words(x)).
 Ours is run twice: normalised like asmk (`Index(normalize=True)`) and un-normalised (the sum of
-ALGORITHM.md section 4, which `d2r eval` uses).
+docs/algorithm.md section 4, which `d2r eval` uses).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Plain numpy versions of the core, written from ALGORITHM.md: the oracle of the property tests.
+"""Plain numpy versions of the core, written from docs/algorithm.md: the oracle of the property tests.
 
 Deliberately naive (dense distance matrices, Python loops over words) so that it is easy to
 check against the text; the benchmark also uses it as the "plain numpy" baseline.
@@ -94,7 +94,7 @@ def similarity(words_a, pay_a, words_b, pay_b, dim, binary, alpha=3.0, tau=0.0, 
 
 
 def naive_rasmk(x, c, region_sizes, m=1):
-    """Naive-R-ASMK (ALGORITHM.md section 3): per word, the sum over regions of each region's
+    """Naive-R-ASMK (docs/algorithm.md section 3): per word, the sum over regions of each region's
     ASMK unit residual, divided by the number of regions R (empty regions count in R)."""
     bounds = np.concatenate([[0], np.cumsum(region_sizes)]).astype(int)
     acc = {}

@@ -1,4 +1,4 @@
-"""The reference test vectors of ALGORITHM.md section 4, reproduced exactly (to 1e-6)."""
+"""The reference test vectors of docs/algorithm.md section 4, reproduced exactly (to 1e-6)."""
 
 import numpy as np
 import pytest

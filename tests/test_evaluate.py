@@ -1,4 +1,4 @@
-"""Revisited Oxford / Paris metrics (ALGORITHM.md section 7) and the dataset folder loader."""
+"""Revisited Oxford / Paris metrics (docs/algorithm.md section 7) and the dataset folder loader."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from shared_data import require_roxford
 
 
 # --------------------------------------------------------------------------------------------
-# An independent implementation, written from the text of ALGORITHM.md section 7 only
+# An independent implementation, written from the text of docs/algorithm.md section 7 only
 # --------------------------------------------------------------------------------------------
 
 

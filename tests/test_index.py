@@ -136,7 +136,7 @@ def test_ties_rank_insertion_order():
 
 
 def test_reference_vector_normalised():
-    # ALGORITHM.md: ASMK*, D = 2, descriptors [0,0,3,3,3] words [0..4] vs [1,2,3] words [1,2,4].
+    # docs/algorithm.md: ASMK*, D = 2, descriptors [0,0,3,3,3] words [0..4] vs [1,2,3] words [1,2,4].
     cb = make_codebook(5, 2)
     x = d2r.Aggregation("asmk_star", 2, np.arange(5, dtype=np.uint32), codes=(np.array([0, 0, 3, 3, 3], np.uint8) << 6)[:, None])
     y = d2r.Aggregation("asmk_star", 2, np.array([1, 2, 4], np.uint32), codes=(np.array([1, 2, 3], np.uint8) << 6)[:, None])

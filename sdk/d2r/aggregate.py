@@ -1,6 +1,6 @@
 """Aggregation of local descriptors into one image (or region) representation, and similarity.
 
-Kinds (ALGORITHM.md section 3): ``vlad``, ``asmk``, ``asmk_star`` over all features of an
+Kinds (docs/algorithm.md section 3): ``vlad``, ``asmk``, ``asmk_star`` over all features of an
 image, and their regional forms ``rvlad``, ``rasmk``, ``rasmk_star`` in which each region's
 residual vector is L2-normalised before the regions are summed (Detect-to-Retrieve).
 ``naive_rasmk`` is the paper's ablation: the mean over regions of the per-region ASMK
@@ -247,7 +247,7 @@ def _naive_rasmk(x, codebook, assign, starts) -> Aggregation:
 
 
 def similarity(a: Aggregation, b: Aggregation, alpha: float = 3.0, tau: float = 0.0, normalize: bool = False) -> float:
-    """Similarity of two aggregations (ALGORITHM.md section 4).
+    """Similarity of two aggregations (docs/algorithm.md section 4).
 
     VLAD kinds: dot product. ASMK kinds: sum over common words of the selectivity
     sigma(s) = sign(s)|s|^alpha if s > tau else 0, with s the residual dot product (``asmk``,

@@ -1,6 +1,6 @@
 """Visual-word codebook: k-means training, nearest-codeword assignment, and its file format.
 
-Exact assignment is what ALGORITHM.md prescribes: the nearest codeword by squared L2, ties to
+Exact assignment is what docs/algorithm.md prescribes: the nearest codeword by squared L2, ties to
 the lowest id. It costs 2*N*K*D FLOPs, which at K = 65536 is ~17 GFLOP for 1000 descriptors
 of D = 128, too much for a phone; ``approximate=True`` uses a two-level codebook instead
 (coarse centres over the codewords, only the codewords of the ``probes`` nearest coarse

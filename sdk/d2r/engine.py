@@ -256,7 +256,7 @@ class Engine:
         """Database-side regions: (list of Features, list of boxes); region 0 is the whole image.
 
         Boxes come from the detector (score >= detector_threshold, at most max_regions); each
-        region's features are re-extracted on the crop (``regions="crop"``, ALGORITHM.md
+        region's features are re-extracted on the crop (``regions="crop"``, docs/algorithm.md
         section 2) or taken from the whole-image features inside the box (``"pool"``).
         """
         rgb = load_image(image)
@@ -410,7 +410,7 @@ class Engine:
     # -- query ----------------------------------------------------------------------------------
     def match_distance(self) -> float:
         """Putative-match distance for verification: from the model's ``match_min_cosine``
-        (unit descriptors: |a - b| = sqrt(2 - 2 cos)); 0.9 (DELF, ALGORITHM.md) otherwise."""
+        (unit descriptors: |a - b| = sqrt(2 - 2 cos)); 0.9 (DELF, docs/algorithm.md) otherwise."""
         cos = (self.feature_entry.defaults or {}).get("match_min_cosine")
         return float(np.sqrt(2.0 - 2.0 * cos)) if cos is not None else 0.9
 
@@ -424,10 +424,10 @@ class Engine:
         return None
 
     def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool = False, verify_top: int = 100) -> QueryResult:
-        """Rank the indexed images for a query photo (whole image, no detector: ALGORITHM.md).
+        """Rank the indexed images for a query photo (whole image, no detector: docs/algorithm.md).
 
         verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
-        (ALGORITHM.md section 6); needs an engine built with ``verification_features > 0``.
+        (docs/algorithm.md section 6); needs an engine built with ``verification_features > 0``.
         """
         top_k = positive_int(top_k, "top_k")
         verify_top = positive_int(verify_top, "verify_top")

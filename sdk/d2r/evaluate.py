@@ -1,4 +1,4 @@
-"""Retrieval metrics of the Revisited Oxford and Paris protocol (ALGORITHM.md section 7).
+"""Retrieval metrics of the Revisited Oxford and Paris protocol (docs/algorithm.md section 7).
 
 Three protocols per query, from its ground truth lists ``easy``, ``hard`` and ``junk``:
 
@@ -328,7 +328,7 @@ def compute_map(ranks, gnd: Sequence[Mapping], kappas=KAPPAS, n_database: int | 
 def remove_junk(ranking, junk) -> np.ndarray:
     """``ranking`` without the images of ``junk``, order kept: int64 [L'].
 
-    For spatial verification under the protocol (ALGORITHM.md section 6: the top 100 of the
+    For spatial verification under the protocol (docs/algorithm.md section 6: the top 100 of the
     initial ranking, junk removed), with the junk of the protocol from :func:`protocol_lists`.
     Removing junk does not change any metric of that protocol.
     """

@@ -5,7 +5,7 @@ so sweeps over codebooks, kinds and regions are cheap), a codebook trained on th
 (or loaded), aggregation of a kind, regions from an R-MAC grid or a detector, the index, and
 optional spatial verification of the top 100. Metrics come from :mod:`d2r.evaluate`.
 
-Region features: detector boxes re-extract features on each crop (ALGORITHM.md section 2);
+Region features: detector boxes re-extract features on each crop (docs/algorithm.md section 2);
 R-MAC grid cells pool the whole-image features that fall inside them (a grid of up to 14
 cells per image would multiply extraction time, and the grid is a baseline).
 """
@@ -407,11 +407,11 @@ def run(
         tv = time.perf_counter()
         per_protocol = {}
         loaded = {}
-        # Unit descriptors of another source: ALGORITHM.md's 0.9 (untuned for them).
+        # Unit descriptors of another source: docs/algorithm.md's 0.9 (untuned for them).
         match_distance = engine.match_distance() if features not in SOURCES else 0.9
 
         def vfeats(c):
-            # ALGORITHM.md section 6 verifies with whole-image features; the top 1000 by score.
+            # docs/algorithm.md section 6 verifies with whole-image features; the top 1000 by score.
             # With verify_words, each keeps its nearest codeword and matching stays within words.
             if c not in loaded:
                 f = whole(db_paths[c])[0]

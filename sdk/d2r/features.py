@@ -1,4 +1,4 @@
-"""Local features around any dense model: the DELF extraction procedure (ALGORITHM.md sec. 1).
+"""Local features around any dense model: the DELF extraction procedure (docs/algorithm.md sec. 1).
 
 A dense model maps an image to a grid of descriptors plus a grid of scores. Two kinds of
 models are handled, told apart by their manifest entry:

@@ -1,4 +1,4 @@
-"""Spatial verification: putative matches, affine RANSAC and re-ranking (ALGORITHM.md section 6).
+"""Spatial verification: putative matches, affine RANSAC and re-ranking (docs/algorithm.md section 6).
 
 The re-ranking of Detect-to-Retrieve: the top R images of the initial ranking are verified by
 matching the query's local features to each candidate's (nearest neighbour, Euclidean distance
@@ -43,7 +43,7 @@ from ._files import atomic_file
 from ._checks import descriptors_array, positive_int, real_number
 from .errors import IndexFormatError, InputError
 
-# Defaults of ALGORITHM.md section 6.
+# Defaults of docs/algorithm.md section 6.
 MAX_DISTANCE = 0.9
 RESIDUAL_THRESHOLD = 10.0
 MAX_TRIALS = 1000
@@ -471,7 +471,7 @@ def rerank(
     use_words: bool = True,
     precision: str = "int8",
 ) -> list[Reranked]:
-    """Re-rank the top R of an initial ranking by (inliers, initial score), ALGORITHM.md section 6.
+    """Re-rank the top R of an initial ranking by (inliers, initial score), docs/algorithm.md section 6.
 
     Args:
         query: the query's features (see :func:`verify_pair`).

@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     syncer = None
     try:
         if args.bundle:
-            engine = d2r.Engine.open(args.bundle, threads=args.threads)
+            engine = d2r.Engine.open(args.bundle, threads=args.threads, warm_up=True)
         else:
             from d2r.sync import LiveBundle, SyncClient, parse_interval
 
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
                 syncer = Syncer(client, parse_interval(args.sync_every), log)
                 syncer.sync_once()  # before the first frame: a fresh kiosk has no bundle yet
                 syncer.start()
-            engine = LiveBundle(args.dest, opener=lambda p: d2r.Engine.open(p, threads=args.threads))
+            engine = LiveBundle(args.dest, opener=lambda p: d2r.Engine.open(p, threads=args.threads, warm_up=True))
         bad = BadFrames(log)
         with engine:
             Kiosk(engine, args.min_inliers, args.margin, args.frames, bad=bad).run(frames(args.source, args.every, args.max_frames, bad), announce)

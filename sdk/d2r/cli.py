@@ -21,6 +21,7 @@ from .errors import D2RError
 _SUBCOMMANDS: list[tuple[str, str]] = [
     ("d2r.codebook", "register_cli"),
     ("d2r.commands", "register_cli"),
+    ("d2r.warmup", "register_cli"),
     ("d2r.datasets", "register_cli"),
     ("d2r.evaluation", "register_cli"),
     ("d2r.landmarks", "register_cli"),

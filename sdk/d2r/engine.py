@@ -536,11 +536,14 @@ class Engine:
         return path
 
     @classmethod
-    def open(cls, path, threads: int | None = None, accelerator: str = "cpu", verify: bool = True, mmap: bool = True) -> "Engine":
+    def open(cls, path, threads: int | None = None, accelerator: str = "cpu", verify: bool = True, mmap: bool = True,
+             warm_up: bool = False) -> "Engine":
         """Open a bundle folder written by :meth:`save`.
 
         verify: check every file's size and sha256 against ``bundle.json`` (models, codebook,
         index) before use; with False only sizes and the index's own header checks are made.
+        warm_up: run :meth:`warm_up` before returning, so that the first query is as fast as
+        the next (for a kiosk or an app that opens once and queries for hours).
         Raises :class:`BundleError` naming the bundle and the problem.
         """
         path = Path(path)
@@ -583,7 +586,22 @@ class Engine:
             except (OSError, ValueError, D2RError) as exc:
                 engine.close()
                 raise BundleError(f"{path}: verification features unusable ({exc})") from exc
+        if warm_up:
+            engine.warm_up()
         return engine
+
+    def warm_up(self) -> float:
+        """Run the query path once on a synthetic photo: loads the compiled kernels (see
+        ``d2r warmup``), lets the model runtime prepare its first inference and touches the
+        index. Changes nothing; returns the seconds it took."""
+        from .warmup import texture
+
+        t0 = time.perf_counter()
+        if self.index is None:
+            self.extractor.extract(texture(0))
+        else:
+            self.query(texture(0), top_k=1, verify=bool(self.config.verification_features), verify_top=1)
+        return time.perf_counter() - t0
 
 
 def read_bundle_info(path) -> dict:

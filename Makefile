@@ -20,6 +20,7 @@ venv: $(PY)
 # Needs only the runtime (no converter toolchains).
 demo: $(PY)
 	$(PY) -m pip install --quiet -e .
+	$(PY) -m d2r.cli warmup
 	$(PY) examples/demo.py
 
 # pytest exits 5 when it collected no test: that is a failure here, as is any failed test.

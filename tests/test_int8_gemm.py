@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -159,3 +161,57 @@ def test_hand_built_model_is_valid_onnx():
     assert model.opset_import[0].version == 13
     dims = [[d.dim_param for d in v.type.tensor_type.shape.dim] for v in model.graph.input]
     assert dims == [["n", "d"], ["d", "m"], []]
+
+
+_AVX2_CHILD = r"""
+import json
+import json
+
+import numpy as np
+from d2r import int8_gemm
+rng = np.random.default_rng(0)
+out = {"backend": int8_gemm.backend(), "stored": [], "wide": []}
+for dim in (7, 64, 128, 1040):
+    x = rng.normal(size=(40, dim)).astype(np.float32)
+    x[0] = 1.0
+    x[1] = -1.0
+    q, _ = int8_gemm.quantize_rows(x[:20], int8_gemm.INT8_MAX)
+    s, _ = int8_gemm.quantize_rows(x[20:])
+    s[0], s[1] = int8_gemm.STORED_MAX, -int8_gemm.STORED_MAX
+    exact = q.astype(np.int64) @ s.astype(np.int64).T
+    out["stored"].append(bool(np.array_equal(int8_gemm.gram(int8_gemm.query_operand(q), s), exact)))
+    # 8-bit codes on the same kernel, bypassing gram's range check: what d2r did before
+    wide = np.full((2, dim), 127, np.int8)
+    sess = int8_gemm._session(1)
+    got = sess.run(None, {"a": int8_gemm.query_operand(q), "b": np.ascontiguousarray(wide.T), "za": int8_gemm._ZERO_POINT})[0]
+    out["wide"].append(bool(np.array_equal(got, q.astype(np.int64) @ wide.astype(np.int64).T)))
+print(json.dumps(out))
+"""
+
+
+def test_exact_on_an_avx2_cpu_without_vnni_under_qemu():
+    """ONNX Runtime's real uint8 x int8 kernel of a CPU without VNNI (AMD Zen 2, AVX2 only),
+    run under qemu-user's emulation of that CPU (Debian's qemu-user-static, which .ci/run
+    installs). Stored codes are exact; 8-bit codes saturate there, which shows that the
+    emulated CPU takes the vpmaddubsw path (the test skips if it does not)."""
+    import os
+    import platform
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("onnxruntime")
+    qemu = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
+    if qemu is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs qemu-x86_64(-static) on an x86-64 host (apt-get install qemu-user-static)")
+    sdk = str(Path(int8_gemm.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=sdk + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([qemu, "-cpu", "EPYC-Rome", sys.executable, "-c", _AVX2_CHILD], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["backend"] == "onnxruntime"
+    if all(out["wide"]):
+        pytest.skip("the emulated CPU did not take ONNX Runtime's saturating AVX2 path")
+    assert out["stored"] == [True, True, True, True]

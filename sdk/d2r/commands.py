@@ -76,9 +76,10 @@ def _codebook_size(value: str):
 
 def cmd_build(args) -> int:
     from .codebook import Codebook
-    from .engine import Engine
+    from .engine import Engine, check_bundle_target
 
     images = list_images(args.images)
+    check_bundle_target(args.output, protect=[args.images])  # before hours of work, not after
     name, thresh = _parse_detector(args.detector)
     options = {}
     if thresh is not None:
@@ -95,7 +96,7 @@ def cmd_build(args) -> int:
         if codebook is None:
             engine.train_codebook(images, size=args.codebook_size, seed=args.seed)
         engine.add_images(images, metadata=metadata)
-        engine.save(args.output)
+        engine.save(args.output, protect=[args.images])
         n = len(engine.index)
     print(f"wrote {args.output}: {n} images, kind {args.kind}, in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -24,6 +24,17 @@ state and answers the same queries (binary kernel, alpha = 3, threshold 0).
 
     python benchmarks/bench_index.py                 # N = 10k, 100k
     python benchmarks/bench_index.py --sizes 10000 100000 1000000
+
+``--integrity`` measures instead what the file checks cost (issue 15), in one process, against
+``verify=False`` (no check of the inverted file): open time (median of 9 opens of each mode,
+interleaved) for verify=False / the default (verify=None: full sha256 up to 64 MiB, beyond
+that the crc32 of each visual word when a search first reads it) / verify=True; the first pass
+over the queries right after opening (each word's crc32 checked on first touch) and the next
+pass, for verify=False and the default (3 rounds, interleaved, medians of the per-pass totals);
+and the crc32 of every word (what the lazy check costs once the whole file has been read)
+against ``idx.verify()``.
+
+    python benchmarks/bench_index.py --integrity --sizes 10000 100000
 """
 
 from __future__ import annotations
@@ -208,6 +219,59 @@ def bench_asmk(data, n, queries, folder):
             "p95": 1000 * times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]}
 
 
+def bench_integrity(path, cb, queries, reps=3, opens=9):
+    """Costs of the file checks against verify=False, in this process (see the docstring)."""
+    numba.set_num_threads(1)
+    modes = {"off": False, "default": None, "full": True}
+    t_open = {m: [] for m in modes}
+    for _ in range(opens):
+        for m, v in modes.items():
+            if m == "full" and len(t_open["full"]) >= 3:
+                continue
+            t = time.perf_counter()
+            idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=v)
+            t_open[m].append(time.perf_counter() - t)
+            idx.close()
+    lazy = None
+    first = {"off": [], "default": []}
+    second = {"off": [], "default": []}
+    for _ in range(reps):
+        for m in ("off", "default"):
+            gc.collect()
+            idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=modes[m])
+            lazy = idx._word_ok is not None if m == "default" else lazy
+            first[m].append(sum(query_times(idx, queries, 1)))
+            second[m].append(sum(query_times(idx, queries, 1)))
+            idx.close()
+    idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=False)
+    idx._word_crc = idx._data[idx._sections["ivf_word_crc32"][0]:][: 4 * K].view("<u4")
+    idx._word_ok = np.zeros(K, dtype=np.bool_)
+    t = time.perf_counter()
+    idx._check_words(np.arange(K))
+    t_crc = time.perf_counter() - t
+    t = time.perf_counter()
+    idx.verify()
+    t_verify = time.perf_counter() - t
+    idx.close()
+    med = statistics.median
+    return {"open": {m: 1000 * med(v) for m, v in t_open.items()}, "lazy": lazy,
+            "first": {m: 1000 * med(v) for m, v in first.items()}, "second": {m: 1000 * med(v) for m, v in second.items()},
+            "crc_all": t_crc, "verify": t_verify}
+
+
+def print_integrity(rows, n_queries):
+    print(f"| N | file (MiB) | open verify=False (ms) | open default (ms) | default is | open verify=True (ms) | "
+          f"first pass of {n_queries} queries, False / default (ms) | ratio | next pass, False / default (ms) | ratio | "
+          "crc32 of every word (s) | idx.verify() (s) |")
+    print("|---" * 12 + "|")
+    for n, size, r in rows:
+        o, f, s2 = r["open"], r["first"], r["second"]
+        print(f"| {n:,} | {size / 2**20:.1f} | {o['off']:.1f} | {o['default']:.1f} | {'lazy crc32' if r['lazy'] else 'full sha256'} | "
+              f"{o['full']:.0f} | {f['off']:.0f} / {f['default']:.0f} | {f['default'] / f['off']:.2f} | "
+              f"{s2['off']:.0f} / {s2['default']:.0f} | {s2['default'] / s2['off']:.2f} | {r['crc_all']:.2f} | {r['verify']:.2f} |",
+              flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -217,6 +281,7 @@ def main(argv=None):
     ap.add_argument("--folder", default="/tmp/d2r_bench_index")
     ap.add_argument("--keep", action="store_true", help="keep the index files")
     ap.add_argument("--reuse", action="store_true", help="time index files kept by an earlier --keep run instead of building")
+    ap.add_argument("--integrity", action="store_true", help="measure the cost of the file checks instead (see the docstring)")
     args = ap.parse_args(argv)
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -229,6 +294,19 @@ def main(argv=None):
           f"{os.cpu_count()} cores; K={K} D={DIM}, Zipf 0.5 (imbalance {data.imbalance:.2f}), "
           f"{args.queries} queries of 500 words, top 100", flush=True)
     rows = []
+    if args.integrity:
+        for n in args.sizes:
+            path, build = build_d2r(data, n, folder, cb, args.round, args.reuse)
+            print(f"N={n}: built in {build:.1f} s", flush=True)
+            rows.append((n, path.stat().st_size, bench_integrity(path, cb, queries)))
+            print_integrity(rows[-1:], args.queries)
+            if not args.keep:
+                path.unlink()
+        print()
+        print_integrity(rows, args.queries)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
     for n in args.sizes:
         path, build = build_d2r(data, n, folder, cb, args.round, args.reuse)
         size = path.stat().st_size

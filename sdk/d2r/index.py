@@ -557,17 +557,20 @@ class Index:
             return
         b = self._base
         nb = b.n_blocks
-        crcs = self._word_crc
-        low = b.low.view(np.uint8)
-        codes = b.codes.reshape(-1)
+        todo = np.unique(todo)
+        if nb:
+            starts, ends = b.offsets[todo * nb].tolist(), b.offsets[(todo + 1) * nb].tolist()
+        else:
+            starts = ends = [0] * todo.size
+        expected = self._word_crc[todo].tolist()
         p, q = b.low.dtype.itemsize, self._payload
-        for w in np.unique(todo).tolist():
-            a, e = (int(b.offsets[w * nb]), int(b.offsets[(w + 1) * nb])) if nb else (0, 0)
-            crc = zlib.crc32(codes[a * q : e * q], zlib.crc32(low[a * p : e * p])) if e > a else 0
-            if crc != int(crcs[w]):
+        low = memoryview(np.ascontiguousarray(b.low).view(np.uint8))
+        codes = memoryview(b.codes.reshape(-1))
+        for w, a, e, crc in zip(todo.tolist(), starts, ends, expected):
+            if (zlib.crc32(codes[a * q : e * q], zlib.crc32(low[a * p : e * p])) if e > a else 0) != crc:
                 raise IndexFormatError(f"{self._path}: checksum mismatch in the inverted file of visual word {w} "
                                        "(sections ivf_items / ivf_codes: the file is corrupt)")
-            ok[w] = True
+        ok[todo] = True
 
     def _chunks_for(self, qwords) -> int:
         """Threads for one query: numba's thread count, or 1 when the posting lists of the

@@ -147,6 +147,7 @@ def test_bundle_save_over_a_new_path_an_empty_folder_or_a_bundle(engine, tmp_pat
         engine.save(tmp_path / name, version=3)
         with Engine.open(tmp_path / name) as e:
             assert len(e.index) == 5 and e.bundle_version == 3
+    (tmp_path / "new.d2r" / ".DS_Store").write_bytes(b"Finder's")  # a file browser's cache does not count
     engine.save(tmp_path / "new.d2r", version=4)  # over our own bundle: allowed, swapped in
     with Engine.open(tmp_path / "new.d2r") as e:
         assert e.bundle_version == 4

@@ -609,8 +609,9 @@ def check_bundle_target(path, protect=()) -> None:
     """Refuse a bundle target that is not ours to replace; :class:`BundleError` naming it.
 
     ``path`` may be missing, an empty folder, or a d2r bundle (``bundle.json`` of format
-    ``d2r-bundle``) that holds nothing but bundle.json and the files it lists: saving replaces
-    the whole folder, so a file of the user's inside it would be lost. Refused as well: a
+    ``d2r-bundle``) that holds nothing but bundle.json and the files it lists (and the folder
+    caches ``.DS_Store`` / ``Thumbs.db`` that file browsers leave): saving replaces the whole
+    folder, so a file of the user's inside it would be lost. Refused as well: a
     symbolic link, a file, and a folder that is, or holds, one of ``protect`` (the source
     photos). Nothing is changed.
     """
@@ -657,6 +658,8 @@ def check_bundle_target(path, protect=()) -> None:
                 dirs.remove(d)
         for f in fnames:
             rel = (rel_root / f).as_posix()
+            if f in _BROWSER_CACHES and not os.path.islink(os.path.join(root, f)):
+                continue
             if rel not in listed or os.path.islink(os.path.join(root, f)):
                 extra.append(rel)
     if extra:
@@ -667,6 +670,8 @@ def check_bundle_target(path, protect=()) -> None:
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# Files that macOS Finder and Windows Explorer drop into folders a user looks at.
+_BROWSER_CACHES = frozenset({".DS_Store", "Thumbs.db"})
 
 
 def _json_type(v) -> str:

@@ -29,10 +29,11 @@ state and answers the same queries (binary kernel, alpha = 3, threshold 0).
 ``verify=False`` (no check of the inverted file): open time (median of 9 opens of each mode,
 interleaved) for verify=False / the default (verify=None: full sha256 up to 64 MiB, beyond
 that the crc32 of each visual word when a search first reads it) / verify=True; the first pass
-over the queries right after opening (each word's crc32 checked on first touch) and the next
-pass, for verify=False and the default (3 rounds, interleaved, medians of the per-pass totals);
-and the crc32 of every word (what the lazy check costs once the whole file has been read)
-against ``idx.verify()``.
+over the queries right after opening (each word's crc32 checked on first touch; the time spent
+in those checks is shown too) and the next pass, for verify=False and the default (5 rounds,
+both files opened afresh each round and each query run on both, order alternating; medians of
+the per-pass totals, 1 thread); and the crc32 of every word (what the lazy check costs once
+the whole file has been read) against ``idx.verify()``.
 
     python benchmarks/bench_index.py --integrity --sizes 10000 100000
 """
@@ -233,30 +234,38 @@ def bench_integrity(path, cb, queries, reps=5, opens=9):
             idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=v)
             t_open[m].append(time.perf_counter() - t)
             idx.close()
+    # Query passes: both files opened afresh each round, each query run on one then the other
+    # (order alternating), so that other jobs on the machine slow both alike.
     lazy = None
     first = {"off": [], "default": []}
     second = {"off": [], "default": []}
     in_checks = []
     for _ in range(reps):
-        for m in ("off", "default"):
-            gc.collect()
-            idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=modes[m])
-            spent = [0.0]
-            if m == "default":
-                lazy = idx._word_ok is not None
-                check = idx._check_words
+        gc.collect()
+        handles = {m: d2r.Index.open(path, mmap=True, codebook=cb, verify=modes[m]) for m in ("off", "default")}
+        lazy = handles["default"]._word_ok is not None
+        spent = [0.0]
+        check = handles["default"]._check_words
 
-                def timed(words, check=check, spent=spent):
+        def timed(words, check=check, spent=spent):
+            t = time.perf_counter()
+            check(words)
+            spent[0] += time.perf_counter() - t
+
+        handles["default"]._check_words = timed  # time the crc32 checks inside the first pass
+        for out in (first, second):
+            total = {"off": 0.0, "default": 0.0}
+            for i, q in enumerate(queries):
+                for m in (("off", "default") if i % 2 == 0 else ("default", "off")):
                     t = time.perf_counter()
-                    check(words)
-                    spent[0] += time.perf_counter() - t
-
-                idx._check_words = timed  # time the crc32 checks inside the first pass
-            first[m].append(sum(query_times(idx, queries, 1)))
-            if m == "default":
+                    handles[m].search(q, top_k=100)
+                    total[m] += time.perf_counter() - t
+            for m in total:
+                out[m].append(total[m])
+            if out is first:
                 in_checks.append(spent[0])
-            second[m].append(sum(query_times(idx, queries, 1)))
-            idx.close()
+        for h in handles.values():
+            h.close()
     idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=False)
     idx._word_crc = idx._data[idx._sections["ivf_word_crc32"][0]:][: 4 * K].view("<u4")
     idx._word_ok = np.zeros(K, dtype=np.bool_)

@@ -69,13 +69,18 @@ class IndexReader:
         if hashlib.sha256(d[:header_size]).digest() != d[-32:]:
             raise FormatError(f"{self.path}: header checksum mismatch (damaged or cut file)")
         self.sections = {}
+        pos = header_size
         for i, name in enumerate(names):
             off, length, sha = SECTION.unpack_from(d, HEADER.size + SECTION.size * i)
-            if off % 64 or off + length > len(d) - 32:
+            if off % 64 or off < pos or off + length > len(d) - 32:
                 raise FormatError(f"{self.path}: section {name} lies outside the file")
-            if verify and hashlib.sha256(d[off : off + length]).digest() != sha:
+            # The alignment padding before each section (covered by no hash) must be zero.
+            if verify and (d[pos:off].count(0) != off - pos or hashlib.sha256(d[off : off + length]).digest() != sha):
                 raise FormatError(f"{self.path}: section {name} checksum mismatch (damaged file)")
             self.sections[name] = (off, length)
+            pos = off + length
+        if verify and d[pos : len(d) - 32].count(0) != len(d) - 32 - pos:
+            raise FormatError(f"{self.path}: non-zero bytes after the last section (damaged file)")
         m, b = self.n_images, self.n_blocks
         self.item_start = self._array("image_item_start", "<u8", m + 1).astype(np.int64)
         self.item_words = self._array("item_words", "<u4", self.n_items).astype(np.int64)

@@ -24,6 +24,18 @@ state and answers the same queries (binary kernel, alpha = 3, threshold 0).
 
     python benchmarks/bench_index.py                 # N = 10k, 100k
     python benchmarks/bench_index.py --sizes 10000 100000 1000000
+
+``--integrity`` measures instead what the file checks cost (issue 15), in one process, against
+``verify=False`` (no check of the inverted file): open time (median of 9 opens of each mode,
+interleaved) for verify=False / the default (verify=None: full sha256 up to 64 MiB, beyond
+that the crc32 of each visual word when a search first reads it) / verify=True; the first pass
+over the queries right after opening (each word's crc32 checked on first touch; the time spent
+in those checks is shown too) and the next pass, for verify=False and the default (5 rounds,
+both files opened afresh each round and each query run on both, order alternating; medians of
+the per-pass totals, 1 thread); and the crc32 of every word (what the lazy check costs once
+the whole file has been read) against ``idx.verify()``.
+
+    python benchmarks/bench_index.py --integrity --sizes 10000 100000
 """
 
 from __future__ import annotations
@@ -83,7 +95,8 @@ def _draw_words(cdf, perm, counts, seed):
 
 
 class Synthetic:
-    def __init__(self, seed=0, zipf=0.5):
+    def __init__(self, seed=0, zipf=0.5, words=300):
+        self.words = words
         rng = np.random.default_rng(seed)
         p = 1.0 / np.arange(1, K + 1) ** zipf
         p /= p.sum()
@@ -95,7 +108,7 @@ class Synthetic:
     def images(self, start, n):
         """(counts int64 [n], words uint32 [E], codes uint8 [E, 16]) for images start..start+n."""
         rng = np.random.default_rng([self.seed, start])
-        counts = np.clip(np.round(rng.lognormal(np.log(300), 0.4, n)), 30, 1500).astype(np.int64)
+        counts = np.clip(np.round(rng.lognormal(np.log(self.words), 0.4, n)), max(self.words // 10, 1), 1500).astype(np.int64)
         words = _draw_words(self.cdf, self.perm, counts, (self.seed * 7919 + start) % (2**31))
         codes = rng.integers(0, 256, (words.shape[0], NBYTES), dtype=np.uint8)
         return counts, words, codes
@@ -135,7 +148,7 @@ def build_d2r(data, n, folder: Path, cb, round_size, reuse=False):
     """Build an N-image index file: in memory up to round_size images, then incrementally
     (open the file mapped, add the next round, save a new file). Returns (path, seconds);
     with ``reuse`` an existing file of a previous --keep run is taken (seconds = nan)."""
-    final = folder / f"index_{n}.d2ri"
+    final = folder / f"index_{n}_{data.words}w.d2ri"
     if reuse and final.exists():
         return final, float("nan")
     t0 = time.perf_counter()
@@ -208,6 +221,80 @@ def bench_asmk(data, n, queries, folder):
             "p95": 1000 * times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))]}
 
 
+def bench_integrity(path, cb, queries, reps=5, opens=9):
+    """Costs of the file checks against verify=False, in this process (see the docstring)."""
+    numba.set_num_threads(1)
+    modes = {"off": False, "default": None, "full": True}
+    t_open = {m: [] for m in modes}
+    for _ in range(opens):
+        for m, v in modes.items():
+            if m == "full" and len(t_open["full"]) >= 3:
+                continue
+            t = time.perf_counter()
+            idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=v)
+            t_open[m].append(time.perf_counter() - t)
+            idx.close()
+    # Query passes: both files opened afresh each round, each query run on one then the other
+    # (order alternating), so that other jobs on the machine slow both alike.
+    lazy = None
+    first = {"off": [], "default": []}
+    second = {"off": [], "default": []}
+    in_checks = []
+    for _ in range(reps):
+        gc.collect()
+        handles = {m: d2r.Index.open(path, mmap=True, codebook=cb, verify=modes[m]) for m in ("off", "default")}
+        lazy = handles["default"]._word_ok is not None
+        spent = [0.0]
+        check = handles["default"]._check_words
+
+        def timed(words, check=check, spent=spent):
+            t = time.perf_counter()
+            check(words)
+            spent[0] += time.perf_counter() - t
+
+        handles["default"]._check_words = timed  # time the crc32 checks inside the first pass
+        for out in (first, second):
+            total = {"off": 0.0, "default": 0.0}
+            for i, q in enumerate(queries):
+                for m in (("off", "default") if i % 2 == 0 else ("default", "off")):
+                    t = time.perf_counter()
+                    handles[m].search(q, top_k=100)
+                    total[m] += time.perf_counter() - t
+            for m in total:
+                out[m].append(total[m])
+            if out is first:
+                in_checks.append(spent[0])
+        for h in handles.values():
+            h.close()
+    idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=False)
+    idx._word_crc = idx._data[idx._sections["ivf_word_crc32"][0]:][: 4 * K].view("<u4")
+    idx._word_ok = np.zeros(K, dtype=np.bool_)
+    t = time.perf_counter()
+    idx._check_words(np.arange(K))
+    t_crc = time.perf_counter() - t
+    t = time.perf_counter()
+    idx.verify()
+    t_verify = time.perf_counter() - t
+    idx.close()
+    med = statistics.median
+    return {"open": {m: 1000 * med(v) for m, v in t_open.items()}, "lazy": lazy,
+            "first": {m: 1000 * med(v) for m, v in first.items()}, "in_checks": 1000 * med(in_checks), "second": {m: 1000 * med(v) for m, v in second.items()},
+            "crc_all": t_crc, "verify": t_verify}
+
+
+def print_integrity(rows, n_queries):
+    print(f"| N | file (MiB) | open verify=False (ms) | open default (ms) | default is | open verify=True (ms) | "
+          f"first pass of {n_queries} queries, False / default (ms) | ratio | of which crc32 checks (ms) | "
+          "next pass, False / default (ms) | ratio | crc32 of every word (s) | idx.verify() (s) |")
+    print("|---" * 13 + "|")
+    for n, size, r in rows:
+        o, f, s2 = r["open"], r["first"], r["second"]
+        print(f"| {n:,} | {size / 2**20:.1f} | {o['off']:.1f} | {o['default']:.1f} | {'lazy crc32' if r['lazy'] else 'full sha256'} | "
+              f"{o['full']:.0f} | {f['off']:.0f} / {f['default']:.0f} | {f['default'] / f['off']:.2f} | {r['in_checks']:.0f} | "
+              f"{s2['off']:.0f} / {s2['default']:.0f} | {s2['default'] / s2['off']:.2f} | {r['crc_all']:.2f} | {r['verify']:.2f} |",
+              flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -217,18 +304,35 @@ def main(argv=None):
     ap.add_argument("--folder", default="/tmp/d2r_bench_index")
     ap.add_argument("--keep", action="store_true", help="keep the index files")
     ap.add_argument("--reuse", action="store_true", help="time index files kept by an earlier --keep run instead of building")
+    ap.add_argument("--integrity", action="store_true", help="measure the cost of the file checks instead (see the docstring)")
+    ap.add_argument("--words", type=int, default=300,
+                    help="median words per image (default 300; fewer make a file with as many images, and as large a "
+                         "directory, at a fraction of the build time)")
     args = ap.parse_args(argv)
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     all_threads = numba.config.NUMBA_NUM_THREADS
-    data = Synthetic()
+    data = Synthetic(words=args.words)
     cb = d2r.Codebook(np.random.default_rng(1).standard_normal((K, DIM)).astype(np.float32))
     queries = data.queries(args.queries)
     print(f"# d2r {d2r.__version__}, numba {numba.__version__} ({numba.config.THREADING_LAYER} threading layer, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), numpy {np.__version__}, python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} cores; K={K} D={DIM}, Zipf 0.5 (imbalance {data.imbalance:.2f}), "
+          f"{os.cpu_count()} cores; K={K} D={DIM}, median {data.words} words per image, Zipf 0.5 (imbalance {data.imbalance:.2f}), "
           f"{args.queries} queries of 500 words, top 100", flush=True)
     rows = []
+    if args.integrity:
+        for n in args.sizes:
+            path, build = build_d2r(data, n, folder, cb, args.round, args.reuse)
+            print(f"N={n}: built in {build:.1f} s", flush=True)
+            rows.append((n, path.stat().st_size, bench_integrity(path, cb, queries)))
+            print_integrity(rows[-1:], args.queries)
+            if not args.keep:
+                path.unlink()
+        print()
+        print_integrity(rows, args.queries)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
     for n in args.sizes:
         path, build = build_d2r(data, n, folder, cb, args.round, args.reuse)
         size = path.stat().st_size

@@ -1,4 +1,4 @@
-"""A reference reader of the d2r index file (``.d2ri``, format version 1), numpy only.
+"""A reference reader of the d2r index file (``.d2ri``, format versions 1 and 2), numpy only.
 
 Written from ``docs/index-format.md`` alone (it does not import d2r), to be ported to Kotlin,
 Swift or C++ by an app that ships a bundle's ``index.d2ri``. It opens the file, checks its
@@ -25,11 +25,12 @@ import sys
 import numpy as np
 
 MAGIC = b"D2RINDEX"
-VERSION = 1
+VERSION = 2  # version 2 appends section 10, a crc32 per visual word (this reader checks the sha256s)
 HEADER = struct.Struct("<8sIIIIII dd 32s QQQQ II")  # 120 bytes
 SECTION = struct.Struct("<QQ32s")  # offset, length, sha256
 SECTIONS = ("image_item_start", "item_words", "tombstones", "id_offsets", "ids", "metadata_offsets", "metadata",
-            "ivf_offsets", "ivf_items", "ivf_codes")
+            "ivf_offsets", "ivf_items", "ivf_codes", "ivf_word_crc32")
+SECTIONS_OF_VERSION = {1: SECTIONS[:10], 2: SECTIONS}
 KINDS = {0: "asmk", 1: "asmk_star", 2: "rasmk", 3: "rasmk_star"}
 BLOCK = 65536  # items per block of the inverted file: entries store the item number modulo 2^16
 # Bits set in each byte value: the Hamming distance of two packed codes is the sum over bytes.
@@ -56,7 +57,10 @@ class IndexReader:
             raise FormatError(f"{self.path}: not a d2r index (magic {magic!r})")
         if version > VERSION:
             raise FormatError(f"{self.path}: format version {version} is newer than this reader ({VERSION})")
-        if n_sections != len(SECTIONS) or header_size != HEADER.size + SECTION.size * n_sections or kind not in KINDS:
+        if version not in SECTIONS_OF_VERSION:
+            raise FormatError(f"{self.path}: invalid format version {version}")
+        names = SECTIONS_OF_VERSION[version]
+        if n_sections != len(names) or header_size != HEADER.size + SECTION.size * n_sections or kind not in KINDS:
             raise FormatError(f"{self.path}: unexpected header (sections {n_sections}, header size {header_size}, kind {kind})")
         self.kind = KINDS[kind]
         self.binary = self.kind.endswith("_star")
@@ -65,13 +69,18 @@ class IndexReader:
         if hashlib.sha256(d[:header_size]).digest() != d[-32:]:
             raise FormatError(f"{self.path}: header checksum mismatch (damaged or cut file)")
         self.sections = {}
-        for i, name in enumerate(SECTIONS):
+        pos = header_size
+        for i, name in enumerate(names):
             off, length, sha = SECTION.unpack_from(d, HEADER.size + SECTION.size * i)
-            if off % 64 or off + length > len(d) - 32:
+            if off % 64 or off < pos or off + length > len(d) - 32:
                 raise FormatError(f"{self.path}: section {name} lies outside the file")
-            if verify and hashlib.sha256(d[off : off + length]).digest() != sha:
+            # The alignment padding before each section (covered by no hash) must be zero.
+            if verify and (d[pos:off].count(0) != off - pos or hashlib.sha256(d[off : off + length]).digest() != sha):
                 raise FormatError(f"{self.path}: section {name} checksum mismatch (damaged file)")
             self.sections[name] = (off, length)
+            pos = off + length
+        if verify and d[pos : len(d) - 32].count(0) != len(d) - 32 - pos:
+            raise FormatError(f"{self.path}: non-zero bytes after the last section (damaged file)")
         m, b = self.n_images, self.n_blocks
         self.item_start = self._array("image_item_start", "<u8", m + 1).astype(np.int64)
         self.item_words = self._array("item_words", "<u4", self.n_items).astype(np.int64)

@@ -100,9 +100,10 @@ def _codebook_size(value: str):
 
 def cmd_build(args) -> int:
     from .codebook import Codebook
-    from .engine import Engine
+    from .engine import Engine, check_bundle_target
 
     images = list_images(args.images)
+    check_bundle_target(args.output, protect=[args.images])  # before hours of work, not after
     name, thresh = _parse_detector(args.detector)
     options = {}
     if thresh is not None:
@@ -123,7 +124,7 @@ def cmd_build(args) -> int:
         if codebook is None:
             engine.train_codebook(images, size=args.codebook_size, seed=args.seed, on_error=on_error)
         engine.add_images(images, metadata=metadata, on_error=on_error)
-        engine.save(args.output)
+        engine.save(args.output, protect=[args.images])
         n = len(engine.index)
         skipped = dict(engine.skipped)
     print(f"wrote {args.output}: {n} images, kind {args.kind}, in {time.perf_counter() - t0:.1f} s")

@@ -16,7 +16,8 @@ the pipeline configuration, every file with its sha256 and size, and a checksum 
 
 A folder (not one archive) so that the index is memory-mapped in place and a sync can swap a
 whole version by one rename. ``save`` writes a new folder beside the target and swaps it in;
-a reader never sees a half-written bundle.
+a reader never sees a half-written bundle. ``save`` replaces only a d2r bundle (or an empty
+folder): see :func:`check_bundle_target`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._files import clean_stale, fsync_dir, temp_path
 from ._files import sha256_file as _sha256_file
 from ._checks import positive_int
 from ._progress import counter as _progress
@@ -468,18 +472,26 @@ class Engine:
         return QueryResult(list(hits[:top_k]), t, len(feats), {h.image_id: inliers[h.image_id] for h in hits[:top_k] if h.image_id in inliers})
 
     # -- bundles --------------------------------------------------------------------------------
-    def save(self, path, version: int | None = None) -> Path:
+    def save(self, path, version: int | None = None, *, protect=()) -> Path:
         """Write the bundle folder ``path`` atomically (new folder beside it, then swapped in).
 
         version: bundle version number (default: one more than the bundle this engine was
-        opened from, or 1).
+        opened from, or 1). protect: folders that must survive (e.g. the photos the bundle
+        was built from): ``path`` may not be one of them or hold one.
+
+        ``path`` must be new, an empty folder or a d2r bundle holding nothing but its own
+        files; anything else raises :class:`BundleError` before any work and is left as it is
+        (:func:`check_bundle_target`). Temporaries of an interrupted save of ``path`` are
+        removed first (and a bundle lost between the two renames of a swap is restored).
         """
         self._require_index()
         path = Path(path)
         version = int(version if version is not None else self.bundle_version + 1)
         parent = path.parent if str(path.parent) else Path(".")
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        clean_stale(path)
+        check_bundle_target(path, protect)
+        tmp = temp_path(path)
         tmp.mkdir()
         try:
             self.index.save(tmp / "index.d2ri")
@@ -544,28 +556,50 @@ class Engine:
         index) before use; with False only sizes and the index's own header checks are made.
         warm_up: run :meth:`warm_up` before returning, so that the first query is as fast as
         the next (for a kiosk or an app that opens once and queries for hours).
-        Raises :class:`BundleError` naming the bundle and the problem.
+        Raises :class:`BundleError` naming the bundle and the problem (for a malformed
+        ``bundle.json``, the field). Temporaries of an interrupted save of ``path`` are removed.
         """
         path = Path(path)
+        clean_stale(path)
         info = read_bundle_info(path)
+
+        def bad(field, problem):
+            return BundleError(f"{path}: bundle.json: {field}: {problem}")
+
+        config = _config_from(path, info["config"])
+        needed = ["index.d2ri", "codebook.d2rcb", "models/manifest.json"]
+        if config.verification_features:
+            needed += ["features.d2rv", "features.ids.json"]
+        for rel in needed:
+            if rel not in info["files"]:
+                why = f" (config.verification_features is {config.verification_features})" if rel.startswith("features.") else ""
+                raise bad("files", f"does not list {rel}{why}")
         for rel, meta in info["files"].items():
             f = path / rel
             if not f.is_file():
                 raise BundleError(f"{path}: file {rel} listed in bundle.json is missing")
             if f.stat().st_size != meta["size"]:
-                raise BundleError(f"{path}: file {rel} has {f.stat().st_size} bytes, bundle.json says {meta['size']}")
+                raise BundleError(f"{path}: file {rel} has {f.stat().st_size} bytes, bundle.json (files.{rel}.size) says {meta['size']}")
             if verify and _sha256_file(f) != meta["sha256"]:
-                raise BundleError(f"{path}: file {rel} was altered (sha256 differs from bundle.json)")
+                raise BundleError(f"{path}: file {rel} was altered (sha256 differs from bundle.json's files.{rel}.sha256)")
         try:
             codebook = Codebook.load(path / "codebook.d2rcb")
         except D2RError as exc:
             raise BundleError(f"{path}: {exc}") from exc
         if codebook.checksum != info["codebook_sha256"]:
-            raise BundleError(f"{path}: codebook does not match bundle.json")
-        man = _manifest_module().load_manifest(path / "models" / "manifest.json")
-        config = EngineConfig(**info["config"]).check()
-        fe = _find_entry(man, config.features, "local_features", config.backend, config.precision)
-        de = _find_entry(man, config.detector, "detector", config.backend, config.precision) if config.detector else None
+            raise bad("codebook_sha256", "does not match codebook.d2rcb")
+        try:
+            man = _manifest_module().load_manifest(path / "models" / "manifest.json")
+        except D2RError as exc:
+            raise BundleError(f"{path}: {exc}") from exc
+        entries = []
+        for field_name, task in (("features", "local_features"), ("detector", "detector")):
+            name = getattr(config, field_name)
+            try:
+                entries.append(_find_entry(man, name, task, config.backend, config.precision) if name else None)
+            except D2RError as exc:
+                raise bad(f"config.{field_name}", f"{name!r} with backend {config.backend!r}: {exc}") from exc
+        fe, de = entries
         for entry in (fe, de):
             if entry is not None:
                 try:
@@ -576,16 +610,42 @@ class Engine:
             index = Index.open(path / "index.d2ri", mmap=mmap, codebook=codebook)
         except D2RError as exc:
             raise BundleError(f"{path}: {exc}") from exc
-        engine = cls(config, fe, de, codebook, index, threads, accelerator, bundle_path=path, bundle_version=int(info["version"]))
+        try:
+            index_kind = "asmk_star" if config.kind == "d2r_asmk_star" else config.kind
+            if index.kind != index_kind:
+                raise bad("config.kind", f"{config.kind!r}, but index.d2ri is of kind {index.kind!r}")
+            for field_name in ("alpha", "tau"):
+                if float(getattr(config, field_name)) != getattr(index, field_name):
+                    raise bad(f"config.{field_name}", f"{getattr(config, field_name)!r}, but index.d2ri has {getattr(index, field_name)!r}")
+            if "n_images" in info and info["n_images"] != len(index):
+                raise bad("n_images", f"{info['n_images']}, but index.d2ri holds {len(index)} images")
+        except BundleError:
+            index.close()
+            raise
+        try:
+            engine = cls(config, fe, de, codebook, index, threads, accelerator, bundle_path=path, bundle_version=info["version"])
+        except BundleError:
+            index.close()
+            raise
+        except InputError as exc:  # a config value the model runtime refuses (scales, max_features...)
+            index.close()
+            raise BundleError(f"{path}: bundle.json: config.{exc}") from exc
+        except D2RError as exc:
+            index.close()
+            raise BundleError(f"{path}: {exc}") from exc
         if config.verification_features:
             from .verify import FeatureFile
 
             try:
-                engine._vfile_ids = {image_id: i for i, image_id in enumerate(json.loads((path / "features.ids.json").read_text()))}
+                ids = json.loads((path / "features.ids.json").read_text())
+                if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                    raise ValueError("expected a JSON list of image ids")
+                engine._vfile_ids = {image_id: i for i, image_id in enumerate(ids)}
                 engine._vfile = FeatureFile(path / "features.d2rv")
             except (OSError, ValueError, D2RError) as exc:
                 engine.close()
                 raise BundleError(f"{path}: verification features unusable ({exc})") from exc
+        engine.skipped = dict(info.get("skipped", {}))
         if warm_up:
             engine.warm_up()
         return engine
@@ -604,43 +664,212 @@ class Engine:
         return time.perf_counter() - t0
 
 
+def check_bundle_target(path, protect=()) -> None:
+    """Refuse a bundle target that is not ours to replace; :class:`BundleError` naming it.
+
+    ``path`` may be missing, an empty folder, or a d2r bundle (``bundle.json`` of format
+    ``d2r-bundle``) that holds nothing but bundle.json and the files it lists (and the folder
+    caches ``.DS_Store`` / ``Thumbs.db`` that file browsers leave): saving replaces the whole
+    folder, so a file of the user's inside it would be lost. Refused as well: a
+    symbolic link, a file, and a folder that is, or holds, one of ``protect`` (the source
+    photos). Nothing is changed.
+    """
+    path = Path(path)
+    real = Path(os.path.abspath(path)).resolve()
+    for src in protect or ():
+        s = Path(os.path.abspath(src)).resolve()
+        if real == s:
+            raise BundleError(f"{path}: is the source folder {src}; d2r does not replace it by a bundle (choose another output folder)")
+        if real in s.parents:
+            raise BundleError(f"{path}: holds the source folder {src}; d2r does not replace it by a bundle (choose another output folder)")
+    if os.path.islink(path):
+        raise BundleError(f"{path}: is a symbolic link; d2r does not replace it by a bundle (save to the folder it points to)")
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir():
+        raise BundleError(f"{path}: exists and is not a folder; d2r does not replace it by a bundle (choose another name)")
+    try:
+        names = os.listdir(path)
+    except OSError as exc:
+        raise BundleError(f"{path}: exists and cannot be listed ({exc.strerror or exc}); not replacing it") from exc
+    if not names:
+        return
+    if "bundle.json" not in names:
+        raise BundleError(f"{path}: exists, is not empty and is not a d2r bundle (no bundle.json); d2r does not replace it "
+                          "(choose a new or empty folder)")
+    try:
+        info = json.loads((path / "bundle.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: its bundle.json is unreadable ({exc}), so it is not recognisably a d2r bundle; "
+                          "d2r does not replace it") from exc
+    files = info.get("files") if isinstance(info, dict) else None
+    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or not isinstance(files, dict):
+        raise BundleError(f"{path}: its bundle.json is not a d2r bundle's; d2r does not replace the folder")
+    listed = {"bundle.json"} | {k for k in files if isinstance(k, str)}
+    parents = {p.as_posix() for rel in listed for p in Path(rel).parents if str(p) != "."}
+    extra = []
+    for root, dirs, fnames in os.walk(path):
+        rel_root = Path(root).relative_to(path)
+        for d in list(dirs):
+            rel = (rel_root / d).as_posix()
+            if rel not in parents or os.path.islink(os.path.join(root, d)):
+                extra.append(rel + "/")
+                dirs.remove(d)
+        for f in fnames:
+            rel = (rel_root / f).as_posix()
+            if f in _BROWSER_CACHES and not os.path.islink(os.path.join(root, f)):
+                continue
+            if rel not in listed or os.path.islink(os.path.join(root, f)):
+                extra.append(rel)
+    if extra:
+        extra.sort()
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise BundleError(f"{path}: holds files that are not part of the d2r bundle ({', '.join(extra[:5])}{more}); "
+                          "d2r does not delete them (move them out or choose another folder)")
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+# Files that macOS Finder and Windows Explorer drop into folders a user looks at.
+_BROWSER_CACHES = frozenset({".DS_Store", "Thumbs.db"})
+
+
+def _json_type(v) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
+        type(v), type(v).__name__)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def read_bundle_info(path) -> dict:
-    """Parse and check ``bundle.json`` of a bundle folder; :class:`BundleError` if it is bad."""
+    """Parse and check ``bundle.json`` of a bundle folder; :class:`BundleError` if it is bad
+    (the message names the field). The types of every field are checked, config included."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: no such bundle folder")
     try:
-        info = json.loads((path / "bundle.json").read_text())
+        info = json.loads((path / "bundle.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise BundleError(f"{path}: not a d2r bundle (no bundle.json)") from None
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path}: bundle.json is unreadable ({exc})") from exc
-    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: not a d2r bundle (format {info.get('format') if isinstance(info, dict) else None!r})")
-    if not isinstance(info.get("format_version"), int) or info["format_version"] > BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle format version {info.get('format_version')!r} is newer than this d2r reads ({BUNDLE_VERSION}); upgrade d2r")
+
+    def bad(field, problem):
+        return BundleError(f"{path}: bundle.json: {field}: {problem}")
+
+    if not isinstance(info, dict):
+        raise BundleError(f"{path}: not a d2r bundle (bundle.json holds {_json_type(info)}, not an object)")
+    if info.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not a d2r bundle (bundle.json format {info.get('format')!r}, expected {BUNDLE_FORMAT!r})")
+    fv = info.get("format_version")
+    if not _is_int(fv) or fv < 1:
+        raise bad("format_version", f"expected a positive integer, got {fv!r}")
+    if fv > BUNDLE_VERSION:
+        raise BundleError(f"{path}: bundle format version {fv!r} (bundle.json format_version) is newer than this d2r reads "
+                          f"({BUNDLE_VERSION}); upgrade d2r")
     claimed = info.pop("checksum", None)
-    if claimed != hashlib.sha256(_canonical(info)).hexdigest():
-        raise BundleError(f"{path}: bundle.json checksum mismatch (edited or corrupt)")
+    if not isinstance(claimed, str) or claimed != hashlib.sha256(_canonical(info)).hexdigest():
+        raise BundleError(f"{path}: bundle.json checksum mismatch (field checksum: edited or corrupt)")
     info["checksum"] = claimed
     for key in ("version", "config", "files", "codebook_sha256"):
         if key not in info:
-            raise BundleError(f"{path}: bundle.json lacks {key!r}")
-    for rel in info["files"]:
-        if rel.startswith("/") or ".." in Path(rel).parts:
-            raise BundleError(f"{path}: bundle.json names a file outside the bundle: {rel!r}")
+            raise bad(key, "missing")
+    if not _is_int(info["version"]) or info["version"] < 0:
+        raise bad("version", f"expected an integer >= 0, got {info['version']!r}")
+    for key in ("created", "d2r_version"):
+        if key in info and not isinstance(info[key], str):
+            raise bad(key, f"expected a string, got {_json_type(info[key])}")
+    if "n_images" in info and (not _is_int(info["n_images"]) or info["n_images"] < 0):
+        raise bad("n_images", f"expected an integer >= 0, got {info['n_images']!r}")
+    if "skipped" in info and (not isinstance(info["skipped"], dict)
+                              or not all(isinstance(v, str) for v in info["skipped"].values())):
+        raise bad("skipped", f"expected an object of photo name -> reason, got {_json_type(info['skipped'])}")
+    if not isinstance(info["codebook_sha256"], str) or not _HEX64.fullmatch(info["codebook_sha256"]):
+        raise bad("codebook_sha256", f"expected 64 hex digits, got {info['codebook_sha256']!r}")
+    if "models" in info:
+        models = info["models"]
+        if not isinstance(models, dict):
+            raise bad("models", f"expected an object, got {_json_type(models)}")
+        for key, v in models.items():
+            if v is not None and not isinstance(v, str):
+                raise bad(f"models.{key}", f"expected a file name or null, got {_json_type(v)}")
+    files = info["files"]
+    if not isinstance(files, dict):
+        raise bad("files", f"expected an object, got {_json_type(files)}")
+    for rel, meta in files.items():
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or any(p in ("", ".", "..") for p in parts):
+            raise BundleError(f"{path}: bundle.json names a file outside the bundle or with an unsafe path (files.{rel!r})")
+        if not isinstance(meta, dict):
+            raise bad(f"files.{rel}", f"expected an object with sha256 and size, got {_json_type(meta)}")
+        if not isinstance(meta.get("sha256"), str) or not _HEX64.fullmatch(meta["sha256"]):
+            raise bad(f"files.{rel}.sha256", f"expected 64 hex digits, got {meta.get('sha256')!r}")
+        if not _is_int(meta.get("size")) or meta["size"] < 0:
+            raise bad(f"files.{rel}.size", f"expected an integer >= 0, got {meta.get('size')!r}")
+    _config_from(path, info["config"])
     return info
 
 
+def _config_types() -> dict:
+    """EngineConfig field -> accepted JSON types, from the dataclass's annotations."""
+    out = {}
+    for name, f in EngineConfig.__dataclass_fields__.items():
+        out[name] = {t.strip() for t in str(f.type).split("|")}
+    return out
+
+
+def _config_from(path, cfg) -> EngineConfig:
+    """The :class:`EngineConfig` of bundle.json's ``config``, every field's type and value
+    checked (missing fields take their defaults: bundles of older d2r versions)."""
+
+    def bad(field, problem):
+        return BundleError(f"{path}: bundle.json: {field}: {problem}")
+
+    if not isinstance(cfg, dict):
+        raise bad("config", f"expected an object, got {_json_type(cfg)}")
+    types = _config_types()
+    for key, v in cfg.items():
+        if key not in types:
+            raise bad(f"config.{key}", "unknown field (a bundle of a newer d2r?)")
+        want = types[key]
+        ok = ((v is None and "None" in want) or (isinstance(v, bool) and "bool" in want)
+              or (_is_int(v) and ("int" in want or "float" in want)) or (isinstance(v, float) and "float" in want and math.isfinite(v))
+              or (isinstance(v, str) and "str" in want)
+              or (isinstance(v, list) and "list" in want and all(_is_number(x) for x in v))
+              or (isinstance(v, dict) and "dict" in want)
+              or not want & {"None", "bool", "int", "float", "str", "list", "dict"})
+        if not ok:
+            raise bad(f"config.{key}", f"expected {' or '.join(sorted(want))}, got {_json_type(v)} {v!r}"[:300])
+    try:
+        return EngineConfig(**cfg).check()
+    except InputError as exc:  # its message starts with the field's name
+        raise BundleError(f"{path}: bundle.json: config.{exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise bad("config", str(exc)) from exc
+
+
 def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace folder ``path`` by ``tmp`` with renames only (old version removed afterwards)."""
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+    """Replace folder ``path`` by ``tmp`` with renames only (old version removed afterwards).
+
+    A crash between the two renames leaves ``path`` missing and the old version beside it
+    under a ``.d2r-old-`` name: the next save or open of ``path`` renames it back."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if os.path.lexists(path):
+        old = temp_path(path, "old")
         os.replace(path, old)
         os.replace(tmp, path)
+        fsync_dir(parent)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+        fsync_dir(parent)
 
 
 def _check_on_error(value) -> None:

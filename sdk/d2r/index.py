@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ import numba
 import numpy as np
 
 from . import kernels
-from ._files import atomic_file
+from ._files import atomic_file, clean_stale
 from ._checks import positive_int, real_number
 from .aggregate import BINARY_KINDS, Aggregation
 from .codebook import Codebook
@@ -43,7 +45,9 @@ _KIND_CODES = {"asmk": 0, "asmk_star": 1, "rasmk": 2, "rasmk_star": 3, "naive_ra
 _CODE_KINDS = {v: k for k, v in _KIND_CODES.items()}
 
 MAGIC = b"D2RINDEX"
-VERSION = 1
+# Version 2 adds section 10, a crc32 per visual word of its inverted-file entries (verified when
+# a search first touches the word). Version 1 files (10 sections) are still read.
+VERSION = 2
 # Items per block of the stored inverted file: entries store item numbers modulo 2**16 (uint16).
 BLOCK_SHIFT = 16
 # The in-memory delta stores full uint32 item numbers in a single block.
@@ -52,7 +56,8 @@ _DELTA_SHIFT = 32
 # the uint64 view of the codes).
 ALIGN = 64
 # Index.open(verify=None) checks the full sha256 of files up to this size; larger files get the
-# eager checks only (header, directory sections, all offsets) and idx.verify() on demand.
+# eager checks (header, directory sections, all offsets) and the crc32 of each visual word's
+# entries the first time a search (or a save) reads them.
 VERIFY_AUTO_MAX_BYTES = 64 * 1024 * 1024
 # A query scans its posting lists with all of numba's threads only when they hold at least
 # this many entries (~1 ms of work); below that, waking the threads costs more than it saves.
@@ -75,8 +80,10 @@ _SECTIONS = (
     "ivf_offsets",  # uint64 [K * n_blocks + 1]
     "ivf_items",  # uint16 [E]
     "ivf_codes",  # uint8 [E, payload]
+    "ivf_word_crc32",  # uint32 [K]: crc32 of word w's ivf_items bytes followed by its ivf_codes bytes (v2)
 )
-_LAZY_SECTIONS = ("ivf_items", "ivf_codes")  # verified by idx.verify(), not on every open
+_SECTIONS_V1 = _SECTIONS[:10]
+_LAZY_SECTIONS = ("ivf_items", "ivf_codes")  # covered by the per-word crc32 and idx.verify(), not by open
 _FLAG_NORMALIZE = 1
 
 
@@ -188,6 +195,10 @@ class Index:
         self._delta = _Postings.empty(self._payload, _DELTA_SHIFT)
         self._id_map: dict[str, int] | None = None
         self._cache: dict[str, Any] = {}
+        # Lazy check of a stored inverted file opened without the full check: crc32 per word
+        # (section ivf_word_crc32) and which words passed. None: nothing left to check.
+        self._word_crc = None
+        self._word_ok = None
 
     # -- properties -----------------------------------------------------------------------------
     @property
@@ -493,6 +504,7 @@ class Index:
         n_items = self.n_items
         scores = np.zeros(n_items)
         if qwords.size and n_items:
+            self._check_words(qwords)
             n_chunks = self._chunks_for(qwords)
             ok = True
             if _family(self._kind) == "binary":
@@ -528,6 +540,37 @@ class Index:
                                        "stored items (the file is corrupt; idx.verify() checks it fully)")
         kernels.finish_item_scores(scores, self._all_item_words(), int(qwords.size), normalize)
         return scores
+
+    def _check_words(self, words) -> None:
+        """Check the crc32 of the stored entries of every visual word in ``words`` that no
+        search has checked yet (files opened with ``verify=None`` without the full check).
+
+        Raises :class:`d2r.IndexFormatError` naming the file and the word. Safe from several
+        threads at once: a word is marked as checked only after it passed, so at worst two
+        threads check the same word."""
+        ok = self._word_ok
+        if ok is None:
+            return
+        words = np.asarray(words, dtype=np.int64)
+        todo = words[~ok[words]]
+        if not todo.size:
+            return
+        b = self._base
+        nb = b.n_blocks
+        todo = np.unique(todo)
+        if nb:
+            starts, ends = b.offsets[todo * nb].tolist(), b.offsets[(todo + 1) * nb].tolist()
+        else:
+            starts = ends = [0] * todo.size
+        expected = self._word_crc[todo].tolist()
+        p, q = b.low.dtype.itemsize, self._payload
+        low = memoryview(np.ascontiguousarray(b.low).view(np.uint8))
+        codes = memoryview(b.codes.reshape(-1))
+        for w, a, e, crc in zip(todo.tolist(), starts, ends, expected):
+            if (zlib.crc32(codes[a * q : e * q], zlib.crc32(low[a * p : e * p])) if e > a else 0) != crc:
+                raise IndexFormatError(f"{self._path}: checksum mismatch in the inverted file of visual word {w} "
+                                       "(sections ivf_items / ivf_codes: the file is corrupt)")
+        ok[todo] = True
 
     def _chunks_for(self, qwords) -> int:
         """Threads for one query: numba's thread count, or 1 when the posting lists of the
@@ -576,8 +619,9 @@ class Index:
         }
 
     def _merged_chunks(self, item_map, n_blocks):
-        """Yield (low uint16 [e], codes uint8 [e, P], counts int64 [(w1 - w0) * n_blocks]) word
-        chunks of base + delta merged and renumbered through ``item_map``."""
+        """Yield (low uint16 [e], codes uint8 [e, P], counts int64 [(w1 - w0) * n_blocks], w0)
+        word chunks of base + delta merged and renumbered through ``item_map`` (the base's
+        words are crc-checked first where the file was opened without the full check)."""
         per_word = self._base.word_counts(self._k) + self._delta.word_counts(self._k)
         cum = np.concatenate([[0], np.cumsum(per_word)])
         w0 = 0
@@ -588,12 +632,13 @@ class Index:
             low = np.empty(cap, dtype=np.uint16)
             codes = np.empty((cap, self._payload), dtype=np.uint8)
             counts = np.zeros((w1 - w0) * n_blocks, dtype=np.int64)
+            self._check_words(np.arange(w0, w1))
             a, b = self._base, self._delta
             n = kernels.merge_ivf_words(w0, w1, a.offsets, a.n_blocks, a.shift, a.low, a.codes, b.offsets, b.n_blocks, b.shift,
                                         b.low, b.codes, item_map, n_blocks, BLOCK_SHIFT, low, codes, counts)
             if n < 0:
                 raise self._inconsistent()
-            yield low[:n], codes[:n], counts
+            yield low[:n], codes[:n], counts, w0
             w0 = w1
 
     def _inconsistent(self) -> IndexFormatError:
@@ -640,8 +685,13 @@ class Index:
 
         The in-memory state is unchanged: a mapped index keeps using the file it was opened
         from (still valid after a rename over it on POSIX); open the new file to map it.
+
+        ``path`` must be new, an empty file or a d2r index file: anything else (a folder, a
+        symbolic link, another file) raises :class:`d2r.IndexFormatError` and is left as it
+        is. Temporary files that an interrupted save of ``path`` left behind are removed.
         """
         path = Path(path)
+        check_index_target(path)
         self._flush()
         keep, item_keep, item_map = self._plan(drop_dead=compact)
         n_items = int(np.count_nonzero(item_keep))
@@ -652,6 +702,7 @@ class Index:
         lengths["ivf_offsets"] = 8 * (self._k * n_blocks + 1)
         lengths["ivf_items"] = 2 * n_entries
         lengths["ivf_codes"] = self._payload * n_entries
+        lengths["ivf_word_crc32"] = 4 * self._k
         header_size = _HEADER.size + _SECTION.size * len(_SECTIONS)
         pos = _align(header_size)
         offsets = {}
@@ -671,9 +722,12 @@ class Index:
             p_low, p_codes = offsets["ivf_items"], offsets["ivf_codes"]
             counts = []
             written = 0
-            for low, codes, c in self._merged_chunks(item_map, n_blocks):
+            word_crc = np.zeros(self._k, dtype="<u4")
+            for low, codes, c, w0 in self._merged_chunks(item_map, n_blocks):
                 bl = memoryview(low.astype("<u2").view(np.uint8))
                 bc = memoryview(np.ascontiguousarray(codes).reshape(-1))
+                if n_blocks:
+                    _word_crcs(bl, bc, c.reshape(-1, n_blocks).sum(axis=1), self._payload, word_crc[w0:])
                 fh.seek(p_low)
                 fh.write(bl)
                 fh.seek(p_codes)
@@ -694,6 +748,9 @@ class Index:
             hashes["ivf_offsets"] = hashlib.sha256(memoryview(ivf_offsets).cast("B")).digest()
             hashes["ivf_items"] = h_low.digest()
             hashes["ivf_codes"] = h_codes.digest()
+            fh.seek(offsets["ivf_word_crc32"])
+            fh.write(memoryview(word_crc).cast("B"))
+            hashes["ivf_word_crc32"] = hashlib.sha256(memoryview(word_crc).cast("B")).digest()
             header = _HEADER.pack(MAGIC, VERSION, header_size, self._k, self._dim, _KIND_CODES[self._kind],
                                   _FLAG_NORMALIZE if self._normalize else 0, self._alpha, self._tau,
                                   bytes.fromhex(self._checksum), int(keep.sum()), n_items, n_entries, n_blocks,
@@ -710,15 +767,19 @@ class Index:
 
         mmap: map the file (numpy.memmap, shared between processes, nothing copied into RAM)
             instead of reading it. codebook: if given, its K, D and checksum must match the
-            file's. verify: check the sha256 of the inverted file too (True), or not (False);
-            None does it for files up to ``VERIFY_AUTO_MAX_BYTES``. The header, the directory
-            sections and every offset are always checked, so no corruption can make a search
-            read out of bounds; an unverified flipped code changes scores only
-            (``idx.verify()`` finds it).
+            file's. verify: check the sha256 of the inverted file at open (True); None (default)
+            does so for files up to ``VERIFY_AUTO_MAX_BYTES`` and, for larger ones, checks the
+            crc32 of each visual word's entries the first time a search or a save reads them
+            (version 1 files, which have no per-word crc32, get the full check); False checks
+            neither (a trusted file: an unverified flipped code changes scores only,
+            ``idx.verify()`` finds it). The header, the directory sections and every offset are
+            always checked, so no corruption can make a search read out of bounds.
 
-        Raises :class:`d2r.IndexFormatError` naming the file and the problem.
+        Raises :class:`d2r.IndexFormatError` naming the file and the problem. Temporary files
+        that an interrupted save of ``path`` left behind are removed.
         """
         path = Path(path)
+        clean_stale(path)
         if codebook is not None and not isinstance(codebook, Codebook):
             raise InputError(f"codebook: expected a d2r.Codebook, got {type(codebook).__name__}")
         try:
@@ -755,8 +816,12 @@ class Index:
         idx._mmap = data if mmap else None
         idx._sections = head["section_table"]
         idx._data = data
-        if verify or (verify is None and size <= VERIFY_AUTO_MAX_BYTES):
+        crc = sec.get("ivf_word_crc32")
+        if verify or (verify is None and (size <= VERIFY_AUTO_MAX_BYTES or crc is None)):
             idx.verify()
+        elif verify is None and head["n_entries"]:
+            idx._word_crc = crc.view("<u4")
+            idx._word_ok = np.zeros(head["K"], dtype=np.bool_)
         return idx
 
     def verify(self) -> None:
@@ -780,6 +845,7 @@ class Index:
             what = {1: "an entry names an item beyond the stored items", 2: "a posting list is not in ascending item order",
                     3: "posting lists disagree with the per-item word counts"}[int(err)]
             raise IndexFormatError(f"{self._path}: inconsistent inverted file: {what}")
+        self._word_ok = None  # every word is checked now
 
     def get(self, image_id: str) -> list:
         """The stored items of a live image as :class:`d2r.Aggregation` objects, one per item
@@ -795,6 +861,7 @@ class Index:
         if self._closed:
             raise InputError(f"{self._name()}: the index is closed")
         self._flush()
+        self._check_words(np.arange(self._k))
         start = self._all_item_start()
         img = ids[image_id]
         out = []
@@ -834,6 +901,37 @@ def _encode_metadata(metadata) -> str:
         raise InputError(f"metadata: must be JSON-serialisable ({exc})") from None
 
 
+def _word_crcs(low: memoryview, codes: memoryview, per_word: np.ndarray, payload: int, out: np.ndarray) -> None:
+    """out[j] = crc32 of word j's item bytes (uint16 each) followed by its code bytes, for the
+    consecutive words of one chunk with ``per_word`` entries each."""
+    ends = np.cumsum(per_word).tolist()
+    a = 0
+    for j, e in enumerate(ends):
+        if e > a:
+            out[j] = zlib.crc32(codes[a * payload : e * payload], zlib.crc32(low[2 * a : 2 * e]))
+        a = e
+
+
+def check_index_target(path) -> None:
+    """Refuse to replace what is not a d2r index: ``path`` may be missing, an empty file or an
+    index file (magic ``D2RINDEX``). Raises :class:`d2r.IndexFormatError` naming it."""
+    path = Path(path)
+    if os.path.islink(path):
+        raise IndexFormatError(f"{path}: is a symbolic link; d2r does not replace it by an index (save to the file it points to)")
+    if not os.path.lexists(path):
+        return
+    if not path.is_file():
+        raise IndexFormatError(f"{path}: exists and is not a file (a folder?); d2r does not replace it by an index")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(MAGIC))
+    except OSError as exc:
+        raise IndexFormatError(f"{path}: exists and cannot be read ({exc.strerror or exc}); not replacing it") from exc
+    if head and head != MAGIC:
+        raise IndexFormatError(f"{path}: exists and is not a d2r index; d2r does not overwrite it "
+                               "(remove it or choose another name)")
+
+
 def _offsets_of(chunks) -> np.ndarray:
     out = np.zeros(len(chunks) + 1, dtype="<u8")
     if chunks:
@@ -857,7 +955,8 @@ def _parse_header(path, data: np.ndarray, codebook):
         raise bad(f"index format version {version} is newer than this d2r supports ({VERSION}); upgrade d2r")
     if version < 1:
         raise bad(f"invalid index format version {version}")
-    if n_sections != len(_SECTIONS) or header_size != _HEADER.size + _SECTION.size * n_sections:
+    names = _SECTIONS if version >= 2 else _SECTIONS_V1
+    if n_sections != len(names) or header_size != _HEADER.size + _SECTION.size * n_sections:
         raise bad(f"invalid header (size {header_size}, {n_sections} sections)")
     if header_size + 32 > size:
         raise bad(f"truncated index file ({size} bytes)")
@@ -891,12 +990,13 @@ def _parse_header(path, data: np.ndarray, codebook):
         "ivf_offsets": 8 * (k * n_blocks + 1),
         "ivf_items": 2 * n_entries,
         "ivf_codes": payload * n_entries,
+        "ivf_word_crc32": 4 * k,
     }
     table = {}
     sections = {}
     pos = _align(header_size)
     gaps = [(header_size, pos)]
-    for i, name in enumerate(_SECTIONS):
+    for i, name in enumerate(names):
         off, length, digest = _SECTION.unpack_from(header, _HEADER.size + i * _SECTION.size)
         if off != pos or (name in expected and length != expected[name]) or off + length > size - 32:
             raise bad(f"section {name} at offset {off} with {length} bytes is out of place (truncated or corrupt file)")
@@ -909,7 +1009,7 @@ def _parse_header(path, data: np.ndarray, codebook):
     # Alignment padding is covered by no checksum: it must be zero.
     if any(data[a:b].any() for a, b in gaps):
         raise bad("non-zero bytes in the padding between sections (corrupt file)")
-    for name in _SECTIONS:
+    for name in names:
         if name not in _LAZY_SECTIONS:
             if hashlib.sha256(memoryview(sections[name])).digest() != table[name][2]:
                 raise bad(f"checksum mismatch in section {name} (the file is corrupt)")
@@ -937,5 +1037,5 @@ def _parse_header(path, data: np.ndarray, codebook):
     return {
         "K": k, "D": dim, "kind": kind, "alpha": alpha, "tau": tau, "normalize": bool(flags & _FLAG_NORMALIZE),
         "checksum": checksum, "n_blocks": n_blocks, "n_entries": n_entries, "payload": payload,
-        "sections": sections, "section_table": table,
+        "sections": sections, "section_table": table, "version": version,
     }

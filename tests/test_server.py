@@ -45,8 +45,8 @@ def bundles(tmp_path_factory):
 
 
 @pytest.fixture()
-def server(tmp_path):
-    with ServerThread(tmp_path / "data", MAX_BUNDLE_BYTES=1_000_000) as srv:
+def server(tmp_path, bundles):
+    with ServerThread(tmp_path / "data", MAX_BUNDLE_BYTES=1_000_000, PUBLISHER_PUBLIC_KEY=str(bundles["pub"])) as srv:
         srv.admin = AdminClient(srv.url, ADMIN_TOKEN)
         yield srv
 
@@ -290,9 +290,15 @@ def test_exact_commands_serve_keygen_publish_device_sync(tmp_path, bundles):
     d2r_cmd = [sys.executable, "-m", "d2r.cli"]
     token_file = tmp_path / "admin.token"
     token_file.write_text("cli-admin-token-abcdefghijklmnop\n")
+    token_file.chmod(0o600)
+    key = tmp_path / "museum.key"
+    keygen = subprocess.run(d2r_cmd + ["keygen", "-o", str(key)], capture_output=True, text=True, timeout=120)
+    assert keygen.returncode == 0, keygen.stderr
+    assert key.is_file() and Path(str(key) + ".pub").is_file() and (key.stat().st_mode & 0o777) == 0o600
     port = free_port()
     server = subprocess.Popen(d2r_cmd + ["serve", "--data", str(tmp_path / "data"), "--host", "127.0.0.1", "--port", str(port),
-                                         "--admin-token-file", str(token_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                         "--admin-token-file", str(token_file), "--public-key", str(key) + ".pub"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -313,9 +319,6 @@ def test_exact_commands_serve_keygen_publish_device_sync(tmp_path, bundles):
             assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
             return proc.stdout
 
-        key = tmp_path / "museum.key"
-        run("keygen", "-o", str(key))
-        assert key.is_file() and Path(str(key) + ".pub").is_file() and (key.stat().st_mode & 0o777) == 0o600
         admin = "cli-admin-token-abcdefghijklmnop"
         out = run("publish", str(bundles["v1"]), "--server", url, "--collection", "museum", "--token", admin, "--signing-key", str(key))
         assert "version 1 published" in out
@@ -341,7 +344,7 @@ def test_exact_commands_serve_keygen_publish_device_sync(tmp_path, bundles):
 
 def test_chunked_publish_and_state_survives_a_restart(tmp_path, bundles):
     data = bundles["archive"].read_bytes()
-    with ServerThread(tmp_path / "data") as srv:
+    with ServerThread(tmp_path / "data", PUBLISHER_PUBLIC_KEY=str(bundles["pub"])) as srv:
         con = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
         con.putrequest("POST", "/api/v1/collections/museum/versions")
         con.putheader("Authorization", f"Bearer {ADMIN_TOKEN}")
@@ -357,7 +360,7 @@ def test_chunked_publish_and_state_survives_a_restart(tmp_path, bundles):
         con.close()
         dev = AdminClient(srv.url, ADMIN_TOKEN).add_device(["museum"], "kiosk")
     (tmp_path / "data" / "tmp" / "upload-left-by-a-crash").write_bytes(b"x")
-    with ServerThread(tmp_path / "data") as srv:  # same data folder, new process state
+    with ServerThread(tmp_path / "data", PUBLISHER_PUBLIC_KEY=str(bundles["pub"])) as srv:  # same data folder, new process state
         st, _, body = request(srv, "GET", "/api/v1/collections/museum/latest", token=dev["token"])
         assert st == 200 and json.loads(body)["version"] == 1
         assert not any((tmp_path / "data" / "tmp").iterdir())

@@ -43,8 +43,8 @@ def bundles(tmp_path_factory):
 
 
 @pytest.fixture()
-def server(tmp_path):
-    with ServerThread(tmp_path / "data") as srv:
+def server(tmp_path, bundles):
+    with ServerThread(tmp_path / "data", PUBLISHER_PUBLIC_KEY=str(bundles["pub"])) as srv:
         srv.admin = AdminClient(srv.url, ADMIN_TOKEN)
         yield srv
 

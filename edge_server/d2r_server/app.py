@@ -16,7 +16,8 @@ DEFAULTS = {
     "ADMIN_TOKEN": None,  # the admin token (or ADMIN_TOKEN_SHA256, its sha256 hex)
     "ADMIN_TOKEN_SHA256": None,
     "MAX_BUNDLE_BYTES": 2 * 1024**3,  # publish size limit
-    "PUBLISHER_PUBLIC_KEY": None,  # PEM path: if set, publish also checks the signature
+    "PUBLISHER_PUBLIC_KEY": None,  # required: PEM path (or list of paths); every publish is verified
+    "KEEP_VERSIONS": None,  # keep the newest N versions of each collection, delete older ones
     "UPLOAD_CHUNK": 1 << 20,
 }
 
@@ -38,11 +39,19 @@ def create_app(config: dict | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = None  # publish enforces its own limit while streaming
     app.extensions["d2r_storage"] = Storage(Path(app.config["DATA_DIR"]))
     app.extensions["d2r_metrics"] = Metrics()
-    key = app.config["PUBLISHER_PUBLIC_KEY"]
-    if key:
-        from d2r.sync import load_public_key
+    keys = app.config["PUBLISHER_PUBLIC_KEY"]
+    if isinstance(keys, (str, Path)):
+        keys = [keys]
+    if not keys:
+        # Without a key any signature string would be accepted: refuse to run at all.
+        raise ValueError("PUBLISHER_PUBLIC_KEY: the server verifies every publish and needs the publisher's public "
+                         "key (d2r serve --public-key KEYFILE.pub, from d2r keygen)")
+    from d2r.sync import load_public_key
 
-        app.extensions["d2r_public_key"] = load_public_key(key)
+    app.extensions["d2r_public_keys"] = [load_public_key(k) for k in keys]
+    keep = app.config["KEEP_VERSIONS"]
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        raise ValueError(f"KEEP_VERSIONS: expected an integer >= 1 (versions kept per collection), got {keep!r}")
 
     from .collections import bp as collections_bp
     from .devices import bp as devices_bp

@@ -45,7 +45,7 @@ class AdminClient:
 
     def publish(self, bundle, collection: str, signing_key) -> dict:
         """Verify, sign, pack and upload bundle folder ``bundle``; returns the version record."""
-        if not COLLECTION_NAME.match(collection or ""):
+        if not COLLECTION_NAME.fullmatch(collection or ""):
             raise InputError(f"collection: expected letters, digits, '.', '_' or '-', got {collection!r}")
         key = load_private_key(signing_key) if isinstance(signing_key, (str, os.PathLike)) else signing_key
         with tempfile.TemporaryFile() as fh:
@@ -64,3 +64,10 @@ class AdminClient:
 
     def revoke_device(self, device_id: str) -> dict:
         return self._call("DELETE", f"/api/v1/devices/{urllib.parse.quote(device_id)}")
+
+    def versions(self, collection: str) -> list:
+        return self._call("GET", f"/api/v1/collections/{urllib.parse.quote(collection, safe='')}/versions")["versions"]
+
+    def delete_version(self, collection: str, version: int) -> dict:
+        """Yank ``version`` of ``collection`` (admin): no longer offered; its number is not reused."""
+        return self._call("DELETE", f"/api/v1/collections/{urllib.parse.quote(collection, safe='')}/versions/{int(version)}")

@@ -9,13 +9,20 @@ import shutil
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
 
 from d2r.errors import D2RError
-from d2r.sync import ARCHIVE_MEDIA_TYPE, COLLECTION_NAME, SignatureError, unpack_bundle, verify_signature
+from d2r.sync import (
+    ARCHIVE_MEDIA_TYPE, COLLECTION_NAME, MAX_VERSION, SignatureError, is_version, unpack_bundle, verify_signature,
+)
 
 from .auth import require_admin, require_reader
 from .delta import make_delta
 from .storage import now
 
 bp = Blueprint("collections", __name__)
+
+# Version numbers in URLs: 1 .. 2**63 - 1 (SQLite INTEGER); anything else is a 404 from routing.
+V = f"int(min=1, max={MAX_VERSION})"
+MAX_SIGNATURE_CHARS = 256
+SYNC_METHODS = ("full", "delta", "none")
 
 
 def _storage():
@@ -27,7 +34,7 @@ def _metrics():
 
 
 def _check_name(name: str) -> None:
-    if not COLLECTION_NAME.match(name):
+    if not COLLECTION_NAME.fullmatch(name):
         abort(400, description="collection names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
 
 
@@ -69,6 +76,9 @@ def publish(name):
     if not signature:
         metrics.inc("d2r_publish_total", {"result": "unsigned"})
         return _error(400, "X-D2R-Signature header required: bundles are signed by the publisher (d2r publish --signing-key)")
+    if len(signature) > MAX_SIGNATURE_CHARS:
+        metrics.inc("d2r_publish_total", {"result": "bad_signature"})
+        return _error(400, f"X-D2R-Signature: over {MAX_SIGNATURE_CHARS} characters (an Ed25519 signature is 88)")
     if request.content_length is not None and request.content_length > limit:
         metrics.inc("d2r_publish_total", {"result": "too_large"})
         return _error(413, f"bundle of {request.content_length} bytes exceeds the limit of {limit} bytes")
@@ -97,28 +107,40 @@ def publish(name):
         except (D2RError, OSError) as exc:
             metrics.inc("d2r_publish_total", {"result": "invalid"})
             return _error(400, f"not a valid bundle archive: {exc}".replace(str(upload), "upload"))
-        key = current_app.extensions.get("d2r_public_key")
-        if key is not None:
+        # Always verified: the server does not start without publisher keys (app.create_app).
+        for key in current_app.extensions["d2r_public_keys"]:
             try:
                 verify_signature(key, name, info["checksum"], signature)
+                break
             except SignatureError:
-                metrics.inc("d2r_publish_total", {"result": "bad_signature"})
-                return _error(400, "the signature does not verify with the server's publisher key")
-        version = int(info["version"])
+                continue
+        else:
+            metrics.inc("d2r_publish_total", {"result": "bad_signature"})
+            return _error(400, "X-D2R-Signature: the signature does not verify with the server's publisher key(s)")
+        version = info["version"]
+        if not is_version(version):  # checked by unpack_bundle already; never trust one layer
+            return _error(400, f"bundle.json 'version' must be an integer from 1 to {MAX_VERSION}")
         with storage.publish_lock:
             latest = storage.version(name)
             if latest is not None and version <= latest["version"]:
                 metrics.inc("d2r_publish_total", {"result": "conflict"})
                 return _error(409, f"version {version} is not newer than the latest version {latest['version']} of {name!r}")
-            storage.add_blob(upload, sha)
-            storage.add_unpacked(unpacked, sha)
-            with storage.transaction() as con:
-                con.execute("INSERT OR IGNORE INTO collections (name, created) VALUES (?, ?)", (name, now()))
-                con.execute(
-                    "INSERT INTO versions (collection, version, archive_sha256, archive_size, bundle_checksum, signature, "
-                    "n_images, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (name, version, sha, size, info["checksum"], signature, info.get("n_images"), now()))
-        storage.log("publish", None, name, version, json.dumps({"sha256": sha, "size": size}))
+            if storage.is_deleted(name, version):
+                metrics.inc("d2r_publish_total", {"result": "conflict"})
+                return _error(409, f"version {version} of {name!r} was deleted; publish it under a new version number")
+            with storage.blob_lock:
+                storage.add_blob(upload, sha)
+                with storage.transaction() as con:
+                    con.execute("INSERT OR IGNORE INTO collections (name, created) VALUES (?, ?)", (name, now()))
+                    con.execute(
+                        "INSERT INTO versions (collection, version, archive_sha256, archive_size, bundle_checksum, signature, "
+                        "n_images, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (name, version, sha, size, info["checksum"], signature, info.get("n_images"), now()))
+            storage.log("publish", None, name, version, json.dumps({"sha256": sha, "size": size}))
+            keep = current_app.config.get("KEEP_VERSIONS")
+            if keep:
+                for old in storage.keep_latest(name, int(keep)):
+                    storage.log("deleted", None, name, old, f"garbage-collected (keep {keep})")
         metrics.inc("d2r_publish_total", {"result": "ok"})
         resp = jsonify(_record(storage.version(name, version)))
         resp.status_code = 201
@@ -126,6 +148,23 @@ def publish(name):
     finally:
         upload.unlink(missing_ok=True)
         shutil.rmtree(unpacked, ignore_errors=True)
+
+
+@bp.delete(f"/<name>/versions/<{V}:version>")
+@require_admin
+def delete_version(name, version):
+    """Yank a version: it is no longer offered (latest falls back to the one before), its
+    archive and deltas are deleted, and its number is never accepted again."""
+    _check_name(name)
+    storage = _storage()
+    with storage.publish_lock:
+        row = storage.delete_version(name, version, "deleted by the admin")
+    if row is None:
+        return _error(404, f"collection {name!r} has no version {version}")
+    storage.log("deleted", None, name, version, "deleted by the admin")
+    _metrics().inc("d2r_versions_deleted_total", {})
+    latest = storage.version(name)
+    return jsonify(collection=name, deleted=version, latest=latest["version"] if latest else None)
 
 
 @bp.get("/<name>/latest")
@@ -143,7 +182,7 @@ def history(name):
     return jsonify(collection=name, versions=[_record(r) for r in _storage().versions(name)])
 
 
-@bp.get("/<name>/versions/<int:version>")
+@bp.get(f"/<name>/versions/<{V}:version>")
 @require_reader
 def version_info(name, version):
     row = _storage().version(name, version)
@@ -159,7 +198,7 @@ def _send_blob(sha: str, size: int):
     return resp
 
 
-@bp.route("/<name>/versions/<int:version>/bundle", methods=["GET", "HEAD"])
+@bp.route(f"/<name>/versions/<{V}:version>/bundle", methods=["GET", "HEAD"])
 @require_reader
 def download(name, version):
     """The bundle archive; HTTP Range (resume), ETag = sha256 of the archive, If-None-Match."""
@@ -171,7 +210,7 @@ def download(name, version):
     return _send_blob(row["archive_sha256"], row["archive_size"])
 
 
-@bp.route("/<name>/delta/<int:from_version>/<int:to_version>", methods=["GET", "HEAD"])
+@bp.route(f"/<name>/delta/<{V}:from_version>/<{V}:to_version>", methods=["GET", "HEAD"])
 @require_reader
 def delta(name, from_version, to_version):
     """Delta archive from one version to a later one; 404 when none reproduces the new version
@@ -190,21 +229,33 @@ def delta(name, from_version, to_version):
             out = storage.temp_path("delta")
             work = storage.temp_path("delta-work")
             try:
-                stats = make_delta(storage.unpacked / old["archive_sha256"], storage.unpacked / new["archive_sha256"], out, work)
+                # Each version is stored once (its archive): unpack the two this delta needs.
+                work.mkdir()
+                try:
+                    unpack_bundle(storage.blob_path(old["archive_sha256"]), work / "old")
+                    unpack_bundle(storage.blob_path(new["archive_sha256"]), work / "new")
+                except (D2RError, OSError):  # deleted meanwhile, or the store is damaged
+                    return _error(404, f"no delta from version {from_version} to {to_version}; download the full bundle")
+                stats = make_delta(work / "old", work / "new", out, work / "replay")
                 sha = size = None
-                if stats is not None:
-                    h = hashlib.sha256()
-                    with open(out, "rb") as fh:
-                        for chunk in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(chunk)
-                    sha, size = h.hexdigest(), out.stat().st_size
-                    storage.add_blob(out, sha)
-                metrics.inc("d2r_delta_builds_total", {"result": "ok" if stats else "none"})
-                with storage.db() as con:
-                    con.execute("INSERT INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                (*key, sha, size, (stats or {}).get("n_added"), (stats or {}).get("n_removed"), now()))
-                    row = con.execute("SELECT * FROM deltas WHERE collection = ? AND from_version = ? AND to_version = ?",
-                                      key).fetchone()
+                with storage.blob_lock:
+                    if stats is not None:
+                        h = hashlib.sha256()
+                        with open(out, "rb") as fh:
+                            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                                h.update(chunk)
+                        sha, size = h.hexdigest(), out.stat().st_size
+                        storage.add_blob(out, sha)
+                    metrics.inc("d2r_delta_builds_total", {"result": "ok" if stats else "none"})
+                    with storage.transaction() as con:
+                        both = con.execute("SELECT COUNT(*) FROM versions WHERE collection = ? AND version IN (?, ?)",
+                                           (name, from_version, to_version)).fetchone()[0]
+                        if both != 2:  # one of them was deleted while the delta was built
+                            return _error(404, f"collection {name!r} lacks version {from_version} or {to_version}")
+                        con.execute("INSERT INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                    (*key, sha, size, (stats or {}).get("n_added"), (stats or {}).get("n_removed"), now()))
+                        row = con.execute("SELECT * FROM deltas WHERE collection = ? AND from_version = ? AND to_version = ?",
+                                          key).fetchone()
             finally:
                 out.unlink(missing_ok=True)
                 shutil.rmtree(work, ignore_errors=True)
@@ -222,18 +273,22 @@ def delta(name, from_version, to_version):
 @require_reader
 def sync_report(name):
     """A device reports the version it has just made active."""
-    body = request.get_json(silent=True) or {}
-    try:
-        version = int(body["version"])
-    except (KeyError, TypeError, ValueError):
-        return _error(400, "expected JSON {version, method, bytes}")
-    method = str(body.get("method", ""))[:16]
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not is_version(body.get("version")):
+        return _error(400, f"expected JSON {{version: integer 1..{MAX_VERSION}, method: {'|'.join(SYNC_METHODS)}, bytes: integer >= 0}}")
+    version = body["version"]
+    method = body.get("method", "full")
+    n_bytes = body.get("bytes", 0)
+    if method not in SYNC_METHODS:
+        return _error(400, f"method: expected one of {', '.join(SYNC_METHODS)}")
+    if not isinstance(n_bytes, int) or isinstance(n_bytes, bool) or not 0 <= n_bytes <= MAX_VERSION:
+        return _error(400, f"bytes: expected an integer from 0 to {MAX_VERSION}")
     device_id = g.device["id"] if g.device else None
     storage = _storage()
     if device_id:
         with storage.db() as con:
             con.execute("UPDATE devices SET last_sync = ?, last_collection = ?, last_version = ?, last_method = ? WHERE id = ?",
                         (now(), name, version, method, device_id))
-    storage.log("applied", device_id, name, version, json.dumps({"method": method, "bytes": body.get("bytes")}))
+    storage.log("applied", device_id, name, version, json.dumps({"method": method, "bytes": n_bytes}))
     _metrics().inc("d2r_sync_reports_total", {"method": method})
     return jsonify(ok=True)

@@ -95,17 +95,19 @@ class Collection:
 class ServerThread:
     """The real app under waitress on 127.0.0.1 (random port), in a background thread."""
 
-    def __init__(self, data_dir, admin_token: str = ADMIN_TOKEN, threads: int = 16, **config):
+    def __init__(self, data_dir, admin_token: str = ADMIN_TOKEN, threads: int = 16, idle_timeout: float = 20, **config):
         import waitress
 
         from .app import create_app
+        from .serving import waitress_options
 
         cfg = {"DATA_DIR": str(data_dir), "ADMIN_TOKEN": admin_token}
         cfg.update(config)
         self.app = create_app(cfg)
         limit = int(self.app.config["MAX_BUNDLE_BYTES"])
-        self.server = waitress.create_server(self.app, host="127.0.0.1", port=0, threads=threads,
-                                             max_request_body_size=limit + (1 << 20), ident="d2r")
+        # The same waitress settings as `d2r serve`.
+        self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
+                                             **waitress_options(limit, threads=threads, idle_timeout=idle_timeout))
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
         self._stop = threading.Event()
@@ -116,7 +118,7 @@ class ServerThread:
 
         # waitress's own run() cannot be stopped from another thread cleanly: poll, then close here.
         while not self._stop.is_set():
-            wasyncore.loop(timeout=0.05, map=self.server._map, count=1)
+            wasyncore.loop(timeout=0.05, map=self.server._map, count=1, use_poll=True)
         self.server.close()
         self.server.task_dispatcher.shutdown(timeout=5)
 

@@ -54,8 +54,34 @@ SIGNATURE_CONTEXT = b"d2r-bundle-signature-v1"
 SIGNATURE_FILE = "bundle.sig"
 # bundle.json and delta.json are small; refuse a giant one before parsing it.
 MAX_JSON_BYTES = 64 * 1024 * 1024
-COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# \A...\Z, not ^...$: "$" also matches before a final newline ("museum\n" is not a name).
+COLLECTION_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+# Versions are SQLite INTEGERs (signed 64-bit): 1 .. 2**63 - 1.
+MAX_VERSION = 2**63 - 1
+_SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 _CHUNK = 1 << 20
+DEFAULT_MAX_BUNDLE_BYTES = 8 * 1024**3
+# Room a download must leave free on the destination's file system (bytes).
+DISK_RESERVE = 64 * 1024**2
+
+
+def plain_http_warning(url: str) -> str | None:
+    """A warning for a server URL that is not https:// (tokens and bundles travel in clear)."""
+    if urllib.parse.urlsplit(url).scheme.lower() == "https":
+        return None
+    return (f"warning: {url} is plain HTTP: the device token travels in clear and anyone on the network can read it "
+            "(use https://, see docs/sync-protocol.md 'Running behind TLS')")
+
+
+def _check_room(folder: Path, need: int, what: str) -> None:
+    """Refuse to start a download of ``need`` bytes that the file system of ``folder`` cannot take."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need + DISK_RESERVE > free:
+        raise SyncError(f"{what}: needs {need} bytes but {folder} has {free} bytes free "
+                        f"(keeping {DISK_RESERVE} in reserve); nothing downloaded")
 
 
 class SyncError(D2RError, RuntimeError):
@@ -148,9 +174,48 @@ def verify_signature(public_key, collection: str, bundle_checksum: str, signatur
 
 
 # -- transport form of a bundle: an uncompressed tar ------------------------------------------------
+def is_version(value) -> bool:
+    """True for a bundle version number: an int (not a bool) in 1 .. 2**63 - 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_VERSION
+
+
+def check_bundle_json(body, where: str) -> None:
+    """Strict types and ranges of the bundle.json fields sync relies on (a bundle from the
+    network is hostile until proven otherwise). Raises :class:`ArchiveError` naming the field."""
+    if not isinstance(body, dict):
+        raise ArchiveError(f"{where}: bundle.json is not a JSON object")
+    if not is_version(body.get("version")):
+        raise ArchiveError(f"{where}: bundle.json 'version' must be an integer from 1 to {MAX_VERSION}, "
+                           f"got {body.get('version')!r:.40}")
+    files = body.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArchiveError(f"{where}: bundle.json 'files' must be an object {{path: {{sha256, size}}}}")
+    for rel, meta in files.items():
+        if not isinstance(rel, str) or not rel or len(rel) > 1024:
+            raise ArchiveError(f"{where}: bundle.json 'files' has a bad path {rel!r:.60}")
+        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not _SHA256_HEX.match(meta["sha256"])
+                or not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool) or not 0 <= meta["size"] <= MAX_VERSION):
+            raise ArchiveError(f"{where}: bundle.json 'files' entry {rel!r:.60} must be {{sha256: 64 hex digits, size: integer >= 0}}")
+    n = body.get("n_images")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_VERSION):
+        raise ArchiveError(f"{where}: bundle.json 'n_images' must be an integer >= 0")
+    if not isinstance(body.get("checksum"), str) or not _SHA256_HEX.match(body["checksum"]):
+        raise ArchiveError(f"{where}: bundle.json 'checksum' must be 64 hex digits")
+
+
 def _bundle_info(folder):
     from .engine import read_bundle_info
 
+    folder = Path(folder)
+    try:
+        raw = (folder / "bundle.json").read_bytes() if (folder / "bundle.json").stat().st_size <= MAX_JSON_BYTES else None
+        body = json.loads(raw) if raw is not None else None
+    except (OSError, ValueError):
+        body = False  # read_bundle_info names the problem
+    if body is None:
+        raise ArchiveError(f"{folder}: bundle.json is over {MAX_JSON_BYTES} bytes")
+    if body is not False:
+        check_bundle_json(body, str(folder))
     return read_bundle_info(folder)
 
 
@@ -534,11 +599,14 @@ class SyncClient:
             or a loaded key. timeout: seconds per network operation. retries: attempts per
             download (each resumes with HTTP Range where the last stopped).
         prefer_delta: ask for a delta from the active version first.
+        max_bundle_bytes: refuse a bundle announced larger than this (default 8 GiB); a delta is
+            refused beyond the size of the full bundle; and neither is started unless the
+            destination's file system has room for it.
     """
 
     def __init__(self, server: str, collection: str, token: str, dest, public_key, timeout: float = 30.0,
-                 retries: int = 4, prefer_delta: bool = True, log=None):
-        if not COLLECTION_NAME.match(collection or ""):
+                 retries: int = 4, prefer_delta: bool = True, log=None, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES):
+        if not isinstance(collection, str) or not COLLECTION_NAME.fullmatch(collection):
             raise InputError(f"collection: expected letters, digits, '.', '_' or '-' (at most 64), got {collection!r}")
         self.server = server.rstrip("/")
         self.collection = collection
@@ -548,7 +616,11 @@ class SyncClient:
         self.timeout = timeout
         self.retries = max(int(retries), 1)
         self.prefer_delta = prefer_delta
+        self.max_bundle_bytes = int(max_bundle_bytes)
         self.log = log or (lambda msg: None)
+        warning = plain_http_warning(self.server)
+        if warning:
+            self.log(warning)
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def _url(self, path: str) -> str:
@@ -583,8 +655,9 @@ class SyncClient:
         """The latest version record of the collection (JSON of ``GET .../latest``)."""
         rec = self._json(self._url("/latest"))
         try:
-            ok = (isinstance(rec["version"], int) and isinstance(rec["archive_size"], int)
-                  and all(isinstance(rec[k], str) for k in ("archive_sha256", "bundle_checksum", "signature")))
+            ok = (is_version(rec["version"]) and isinstance(rec["archive_size"], int) and not isinstance(rec["archive_size"], bool)
+                  and rec["archive_size"] > 0 and all(isinstance(rec[k], str) for k in ("archive_sha256", "bundle_checksum", "signature"))
+                  and _SHA256_HEX.match(rec["archive_sha256"]) is not None)
         except (KeyError, TypeError):
             ok = False
         if not ok:
@@ -676,7 +749,8 @@ class SyncClient:
         method = "full"
         if cur is not None and self.prefer_delta:
             try:
-                staged, n = self._fetch_delta(cur_dir, int(cur["version"]), version)
+                staged, n = self._fetch_delta(cur_dir, int(cur["version"]), version,
+                                              min(int(latest["archive_size"]), self.max_bundle_bytes))
                 downloaded += n
                 method = "delta"
             except _HTTPStatus as exc:
@@ -687,7 +761,12 @@ class SyncClient:
                 self.log(f"delta rejected ({exc}); downloading the full bundle")
                 downloaded += getattr(exc, "downloaded", 0)
         if staged is None:
+            size = int(latest["archive_size"])
+            if size > self.max_bundle_bytes:
+                raise SyncError(f"version {version}: the server announces {size} bytes, over this device's limit of "
+                                f"{self.max_bundle_bytes} (max_bundle_bytes); nothing downloaded")
             part = dest.staging / f"bundle-{latest['archive_sha256']}.part"
+            _check_room(dest.staging, size - (part.stat().st_size if part.exists() else 0), f"version {version}")
             part, n, _ = self._download(self._url(f"/versions/{version}/bundle"), part, latest["archive_sha256"],
                                         int(latest["archive_size"]))
             downloaded += n
@@ -715,12 +794,20 @@ class SyncClient:
         self._report(version, method, downloaded)
         return SyncResult(version, int(cur["version"]) if cur else None, method, downloaded, final)
 
-    def _fetch_delta(self, cur_dir: Path, from_version: int, to_version: int):
+    def _fetch_delta(self, cur_dir: Path, from_version: int, to_version: int, max_size: int):
+        """Download and apply the delta; a delta is never worth more bytes than the full
+        bundle, so ``max_size`` (the bundle's size) bounds it, whatever the server says."""
         url = self._url(f"/delta/{from_version}/{to_version}")
         with self._request(url, {"Accept": ARCHIVE_MEDIA_TYPE}, method="HEAD") as resp:
             sha = (resp.headers.get("ETag") or "").strip('"')
+            length = resp.headers.get("Content-Length")
+        if not _SHA256_HEX.match(sha):
+            raise SyncError(f"{url}: no sha256 ETag for the delta")
+        if length is not None and (not length.isdigit() or int(length) > max_size):
+            raise SyncError(f"{url}: a delta of {length} bytes is not smaller than the full bundle ({max_size} bytes)")
         part = self.dest.staging / f"delta-{from_version}-{to_version}-{sha}.part"
-        part, n, _ = self._download(url, part, sha or None)
+        _check_room(self.dest.staging, max_size, url)
+        part, n, _ = self._download(url, part, sha, max_size)
         staged = self.dest.staging / f"delta-unpack-{to_version}"
         try:
             apply_delta(cur_dir, part, staged)
@@ -802,18 +889,56 @@ def parse_interval(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
+def read_secret_file(path, what: str, warn=None) -> str:
+    """The secret in file ``path`` (stripped). Warns through ``warn`` (default: stderr) when the
+    file is readable or writable by its group or by others (chmod 600 it)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the {what} ({getattr(exc, 'strerror', None) or exc})") from None
+    if os.name == "posix" and mode & 0o077:
+        message = (f"warning: {path} holds the {what} but is accessible to its group or to others "
+                   f"(mode {mode & 0o777:o}); run: chmod 600 {path}")
+        (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+    return text
+
+
+def resolve_token(token: str | None, token_file, env_var: str, what: str) -> str | None:
+    """A token from --token-file, else the environment variable ``env_var``, else --token
+    (which other local users can see in the process list: warned)."""
+    if token_file:
+        return read_secret_file(token_file, what)
+    if os.environ.get(env_var):
+        return os.environ[env_var].strip()
+    if token:
+        print(f"warning: --token puts the {what} in the process list (visible to other users); prefer "
+              f"--token-file FILE (mode 600) or the {env_var} environment variable", file=sys.stderr, flush=True)
+    return token
+
+
+def backoff_delays(interval: float, first: float = 1.0):
+    """Delays after consecutive failures: first, 2*first, 4*first, ... capped at ``interval``
+    (and at one hour)."""
+    delay = max(float(first), 0.01)
+    while True:
+        yield min(delay, max(interval, 0.01), 3600.0)
+        delay *= 2
+
+
 def _cli_sync(args) -> int:
     interval = parse_interval(args.every) if args.every else None
-    token = args.token
-    if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise InputError(f"{args.token_file}: cannot read the device token ({exc.strerror or exc})") from None
+    token = resolve_token(args.token, args.token_file, "D2R_DEVICE_TOKEN", "device token")
     if not token:
-        raise InputError("a device token is required: --token T or --token-file F")
+        raise InputError("a device token is required: --token-file FILE, the D2R_DEVICE_TOKEN environment variable, or --token T")
+
+    def log(msg):
+        print(f"d2r sync: {msg}", file=sys.stderr, flush=True)
+
     client = SyncClient(args.server, args.collection, token, args.dest, args.public_key,
-                        timeout=args.timeout, prefer_delta=not args.no_delta, log=lambda msg: print(f"d2r sync: {msg}", file=sys.stderr, flush=True))
+                        timeout=args.timeout, prefer_delta=not args.no_delta, log=log)
+    delays = None
     while True:
         try:
             r = client.sync()
@@ -822,24 +947,35 @@ def _cli_sync(args) -> int:
             else:
                 print(f"{args.collection}: version {r.version} active ({r.method}, {r.downloaded} bytes"
                       f"{', previous ' + str(r.previous) if r.previous else ''})", flush=True)
-        except D2RError as exc:
+            delays = None
+            wait = interval
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - with --every, no error ends the loop (disk full, network, ...)
             if interval is None:
-                raise
-            print(f"d2r sync: error: {exc}; retrying in {args.every}", file=sys.stderr, flush=True)
+                if isinstance(exc, D2RError):
+                    raise
+                raise SyncError(f"sync failed: {type(exc).__name__}: {exc}") from exc
+            delays = delays or backoff_delays(interval, args.retry_first)
+            wait = next(delays)
+            log(f"error: {type(exc).__name__}: {exc}; the active bundle is unchanged; retrying in {wait:g} s")
         if interval is None:
             return 0
-        time.sleep(interval)
+        time.sleep(wait)
 
 
 def register_cli(sub) -> None:
     p = sub.add_parser("sync", help="fetch the latest signed bundle of a collection and swap it in atomically")
     p.add_argument("--server", required=True, help="edge server URL, e.g. https://edge.local:8443")
     p.add_argument("--collection", required=True)
-    p.add_argument("--token", default=None, help="device token from `d2r device add`")
-    p.add_argument("--token-file", default=None, help="read the device token from this file instead (keeps it out of `ps`)")
+    p.add_argument("--token-file", default=None, help="file holding the device token (mode 600; keeps it out of `ps`)")
+    p.add_argument("--token", default=None, help="device token from `d2r device add` (visible in `ps`: prefer --token-file "
+                   "or the D2R_DEVICE_TOKEN environment variable)")
     p.add_argument("--dest", required=True, help="destination folder (DEST/current is the active bundle)")
     p.add_argument("--public-key", required=True, help="the publisher's public key (KEYFILE.pub), pinned")
-    p.add_argument("--every", default=None, help="keep running, syncing at this interval (e.g. 15m)")
+    p.add_argument("--every", default=None, help="keep running, syncing at this interval (e.g. 15m); after an error "
+                   "(network, disk full, ...) it retries with exponential backoff up to the interval and never exits")
+    p.add_argument("--retry-first", type=float, default=5.0, help="with --every: first retry delay in seconds after an error (default 5)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation (default 30)")
     p.add_argument("--no-delta", action="store_true", help="always download the full bundle")
     p.set_defaults(func=_cli_sync)

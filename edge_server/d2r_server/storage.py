@@ -59,7 +59,9 @@ CREATE TABLE IF NOT EXISTS devices (
     last_sync TEXT,
     last_collection TEXT,
     last_version INTEGER,
-    last_method TEXT
+    last_method TEXT,
+    stale_seconds INTEGER,    -- set while the device reports expired TUF metadata
+    stale_reported TEXT
 );
 CREATE TABLE IF NOT EXISTS device_collections (
     device_id TEXT NOT NULL REFERENCES devices(id),
@@ -106,6 +108,10 @@ class Storage:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         with self.db() as con:
             con.executescript(SCHEMA)
+            have = {r[1] for r in con.execute("PRAGMA table_info(devices)")}
+            for column, kind in (("stale_seconds", "INTEGER"), ("stale_reported", "TEXT")):
+                if column not in have:  # data folders of an earlier server
+                    con.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
         self.publish_lock = threading.Lock()
         self.blob_lock = threading.RLock()  # adding a blob + its row, versus garbage collection
         self._delta_locks: dict = {}
@@ -165,13 +171,6 @@ class Storage:
         self.collect_garbage()
         return dict(row)
 
-    def keep_latest(self, collection: str, keep: int) -> list:
-        """Delete all but the newest ``keep`` versions of ``collection``; returns their numbers."""
-        old = [r["version"] for r in self.versions(collection)[int(keep):]]
-        for v in old:
-            self.delete_version(collection, v, f"garbage-collected (keep {keep})")
-        return old
-
     def collect_garbage(self) -> int:
         """Delete blobs that no version and no delta refers to; returns how many."""
         n = 0
@@ -185,6 +184,10 @@ class Storage:
                         f.unlink(missing_ok=True)
                         n += 1
         return n
+
+    def deleted_versions(self, collection: str) -> set:
+        with self.db() as con:
+            return {r[0] for r in con.execute("SELECT version FROM deleted_versions WHERE collection = ?", (collection,))}
 
     def is_deleted(self, collection: str, version: int) -> bool:
         with self.db() as con:

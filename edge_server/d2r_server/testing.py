@@ -92,6 +92,28 @@ class Collection:
         return write_bundle(path, self.index, self.codebook, self.version, extra_files)
 
 
+def tuf_keys(folder) -> dict:
+    """A collection's key files in ``folder`` (made once): {"root": ..., "targets": ...}."""
+    from d2r.sync import generate_keypair
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for role in ("root", "targets"):
+        path = folder / f"{role}.key"
+        if not path.exists():
+            generate_keypair(path)
+        keys[role] = path
+    return keys
+
+
+def create_collection(admin, name: str, keys: dict, out) -> Path:
+    """Create collection ``name`` on the server of ``admin`` with ``keys`` (tuf_keys); returns
+    the root metadata file devices are provisioned with."""
+    admin.create_collection(name, [keys["root"]], keys["targets"], out=out)
+    return Path(out)
+
+
 class ServerThread:
     """The real app under waitress on 127.0.0.1 (random port), in a background thread."""
 

@@ -221,9 +221,7 @@ def publish(name):
         metrics.inc("d2r_publish_total", {"result": "unsigned"})
         return _error(400, f"{TARGETS_HEADER} header required: the collection's signed TUF targets metadata (d2r publish "
                            "--signing-key TARGETS.key makes it)")
-    repo = _repo(name)
-    if not repo.exists():
-        return _error(409, f"collection {name!r} has no TUF root: create it first (d2r collection create)")
+    repo = _repo(name)  # a collection without a TUF root: 409 from check_targets, after the size checks
     if request.content_length is not None and request.content_length > limit:
         metrics.inc("d2r_publish_total", {"result": "too_large"})
         return _error(413, f"bundle of {request.content_length} bytes exceeds the limit of {limit} bytes")

@@ -31,7 +31,7 @@ pytest.importorskip("waitress")
 pytest.importorskip("cryptography")
 
 from d2r.engine import _canonical  # noqa: E402
-from d2r.sync import Destination, SyncClient, SyncError, generate_keypair, load_private_key, sign_bundle  # noqa: E402
+from d2r.sync import Destination, SyncClient, SyncError, generate_keypair  # noqa: E402
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, free_port  # noqa: E402
 
@@ -49,15 +49,28 @@ def bundles(tmp_path_factory):
     v2 = c.save(root / "v2.d2r")
     c.add(["extra-2"])
     v3 = c.save(root / "v3.d2r")
-    key, pub = generate_keypair(root / "publisher.key")
-    return {"v1": v1, "v2": v2, "v3": v3, "key": key, "pub": pub, "root": root}
+    keys = {}
+    for role in ("root", "targets", "other"):
+        keys[role], _ = generate_keypair(root / f"{role}.key")
+    return {"v1": v1, "v2": v2, "v3": v3, "key": keys["targets"], "keys": keys, "root": root}
 
 
 @pytest.fixture()
 def server(tmp_path, bundles):
-    with ServerThread(tmp_path / "data", PUBLISHER_PUBLIC_KEY=str(bundles["pub"])) as srv:
+    with ServerThread(tmp_path / "data") as srv:
         srv.admin = AdminClient(srv.url, ADMIN_TOKEN)
+        srv.root = tmp_path / "museum.root.json"
+        srv.admin.create_collection("museum", [bundles["keys"]["root"]], bundles["key"], out=srv.root)
         yield srv
+
+
+def signed_targets(server, bundles, data: bytes, checksum: str, version=1, key="targets", collection="museum") -> str:
+    """X-D2R-Targets listing ``data`` as bundles/<version>.tar, signed with ``key``."""
+    from tuf.api.metadata import TargetFile
+
+    t = TargetFile.from_data(f"bundles/{version}.tar", data, ["sha256"])
+    t.unrecognized_fields["custom"] = {"d2r": {"version": version, "bundle_checksum": checksum, "n_images": 1}}
+    return server.admin._next_targets(collection, bundles["keys"][key], lambda ts: ts.__setitem__(t.path, t), None, 86400)
 
 
 def request(port, method, path, body=None, headers=None, token=ADMIN_TOKEN, timeout=30):
@@ -94,15 +107,13 @@ def forged_archive(bundle: Path, **changes) -> tuple[bytes, str]:
     return buf.getvalue(), body["checksum"]
 
 
-def start_serve(tmp_path, *extra, token_mode=0o600, public_key=None):
+def start_serve(tmp_path, *extra, token_mode=0o600):
     """`d2r serve` in a subprocess; returns (process, port, token file)."""
     token_file = tmp_path / "admin.token"
     token_file.write_text(ADMIN_TOKEN + "\n")
     token_file.chmod(token_mode)
     port = free_port()
     cmd = D2R + ["serve", "--data", str(tmp_path / "data"), "--port", str(port), "--admin-token-file", str(token_file)]
-    if public_key:
-        cmd += ["--public-key", str(public_key)]
     proc = subprocess.Popen(cmd + list(extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -130,7 +141,7 @@ def stop(proc) -> str:
 
 # -- finding 1: denial of service with idle half-open connections -------------------------------------
 def test_300_half_open_connections_do_not_block_healthz(tmp_path, bundles):
-    proc, port, _ = start_serve(tmp_path, public_key=bundles["pub"])
+    proc, port, _ = start_serve(tmp_path)
     socks = []
     try:
         assert proc.poll() is None, stop(proc)
@@ -161,7 +172,7 @@ def test_300_half_open_connections_do_not_block_healthz(tmp_path, bundles):
 
 
 def test_idle_connections_are_closed_after_the_idle_timeout(tmp_path, bundles):
-    proc, port, _ = start_serve(tmp_path, "--idle-timeout", "2", public_key=bundles["pub"])
+    proc, port, _ = start_serve(tmp_path, "--idle-timeout", "2")
     try:
         assert proc.poll() is None, stop(proc)
         s = socket.create_connection(("127.0.0.1", port), timeout=15)
@@ -178,33 +189,43 @@ def test_idle_connections_are_closed_after_the_idle_timeout(tmp_path, bundles):
 
 
 # -- finding 2: version poisoning ---------------------------------------------------------------------
-def test_server_refuses_to_start_without_publisher_keys(tmp_path):
-    proc, _, _ = start_serve(tmp_path)  # no --public-key
-    if proc.poll() is None:
-        stop(proc)
-        pytest.fail("d2r serve started without a publisher key: it would accept any signature")
+def test_a_server_started_without_keys_accepts_no_publish(tmp_path, bundles):
+    """Started as the README showed (no key), the old server accepted any signature string. Now
+    there is no such mode: a publish needs the collection's TUF root, and targets metadata
+    signed by the targets key that root names."""
+    data, checksum = forged_archive(bundles["v1"])
+    with ServerThread(tmp_path / "data") as srv:
+        srv.admin = AdminClient(srv.url, ADMIN_TOKEN)
+        path = "/api/v1/collections/museum/versions"
+        for headers in ({"X-D2R-Signature": "AAAA"}, {"X-D2R-Targets": "AAAA"}, {}):
+            st, _, body = request(srv.port, "POST", path, data, headers)
+            assert st in (400, 409), (headers, st, body)
+        srv.admin.create_collection("museum", [bundles["keys"]["root"]], bundles["key"], out=tmp_path / "r.json")
+        st, _, body = request(srv.port, "POST", path, data,
+                              {"X-D2R-Targets": signed_targets(srv, bundles, data, checksum, key="other")})
+        assert st == 400 and b"not signed by the threshold of targets keys" in body, body
+        assert request(srv.port, "GET", "/api/v1/collections/museum/latest")[0] == 404
+    (tmp_path / "cli").mkdir()
+    proc, _, _ = start_serve(tmp_path / "cli", "--public-key", str(bundles["key"]) + ".pub")
     err = stop(proc)
-    assert proc.returncode == 1 and "--public-key" in err, err
-    from d2r_server import create_app
-
-    with pytest.raises(ValueError, match="PUBLISHER_PUBLIC_KEY"):
-        create_app({"DATA_DIR": str(tmp_path / "d2"), "ADMIN_TOKEN": ADMIN_TOKEN})
+    assert proc.returncode == 1 and "each collection's TUF root" in err, err
 
 
 @pytest.mark.parametrize("version", ["99", True, 0, -1, BIG, 2.5, None])
 def test_a_mistyped_or_out_of_range_version_is_refused(server, bundles, version):
     data, checksum = forged_archive(bundles["v1"], version=version)
-    sig = sign_bundle(load_private_key(bundles["key"]), "museum", checksum)  # even with the right key
-    st, _, body = request(server.port, "POST", "/api/v1/collections/museum/versions", data, {"X-D2R-Signature": sig})
+    header = signed_targets(server, bundles, data, checksum)  # even with the right key
+    st, _, body = request(server.port, "POST", "/api/v1/collections/museum/versions", data, {"X-D2R-Targets": header})
     assert st == 400 and b"version" in body, (st, body)
     assert request(server.port, "GET", "/api/v1/collections/museum/latest")[0] == 404
 
 
 def test_any_signature_string_is_refused(server, bundles):
-    data, _ = forged_archive(bundles["v1"])
-    for sig in ("AAAA", "x" * 5000, "not base64 !"):
-        st, _, body = request(server.port, "POST", "/api/v1/collections/museum/versions", data, {"X-D2R-Signature": sig})
-        assert st == 400 and b"Signature" in body, (sig[:10], st, body)
+    data, checksum = forged_archive(bundles["v1"])
+    for header in ("AAAA", "x" * 50000, "not base64 !", "e30="):
+        st, _, body = request(server.port, "POST", "/api/v1/collections/museum/versions", data, {"X-D2R-Targets": header})
+        assert st == 400 and b"Targets" in body or b"targets" in body, (header[:10], st, body)
+    assert request(server.port, "GET", "/api/v1/collections/museum/latest")[0] == 404
 
 
 def test_delete_a_version_api_and_cli(server, bundles, tmp_path):
@@ -214,28 +235,33 @@ def test_delete_a_version_api_and_cli(server, bundles, tmp_path):
     path = "/api/v1/collections/museum/versions/2"
     assert request(server.port, "DELETE", path, token=dev["token"])[0] == 401  # admin only
     assert request(server.port, "DELETE", path, token=None)[0] == 401
-    st, _, body = request(server.port, "DELETE", path)
-    assert st == 200 and json.loads(body) == {"collection": "museum", "deleted": 2, "latest": 1}
+    st, _, body = request(server.port, "DELETE", path)  # ... and the targets key
+    assert st == 400 and b"X-D2R-Targets" in body
+    rec = server.admin.delete_version("museum", 2, bundles["key"])
+    assert rec == {"collection": "museum", "deleted": 2, "latest": 1}
     assert request(server.port, "DELETE", path)[0] == 404
     st, _, body = request(server.port, "GET", "/api/v1/collections/museum/latest", token=dev["token"])
     assert json.loads(body)["version"] == 1
     assert request(server.port, "GET", path + "/bundle")[0] == 404
-    # Its blob is gone; its number is not reused (devices that got it would never move again).
+    # Its archive and the delta 1 -> 2 are gone; its number is not reused.
     storage = server.app.extensions["d2r_storage"]
     assert len([f for d in storage.blobs.iterdir() for f in d.iterdir()]) == 1
     with pytest.raises(SyncError, match="409.*deleted"):
         server.admin.publish(bundles["v2"], "museum", bundles["key"])
     assert server.admin.publish(bundles["v3"], "museum", bundles["key"])["version"] == 3
-    r = SyncClient(server.url, "museum", dev["token"], tmp_path / "dev", bundles["pub"]).sync()
+    r = SyncClient(server.url, "museum", dev["token"], tmp_path / "dev", server.root).sync()
     assert r.version == 3
-    # The CLI, with the token from the environment.
+    # The CLI, with the admin token from the environment.
     env = dict(os.environ, D2R_ADMIN_TOKEN=ADMIN_TOKEN)
-    out = subprocess.run(D2R + ["version", "delete", "--server", server.url, "--collection", "museum", "--version", "3"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(D2R + ["version", "delete", "--server", server.url, "--collection", "museum", "--version", "3",
+                                "--signing-key", str(bundles["key"])], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and "version 3 deleted; latest is now 1" in out.stdout, out.stderr
     out = subprocess.run(D2R + ["version", "list", "--server", server.url, "--collection", "museum"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.split()[0] == "1" and len(out.stdout.splitlines()) == 1, out
+    # A device on the deleted version 3 is not moved back to 1 silently.
+    with pytest.raises(SyncError, match="not newer"):
+        SyncClient(server.url, "museum", dev["token"], tmp_path / "dev", server.root).sync()
 
 
 # -- finding 4: unbounded downloads from a hostile server -----------------------------------------------
@@ -293,7 +319,7 @@ class HostileProxy:
                 self.close_connection = True
 
             def do_GET(self):
-                self._flood() if "/delta/" in self.path else self._forward()
+                self._flood() if "/targets/deltas/" in self.path else self._forward()
 
             do_HEAD = do_GET
 
@@ -310,33 +336,29 @@ class HostileProxy:
         self.httpd.server_close()
 
 
-def test_an_endless_delta_is_cut_at_the_bundle_size(server, bundles, tmp_path):
+def test_an_endless_delta_is_cut_at_its_signed_length(server, bundles, tmp_path):
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     token = server.admin.add_device(["museum"], "kiosk")["token"]
-    SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"]).sync()
+    SyncClient(server.url, "museum", token, tmp_path / "dev", server.root).sync()
     rec = server.admin.publish(bundles["v2"], "museum", bundles["key"])
     hostile = HostileProxy(server.url)
     try:
         logs = []
-        r = SyncClient(hostile.url, "museum", token, tmp_path / "dev", bundles["pub"], log=logs.append).sync()
+        r = SyncClient(hostile.url, "museum", token, tmp_path / "dev", server.root, log=logs.append).sync()
     finally:
         hostile.close()
     assert (r.version, r.method) == (2, "full")  # the delta was dropped, the signed full bundle installed
-    # The device stopped reading at the size of the full bundle (plus what sat in socket buffers).
+    # The device stopped reading at the delta's signed length (plus what sat in socket buffers).
     assert hostile.sent < rec["archive_size"] + 8 * 1024**2, hostile.sent
-    assert any("more than" in line for line in logs), logs
+    assert any("more than the signed" in line for line in logs), logs
     assert not list((tmp_path / "dev" / "staging").glob("*.part"))
 
 
-def test_a_giant_announced_bundle_is_not_downloaded(server, bundles, tmp_path):
+def test_a_bundle_over_the_device_limit_is_not_downloaded(server, bundles, tmp_path):
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     token = server.admin.add_device(["museum"], "kiosk")["token"]
-    hostile = HostileProxy(server.url, giant_latest=True)
-    try:
-        with pytest.raises(SyncError, match="nothing downloaded"):
-            SyncClient(hostile.url, "museum", token, tmp_path / "dev", bundles["pub"]).sync()
-    finally:
-        hostile.close()
+    with pytest.raises(SyncError, match="nothing downloaded"):
+        SyncClient(server.url, "museum", token, tmp_path / "dev", server.root, max_bundle_bytes=1000).sync()
     assert Destination(tmp_path / "dev").current is None
     assert not list((tmp_path / "dev" / "staging").glob("*.part"))
 
@@ -359,22 +381,23 @@ def test_out_of_range_numbers_and_mistyped_fields_are_4xx_never_500(server, bund
         st, _, _ = request(p, "POST", report, json.dumps(body).encode(), {"Content-Type": "application/json"}, token=dev["token"])
         assert st == 400, (body, st)
     # bundle.json with mistyped files, signed by the real key: 400, not 500.
-    key = load_private_key(bundles["key"])
     for changes in ({"files": [1, 2]}, {"files": {"index.d2ri": [1]}}, {"files": {"a": {"sha256": 5, "size": 1}}},
                     {"files": {"a": {"sha256": "0" * 64, "size": BIG}}}, {"files": "x"}, {"n_images": "many"}):
         data, checksum = forged_archive(bundles["v2"], **changes)
         st, _, body = request(p, "POST", "/api/v1/collections/museum/versions", data,
-                              {"X-D2R-Signature": sign_bundle(key, "museum", checksum)})
+                              {"X-D2R-Targets": signed_targets(server, bundles, data, checksum, version=2)})
         assert st == 400, (changes, st, body)
 
 
 def test_names_with_a_trailing_newline_and_oversized_names_are_refused(server, bundles):
-    key = load_private_key(bundles["key"])
     data, checksum = forged_archive(bundles["v1"])
-    st, _, _ = request(server.port, "POST", "/api/v1/collections/museum%0A/versions", data,
-                       {"X-D2R-Signature": sign_bundle(key, "museum\n", checksum)})
-    assert st == 400
-    assert server.app.extensions["d2r_storage"].collections() == []
+    header = signed_targets(server, bundles, data, checksum)
+    for name in ("museum%0A", "museum%0D%0A", "museum%00"):
+        st, _, _ = request(server.port, "POST", f"/api/v1/collections/{name}/versions", data, {"X-D2R-Targets": header})
+        assert st == 400, name
+        st, _, _ = request(server.port, "PUT", f"/api/v1/collections/{name}", b"{}", {"Content-Type": "application/json"})
+        assert st == 400, name
+    assert [c["name"] for c in server.app.extensions["d2r_storage"].collections()] == ["museum"]
     devices = "/api/v1/devices"
     hdr = {"Content-Type": "application/json"}
     for body in ({"name": "x" * 100_000, "collections": ["museum"]}, {"name": 12, "collections": ["museum"]},
@@ -397,7 +420,7 @@ def test_sync_every_keeps_retrying_after_an_oserror(server, bundles, tmp_path):
     dest.mkdir()
     (dest / "versions").write_text("a file where the versions folder should be")  # every sync: OSError
     cmd = D2R + ["sync", "--server", server.url, "--collection", "museum", "--token-file", str(token_file),
-                 "--dest", str(dest), "--public-key", str(bundles["pub"]), "--every", "1s", "--retry-first", "0.2"]
+                 "--dest", str(dest), "--root", str(server.root), "--every", "1s", "--retry-first", "0.2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
@@ -421,7 +444,7 @@ def test_sync_every_keeps_retrying_after_an_oserror(server, bundles, tmp_path):
 
 
 def test_admin_token_from_a_file_or_the_environment_with_a_permission_warning(tmp_path, bundles):
-    proc, port, token_file = start_serve(tmp_path, token_mode=0o644, public_key=bundles["pub"])
+    proc, port, token_file = start_serve(tmp_path, token_mode=0o644)
     url = f"http://127.0.0.1:{port}"
     try:
         assert proc.poll() is None, stop(proc)
@@ -442,20 +465,27 @@ def test_admin_token_from_a_file_or_the_environment_with_a_permission_warning(tm
 
 
 def test_keep_n_collects_old_versions_and_each_version_is_stored_once(tmp_path, bundles):
-    with ServerThread(tmp_path / "data", PUBLISHER_PUBLIC_KEY=str(bundles["pub"]), KEEP_VERSIONS=2) as srv:
+    with ServerThread(tmp_path / "data", KEEP_VERSIONS=2) as srv:
         admin = AdminClient(srv.url, ADMIN_TOKEN)
+        admin.create_collection("museum", [bundles["keys"]["root"]], bundles["key"], out=tmp_path / "root.json")
         sizes = {}
-        for v in ("v1", "v2", "v3"):
+        for v in ("v1", "v2"):
             sizes[v] = admin.publish(bundles[v], "museum", bundles["key"])["archive_size"]
+        with pytest.raises(SyncError, match="400.*keeps 2"):  # signed targets listing 3 versions: refused
+            admin.publish(bundles["v3"], "museum", bundles["key"])
+        sizes["v3"] = admin.publish(bundles["v3"], "museum", bundles["key"], keep=2)["archive_size"]
         assert [v["version"] for v in admin.versions("museum")] == [3, 2]
         storage = srv.app.extensions["d2r_storage"]
-        stored = sum(f.stat().st_size for f in (tmp_path / "data").rglob("*") if f.is_file() and "sqlite" not in f.name)
-        assert stored == sizes["v2"] + sizes["v3"], (stored, sizes)  # archives only, once each
-        # A delta 2 -> 3 is built from the archives and served; deleting 2 removes it too.
-        token = admin.add_device(["museum"], "kiosk")["token"]
-        st, _, _ = request(srv.port, "GET", "/api/v1/collections/museum/delta/2/3", token=token)
-        assert st == 200
-        storage.keep_latest("museum", 1)
-        assert [v["version"] for v in admin.versions("museum")] == [3]
-        assert len([f for d in storage.blobs.iterdir() for f in d.iterdir()]) == 1
+        with storage.db() as con:
+            deltas = con.execute("SELECT from_version, to_version, size FROM deltas").fetchall()
+        assert [(a, b) for a, b, _ in deltas] == [(2, 3)]  # 1 -> 2 went with version 1
+        # Every file once: blobs and the repository's targets are the same inodes.
+        files = {}
+        for f in (tmp_path / "data").rglob("*"):
+            if f.is_file() and not f.name.endswith(".json") and "sqlite" not in f.name and f.parent.name != "keys":
+                files[f.stat().st_ino] = f.stat().st_size
+        assert sum(files.values()) == sizes["v2"] + sizes["v3"] + sum(d[2] for d in deltas), (files, sizes)
         assert not (tmp_path / "data" / "unpacked").exists() and not any(storage.tmp.iterdir())
+        # What devices see agrees: version 1 is not offered any more.
+        token = admin.add_device(["museum"], "kiosk")["token"]
+        assert SyncClient(srv.url, "museum", token, tmp_path / "dev", tmp_path / "root.json").sync().version == 3

@@ -248,3 +248,59 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def mirror_repository(repo_dir, mirror_dir) -> Path:
+    """Copy a collection's TUF repository (DATA/repo/<collection>) to ``mirror_dir`` the way a
+    mirror must: targets first, then versioned metadata, timestamp.json last (the switch), so
+    that a device reading the mirror meanwhile always sees a consistent state."""
+    src, dst = Path(repo_dir), Path(mirror_dir)
+    for sub in ("targets", "metadata"):
+        for f in sorted((src / sub).rglob("*")):
+            if f.is_file() and f.name != "timestamp.json" and not f.name.startswith("."):
+                out = dst / f.relative_to(src)
+                if not out.exists():
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(f, out)
+    (dst / "metadata").mkdir(parents=True, exist_ok=True)
+    tmp = dst / "metadata" / ".timestamp.json.tmp"
+    shutil.copyfile(src / "metadata" / "timestamp.json", tmp)
+    os.replace(tmp, dst / "metadata" / "timestamp.json")
+    return dst
+
+
+class StaticMirror:
+    """A plain HTTP server (http.server, no d2r code) on 127.0.0.1 serving ``folder``: a mirror
+    or CDN of a TUF repository. ``headers`` and ``paths`` record the requests it saw."""
+
+    def __init__(self, folder):
+        import functools
+        import http.server
+
+        self.headers: list = []
+        self.paths: list = []
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.headers.append(dict(self.headers.items()))
+                outer.paths.append(self.path)
+                super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

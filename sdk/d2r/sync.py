@@ -573,6 +573,7 @@ class SyncResult:
     downloaded: int = 0
     path: Path | None = None
     verified_at: str | None = None
+    metadata_bytes: int = 0  # TUF metadata received in this run (not in ``downloaded``)
 
 
 class _HTTPStatus(SyncError):
@@ -622,6 +623,7 @@ def _fetcher_class():
 
         def __init__(self, token: str | None, token_prefix: str | None, timeout: float):
             self.token, self.prefix, self.timeout = token, token_prefix, timeout
+            self.received = 0
 
         def _fetch(self, url: str):
             headers = {"User-Agent": "d2r-sync"}
@@ -634,10 +636,10 @@ def _fetcher_class():
                 raise DownloadHTTPError(f"{url}: HTTP {exc.code}", exc.code) from None
             return self._chunks(resp)
 
-        @staticmethod
-        def _chunks(resp):
+        def _chunks(self, resp):
             with resp:
                 for chunk in iter(lambda: resp.read(65536), b""):
+                    self.received += len(chunk)
                     yield chunk
 
     return _Fetcher
@@ -733,6 +735,7 @@ class SyncClient:
                                  "(--root COLLECTION.root.json, written by d2r collection create)")
             bootstrap = self.root_bytes
         fetcher = _fetcher_class()(self.token, (self.server + "/") if self.server else None, self.timeout)
+        self._fetcher = fetcher
         config = UpdaterConfig(app_user_agent="d2r-sync", targets_max_length=4_000_000)
         try:
             return Updater(str(meta), self.repo_url + "/metadata/", None, self.repo_url + "/targets/", fetcher, config,
@@ -900,7 +903,7 @@ class SyncClient:
         version = int(latest["version"])
         if cur is not None:
             if cur["checksum"] == latest["bundle_checksum"]:
-                return SyncResult(int(cur["version"]), None, "none", 0, cur_dir, self._verified_at)
+                return SyncResult(int(cur["version"]), None, "none", 0, cur_dir, self._verified_at, self._fetcher.received)
             if version <= int(cur["version"]):
                 raise SyncError(f"the repository offers version {version}, not newer than the active {cur['version']}: "
                                 "refused (use Destination.rollback() to go back on purpose)")
@@ -948,7 +951,8 @@ class SyncClient:
         for p in dest.staging.glob("*.part"):  # partial downloads of versions no longer wanted
             p.unlink(missing_ok=True)
         self._report(version, method, downloaded)
-        return SyncResult(version, int(cur["version"]) if cur else None, method, downloaded, final, self._verified_at)
+        return SyncResult(version, int(cur["version"]) if cur else None, method, downloaded, final, self._verified_at,
+                          self._fetcher.received)
 
     def _fetch_delta(self, cur_dir: Path, from_version: int, to_version: int, max_size: int):
         """Download and apply the delta if the signed metadata lists one (role "deltas"); None

@@ -408,6 +408,12 @@ def test_names_with_a_trailing_newline_and_oversized_names_are_refused(server, b
         assert st == 400, (str(body)[:60], st)
     assert server.admin.devices() == []
     assert request(server.port, "DELETE", "/api/v1/devices/" + "a" * 100_000)[0] in (404, 414, 431)
+    for path in ("/tuf/museum%0A/metadata/timestamp.json", "/tuf/a%20b/targets/bundles/" + "0" * 64 + ".1.tar",
+                 "/tuf/museum/metadata/..%2Fkeys%2Fonline.key", "/tuf/museum/targets/..%2F..%2Fkeys%2Fonline.key",
+                 f"/tuf/museum/metadata/{BIG * 100}.root.json", "/api/v1/collections/museum%0A/tuf-targets"):
+        st, _, body = request(server.port, "GET", path)
+        assert st in (400, 404), (path, st)
+        assert b"PRIVATE KEY" not in body
 
 
 # -- finding 6: operations -------------------------------------------------------------------------------

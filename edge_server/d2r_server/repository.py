@@ -309,6 +309,18 @@ class CollectionRepository:
         t.sign(self.online)
         _write_atomic(ts_path, t.to_bytes())
 
+    def needs_refresh(self, now: dt.datetime | None = None) -> bool:
+        """Whether :meth:`refresh_if_needed` would write (read without the lock: files are
+        replaced atomically)."""
+        now = now or utcnow()
+        try:
+            ts = self.md.Metadata.from_file(str(self.metadata / "timestamp.json")).signed
+            snap = self.load("snapshot").signed
+        except (OSError, ValueError, RepositoryError):
+            return True
+        return (snap.expires - now < dt.timedelta(seconds=self.snapshot_expiry / 2)
+                or ts.expires - now < dt.timedelta(seconds=self.timestamp_expiry / 2))
+
     def refresh_if_needed(self, now: dt.datetime | None = None) -> bool:
         """Re-sign timestamp (and snapshot, deltas) when less than half of its lifetime is
         left: devices see fresh metadata as long as the server runs. Returns True if written."""

@@ -8,6 +8,8 @@ import re
 
 from flask import Blueprint, current_app, jsonify, send_file
 
+from d2r.sync import COLLECTION_NAME
+
 from .auth import require_admin, require_reader
 
 bp = Blueprint("tuf", __name__)
@@ -25,12 +27,12 @@ def _not_found(what):
 @bp.get("/<name>/metadata/<file>")
 @require_reader
 def metadata(name, file):
-    if not METADATA_FILE.match(file):
+    if not METADATA_FILE.match(file) or not COLLECTION_NAME.fullmatch(name):
         return _not_found(file[:80])
     repo = current_app.extensions["d2r_repos"](name)
-    if file == "timestamp.json" and repo.exists():
+    if file == "timestamp.json" and repo.exists() and repo.needs_refresh():
         storage = current_app.extensions["d2r_storage"]
-        with storage.publish_lock:
+        with storage.publish_lock:  # (checked again under the lock: another request may have done it)
             repo.refresh_if_needed()
     path = repo.metadata / file
     if not path.is_file():
@@ -44,7 +46,7 @@ def metadata(name, file):
 @require_reader
 def target(name, file):
     """A target file (Range, ETag = its sha256): bundles and deltas."""
-    if not TARGET_FILE.match(file):
+    if not TARGET_FILE.match(file) or not COLLECTION_NAME.fullmatch(name):
         return _not_found(file[:80])
     repo = current_app.extensions["d2r_repos"](name)
     path = repo.targets_dir / file

@@ -495,3 +495,85 @@ def test_keep_n_collects_old_versions_and_each_version_is_stored_once(tmp_path, 
         # What devices see agrees: version 1 is not offered any more.
         token = admin.add_device(["museum"], "kiosk")["token"]
         assert SyncClient(srv.url, "museum", token, tmp_path / "dev", tmp_path / "root.json").sync().version == 3
+
+
+# -- HTTPS served by d2r serve itself ---------------------------------------------------------------------
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "d2r test edge")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "edge.crt", folder / "edge.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
+def test_serve_https_itself_publish_and_sync_over_tls(tmp_path, bundles, monkeypatch):
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    proc, port, token_file = start_serve(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+    url = f"https://127.0.0.1:{port}"
+    socks = []
+    try:
+        assert proc.poll() is None, stop(proc)
+        ctx = ssl.create_default_context(cafile=str(cert))
+        # 300 connections that never finish the TLS handshake do not block anyone.
+        for _ in range(300):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"\x16\x03\x01")  # the start of a ClientHello, never completed
+            socks.append(s)
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        con = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
+        con.request("GET", "/healthz")
+        resp = con.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+        assert time.perf_counter() - t0 < 1.0
+        con.close()
+        # Plain HTTP on the TLS port gets nothing useful.
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            plain.request("GET", "/healthz")
+            plain.getresponse().read()
+        # The whole flow over HTTPS, the private CA given as SSL_CERT_FILE (as on a device).
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        admin = AdminClient(url, ADMIN_TOKEN)
+        admin.create_collection("museum", [bundles["keys"]["root"]], bundles["key"], out=tmp_path / "museum.root.json")
+        rec = admin.publish(bundles["v1"], "museum", bundles["key"])
+        assert rec["download"].startswith("/api/v1/") and rec["version"] == 1
+        token_path = tmp_path / "device.token"
+        token_path.write_text(admin.add_device(["museum"], "kiosk")["token"] + "\n")
+        token_path.chmod(0o600)
+        out = subprocess.run(D2R + ["sync", "--server", url, "--collection", "museum", "--token-file", str(token_path),
+                                    "--dest", str(tmp_path / "dev"), "--root", str(tmp_path / "museum.root.json")],
+                             capture_output=True, text=True, timeout=120, env=dict(os.environ, SSL_CERT_FILE=str(cert)))
+        assert out.returncode == 0 and "version 1 active (full" in out.stdout, out.stderr
+        assert "plain HTTP" not in out.stderr
+        # Without the CA the device refuses the server.
+        out = subprocess.run(D2R + ["sync", "--server", url, "--collection", "museum", "--token-file", str(token_path),
+                                    "--dest", str(tmp_path / "dev2"), "--root", str(tmp_path / "museum.root.json")],
+                             capture_output=True, text=True, timeout=120,
+                             env={k: v for k, v in os.environ.items() if k != "SSL_CERT_FILE"})
+        assert out.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in out.stderr, out.stderr
+    finally:
+        for s in socks:
+            s.close()
+        stop(proc)

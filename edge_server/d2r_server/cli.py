@@ -66,9 +66,22 @@ def _cli_serve(args) -> int:
             threading.Event().wait(max(1.0, min(ts / 4, 600.0)))
 
     threading.Thread(target=refresher, name="d2r-tuf-refresh", daemon=True).start()
-    print(f"d2r serve: data {args.data}, listening on http://{args.host}:{args.port} "
-          f"(up to {options['connection_limit']} connections, idle ones closed after {options['channel_timeout']} s; "
-          f"TUF timestamps valid {ts:g} s)", file=sys.stderr, flush=True)
+    limits = (f"up to {options['connection_limit']} connections, idle ones closed after {options['channel_timeout']} s; "
+              f"TUF timestamps valid {ts:g} s")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise InputError("--tls-cert and --tls-key go together (PEM certificate chain and its private key)")
+    if args.tls_cert:
+        from .serving import TLSFront
+
+        # waitress on a loopback port of its own; the TLS front on the public address.
+        inner = waitress.create_server(app, host="127.0.0.1", port=0, url_scheme="https", **options)
+        TLSFront(args.host, args.port, args.tls_cert, args.tls_key, inner.effective_port, options["connection_limit"],
+                 args.idle_timeout).serve_forever_in_thread()
+        print(f"d2r serve: data {args.data}, listening on https://{args.host}:{args.port} ({limits})",
+              file=sys.stderr, flush=True)
+        inner.run()
+        return 0
+    print(f"d2r serve: data {args.data}, listening on http://{args.host}:{args.port} ({limits})", file=sys.stderr, flush=True)
     proxy = {}
     if args.trusted_proxy:  # TLS terminated by a reverse proxy in front (docs/sync-protocol.md)
         proxy = {"trusted_proxy": args.trusted_proxy, "trusted_proxy_headers": {"x-forwarded-proto", "x-forwarded-for"}}
@@ -180,6 +193,8 @@ def register_cli(sub) -> None:
     p.add_argument("--max-bundle-mb", type=float, default=2048.0, help="publish size limit in MiB (default 2048)")
     p.add_argument("--threads", type=int, default=16, help="worker threads (default 16)")
     p.add_argument("--trusted-proxy", default=None, help="address of a TLS-terminating reverse proxy to trust")
+    p.add_argument("--tls-cert", default=None, help="serve HTTPS: PEM certificate (chain) file")
+    p.add_argument("--tls-key", default=None, help="serve HTTPS: PEM private key of --tls-cert")
     p.set_defaults(func=_cli_serve)
 
     p = sub.add_parser("keygen", help="make an Ed25519 key pair (KEYFILE, KEYFILE.pub) for a TUF role (root, targets)")

@@ -61,3 +61,86 @@ def waitress_options(max_body_bytes: int, threads: int = 16, connection_limit: i
         # waitress refuses bodies over this itself (413) before the app sees them.
         "max_request_body_size": int(max_body_bytes) + (1 << 20),
     }
+
+
+class TLSFront:
+    """HTTPS for ``d2r serve --tls-cert/--tls-key``: an asyncio TLS listener on ``host:port``
+    that forwards each connection's bytes to waitress on 127.0.0.1:``upstream_port`` (waitress
+    speaks no TLS). It keeps its own limits: at most ``connection_limit`` connections, the TLS
+    handshake within ``handshake_timeout`` seconds, and a connection with no byte in either
+    direction for ``idle_timeout`` seconds is closed (a long download keeps it alive)."""
+
+    def __init__(self, host: str, port: int, cert, key, upstream_port: int, connection_limit: int = DEFAULT_CONNECTION_LIMIT,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, handshake_timeout: float = 10.0):
+        import ssl
+
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            self.context.load_cert_chain(str(cert), str(key))
+        except (OSError, ssl.SSLError) as exc:
+            from d2r.errors import InputError
+
+            raise InputError(f"--tls-cert {cert} / --tls-key {key}: cannot load the certificate and key ({exc})") from None
+        self.host, self.port, self.upstream_port = host, int(port), int(upstream_port)
+        self.limit, self.idle, self.handshake = int(connection_limit), float(idle_timeout), float(handshake_timeout)
+        self.active = 0
+
+    async def _pipe(self, reader, writer, state):
+        import time
+
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                state["t"] = time.monotonic()
+                writer.write(data)
+                await writer.drain()
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            try:
+                writer.close()
+            except (OSError, RuntimeError):
+                pass
+
+    async def _handle(self, reader, writer):
+        import asyncio
+        import time
+
+        if self.active >= self.limit:
+            writer.close()
+            return
+        self.active += 1
+        try:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+            except OSError:
+                writer.close()
+                return
+            state = {"t": time.monotonic()}
+            tasks = [asyncio.ensure_future(self._pipe(reader, up_writer, state)),
+                     asyncio.ensure_future(self._pipe(up_reader, writer, state))]
+            while not all(t.done() for t in tasks):
+                await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.ALL_COMPLETED)
+                if time.monotonic() - state["t"] > self.idle:
+                    for w in (writer, up_writer):
+                        w.close()
+                    for t in tasks:
+                        t.cancel()
+                    break
+        finally:
+            self.active -= 1
+
+    def serve_forever_in_thread(self):
+        """Start listening (raises if the port is taken) and serve in a daemon thread."""
+        import asyncio
+        import threading
+
+        loop = asyncio.new_event_loop()
+        server = loop.run_until_complete(asyncio.start_server(
+            self._handle, self.host, self.port, ssl=self.context, ssl_handshake_timeout=self.handshake, backlog=1024))
+        self.server, self.loop = server, loop
+        threading.Thread(target=loop.run_forever, name="d2r-tls", daemon=True).start()
+        return self

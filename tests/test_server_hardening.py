@@ -380,6 +380,11 @@ def test_out_of_range_numbers_and_mistyped_fields_are_4xx_never_500(server, bund
                  [1, 2], "text", None, 5):
         st, _, _ = request(p, "POST", report, json.dumps(body).encode(), {"Content-Type": "application/json"}, token=dev["token"])
         assert st == 400, (body, st)
+    for raw in (b"[" * 100_000, b'{"version":' * 50_000, bytes([0xFF, 0xFE]), b"{" + b" " * 1000):
+        st, _, _ = request(p, "POST", report, raw, {"Content-Type": "application/json"}, token=dev["token"])
+        assert st == 400, (raw[:12], st)
+        st, _, _ = request(p, "POST", "/api/v1/devices", raw, {"Content-Type": "application/json"})
+        assert st == 400, (raw[:12], st)
     # bundle.json with mistyped files, signed by the real key: 400, not 500.
     for changes in ({"files": [1, 2]}, {"files": {"index.d2ri": [1]}}, {"files": {"a": {"sha256": 5, "size": 1}}},
                     {"files": {"a": {"sha256": "0" * 64, "size": BIG}}}, {"files": "x"}, {"n_images": "many"}):

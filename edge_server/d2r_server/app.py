@@ -95,6 +95,8 @@ def create_app(config: dict | None = None) -> Flask:
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         return resp
 
+    # json.loads raises RecursionError (not ValueError) for deeply nested input: a 400, not a 500.
+    app.register_error_handler(RecursionError, lambda exc: (jsonify(error="JSON nested too deeply"), 400))
     for code, text in ((400, "bad request"), (404, "not found"), (405, "method not allowed"), (413, "too large")):
         app.register_error_handler(code, lambda exc, code=code, text=text: (jsonify(error=getattr(exc, "description", text)), code))
     return app

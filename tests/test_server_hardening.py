@@ -534,7 +534,7 @@ def test_serve_https_itself_publish_and_sync_over_tls(tmp_path, bundles, monkeyp
     import ssl
 
     cert, key = _self_signed(tmp_path)
-    proc, port, token_file = start_serve(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key))
+    proc, port, token_file = start_serve(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), "--idle-timeout", "3")
     url = f"https://127.0.0.1:{port}"
     socks = []
     try:
@@ -553,6 +553,24 @@ def test_serve_https_itself_publish_and_sync_over_tls(tmp_path, bundles, monkeyp
         assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
         assert time.perf_counter() - t0 < 1.0
         con.close()
+        # After the handshake, a request that never ends and an idle kept-alive connection are
+        # both closed after the idle timeout (3 s here).
+        for partial in (b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):
+            tls = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20), server_hostname="127.0.0.1")
+            tls.sendall(partial)
+            t0 = time.monotonic()
+            got = b""
+            try:
+                while True:
+                    data = tls.recv(65536)
+                    if not data:
+                        break
+                    got += data
+            except (socket.timeout, ssl.SSLError, OSError) as exc:
+                pytest.fail(f"not closed: {exc!r}")
+            tls.close()
+            assert time.monotonic() - t0 < 15, partial
+            assert (b" 200 " in got) == partial.endswith(b"\r\n\r\n")
         # Plain HTTP on the TLS port gets nothing useful.
         with pytest.raises((http.client.HTTPException, OSError)):
             plain = http.client.HTTPConnection("127.0.0.1", port, timeout=5)

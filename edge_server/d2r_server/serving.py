@@ -67,8 +67,9 @@ class TLSFront:
     """HTTPS for ``d2r serve --tls-cert/--tls-key``: an asyncio TLS listener on ``host:port``
     that forwards each connection's bytes to waitress on 127.0.0.1:``upstream_port`` (waitress
     speaks no TLS). It keeps its own limits: at most ``connection_limit`` connections, the TLS
-    handshake within ``handshake_timeout`` seconds, and a connection with no byte in either
-    direction for ``idle_timeout`` seconds is closed (a long download keeps it alive)."""
+    handshake within ``handshake_timeout`` seconds, and a connection idle for ``idle_timeout``
+    seconds after a response (or before its first request) is closed; one idle in the middle of
+    a request is left to waitress's own timeout, which knows whether a request is being handled."""
 
     def __init__(self, host: str, port: int, cert, key, upstream_port: int, connection_limit: int = DEFAULT_CONNECTION_LIMIT,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT, handshake_timeout: float = 10.0):
@@ -86,7 +87,7 @@ class TLSFront:
         self.limit, self.idle, self.handshake = int(connection_limit), float(idle_timeout), float(handshake_timeout)
         self.active = 0
 
-    async def _pipe(self, reader, writer, state):
+    async def _pipe(self, reader, writer, state, direction):
         import time
 
         try:
@@ -95,6 +96,7 @@ class TLSFront:
                 if not data:
                     break
                 state["t"] = time.monotonic()
+                state["last"] = direction
                 writer.write(data)
                 await writer.drain()
         except (OSError, ConnectionError):
@@ -119,12 +121,15 @@ class TLSFront:
             except OSError:
                 writer.close()
                 return
-            state = {"t": time.monotonic()}
-            tasks = [asyncio.ensure_future(self._pipe(reader, up_writer, state)),
-                     asyncio.ensure_future(self._pipe(up_reader, writer, state))]
+            state = {"t": time.monotonic(), "last": "down"}
+            tasks = [asyncio.ensure_future(self._pipe(reader, up_writer, state, "up")),
+                     asyncio.ensure_future(self._pipe(up_reader, writer, state, "down"))]
             while not all(t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=1.0, return_when=asyncio.ALL_COMPLETED)
-                if time.monotonic() - state["t"] > self.idle:
+                # Idle after a response (or before any request): closed here. Idle after the
+                # client sent bytes: waitress is reading or handling a request (a publish that
+                # builds deltas can take minutes) and closes an unfinished request itself.
+                if state["last"] == "down" and time.monotonic() - state["t"] > self.idle:
                     for w in (writer, up_writer):
                         w.close()
                     for t in tasks:

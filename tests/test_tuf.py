@@ -124,6 +124,7 @@ def test_freeze_expired_metadata_keeps_the_bundle_and_reports_staleness(tmp_path
         html = con.getresponse().read().decode()
         con.close()
         assert f'class="device stale" data-id="{dev["id"]}"' in html and "EXPIRED: serving v1" in html
+        assert "root v1 (" in html and "timestamp v" in html  # each collection's metadata versions and expiry
         # The server itself re-signs its timestamp: syncing from it brings the device up to date.
         r = SyncClient(srv.url, "museum", dev["token"], tmp_path / "dev").sync()
         assert r.version == 2 and LiveBundle(tmp_path / "dev").freshness["expired"] is False

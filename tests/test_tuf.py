@@ -6,11 +6,9 @@ is (sync output, LiveBundle, status page), key rotation, root thresholds."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 

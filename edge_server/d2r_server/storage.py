@@ -114,8 +114,6 @@ class Storage:
                     con.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
         self.publish_lock = threading.Lock()
         self.blob_lock = threading.RLock()  # adding a blob + its row, versus garbage collection
-        self._delta_locks: dict = {}
-        self._delta_locks_guard = threading.Lock()
 
     @contextmanager
     def db(self):
@@ -193,10 +191,6 @@ class Storage:
         with self.db() as con:
             return con.execute("SELECT 1 FROM deleted_versions WHERE collection = ? AND version = ?",
                                (collection, version)).fetchone() is not None
-
-    def delta_lock(self, key) -> threading.Lock:
-        with self._delta_locks_guard:
-            return self._delta_locks.setdefault(key, threading.Lock())
 
     # -- queries -----------------------------------------------------------------------------------
     def collections(self) -> list:

@@ -113,6 +113,10 @@ def test_freeze_expired_metadata_keeps_the_bundle_and_reports_staleness(tmp_path
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                                  env=dict(__import__("os").environ, D2R_DEVICE_TOKEN=dev["token"]))
             assert out.returncode == 1 and "STALE: version 1 kept" in out.stdout and "expired" in out.stderr, out
+        # The mirror is gone altogether: the device still says it serves stale data.
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                             env=dict(__import__("os").environ, D2R_DEVICE_TOKEN=dev["token"]))
+        assert out.returncode == 1 and "unreachable" in out.stderr and "STALE: version 1 kept" in out.stdout, out
         rec = {d["id"]: d for d in srv.admin.devices()}[dev["id"]]
         assert rec["stale_seconds"] >= 4 and rec["last_version"] == 1
         import http.client

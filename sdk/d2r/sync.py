@@ -1144,6 +1144,12 @@ def _cli_sync(args) -> int:
             if isinstance(exc, StaleMetadataError):
                 stale = "never verified" if exc.stale_seconds is None else f"{exc.stale_seconds:.0f} s stale"
                 print(f"{args.collection}: STALE: version {exc.version} kept, update metadata expired ({stale})", flush=True)
+            else:  # e.g. the server is unreachable: say so if the metadata verified last has expired since
+                fr = freshness(args.dest)
+                cur = Destination(args.dest).current
+                if fr["expired"] and cur is not None:
+                    print(f"{args.collection}: STALE: version {cur.name} kept, update metadata expired "
+                          f"({fr['stale_seconds']:.0f} s since last verified)", flush=True)
             if interval is None:
                 if isinstance(exc, D2RError):
                     raise

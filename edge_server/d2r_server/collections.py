@@ -178,15 +178,16 @@ def _build_deltas(name, repo, infos: dict, new_version: int | None) -> dict:
                     for chunk in iter(lambda: fh.read(1 << 20), b""):
                         h.update(chunk)
                 sha, size = h.hexdigest(), out.stat().st_size
-                with storage.blob_lock:
+            with storage.blob_lock:  # blob, link and row together: garbage collection sees all or none
+                if stats is not None:
                     blob = storage.add_blob(out, sha)
                     path = delta_target(old_version, new_version)
                     repo.link_target(path, sha, blob)
                     deltas[path] = TargetFile(size, {"sha256": sha}, path)
-            with storage.db() as con:
-                con.execute("INSERT OR REPLACE INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            (name, old_version, new_version, sha, size, (stats or {}).get("n_added"),
-                             (stats or {}).get("n_removed"), now()))
+                with storage.db() as con:
+                    con.execute("INSERT OR REPLACE INTO deltas VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                (name, old_version, new_version, sha, size, (stats or {}).get("n_added"),
+                                 (stats or {}).get("n_removed"), now()))
         except (D2RError, OSError) as exc:  # a delta is an optimisation: log, devices take the full bundle
             storage.log("delta-failed", None, name, new_version, f"from {old_version}: {exc}"[:500])
         finally:

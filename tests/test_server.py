@@ -384,3 +384,8 @@ def test_chunked_publish_and_state_survives_a_restart(tmp_path, bundles):
         st, _, body = request(srv, "GET", "/api/v1/collections/museum/latest", token=dev["token"])
         assert st == 200 and json.loads(body)["version"] == 1
         assert not any((tmp_path / "data" / "tmp").iterdir())
+        # The online key survived the restart: what it signs still verifies on a device.
+        from d2r.sync import SyncClient
+
+        r = SyncClient(srv.url, "museum", dev["token"], tmp_path / "dev", tmp_path / "museum.root.json").sync()
+        assert r.version == 1 and oct((tmp_path / "data" / "keys" / "online.key").stat().st_mode & 0o777) == "0o600"

@@ -1,14 +1,15 @@
 """Edge server: concurrent devices versus throughput and latency, full and delta syncs, and the
-size of a delta when 1% of the images change.
+size of a delta when 1% of the images change (devices verify with TUF: tuf.ngclient).
 
     python benchmarks/bench_server.py [--images 2000] [--devices 1,4,16] [--k 1024] [--dim 64]
 
 Starts `d2r serve` (waitress, 16 threads) in a subprocess on loopback, publishes a synthetic
 collection (R-ASMK* index of random descriptors, no models), then for each number of devices N
 runs N device clients (threads of this process, d2r.sync.SyncClient) at once:
-  full  - N fresh devices download, verify and install the whole bundle;
+  full  - N fresh devices refresh the TUF metadata, download, verify and install the whole bundle;
   delta - N devices on version 1 move to version 2 (1% of the images removed, 1% added).
-Prints markdown tables (latency per device sync, p50 and max, syncs per second, MB/s).
+Prints markdown tables (latency per device sync, p50 and max, syncs per second, MB/s, target and
+TUF metadata bytes per sync). The numbers before TUF come from this script at commit 6cb612e.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from d2r_server.testing import Collection, free_port
 
 
 def _run_devices(n, make_client):
-    latencies, sizes, errors = [0.0] * n, [0] * n, []
+    latencies, sizes, meta, errors = [0.0] * n, [0] * n, [0] * n, []
     barrier = threading.Barrier(n)
 
     def one(i):
@@ -42,6 +43,7 @@ def _run_devices(n, make_client):
         try:
             r = client.sync()
             sizes[i] = r.downloaded
+            meta[i] = r.metadata_bytes
         except Exception as exc:  # noqa: BLE001 - counted and printed
             errors.append(repr(exc))
         latencies[i] = time.perf_counter() - t0
@@ -53,7 +55,7 @@ def _run_devices(n, make_client):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return latencies, sizes, wall, errors
+    return latencies, sizes, meta, wall, errors
 
 
 def main() -> None:
@@ -77,7 +79,9 @@ def main() -> None:
         c.add([f"new{i:06d}" for i in range(n_change)])
         v2 = c.save(root / "v2.d2r")
         build_s = time.perf_counter() - t0
-        key, pub = generate_keypair(root / "bench.key")
+        key, _ = generate_keypair(root / "targets.key")
+        root_key, _ = generate_keypair(root / "root.key")
+        pub = root / "bench.root.json"
         token_file = root / "admin.token"
         token_file.write_text("bench-admin-token-0123456789abcdef")
         port = free_port()
@@ -94,7 +98,10 @@ def main() -> None:
                 except OSError:
                     time.sleep(0.1)
             admin = AdminClient(url, token_file.read_text())
+            admin.create_collection("bench", [root_key], key, out=pub)
+            t0 = time.perf_counter()
             rec1 = admin.publish(v1, "bench", key)
+            publish1_s = time.perf_counter() - t0
             tokens = [admin.add_device(["bench"], f"bench-{i}")["token"] for i in range(max(counts))]
 
             def seeded(i, tag):
@@ -107,9 +114,12 @@ def main() -> None:
                 d.install(staged, 1)
                 return dest
 
-            # Warm-up: one full sync (and, after publishing v2, the server builds the delta once).
+            # Warm-up: one full sync of v1; its trusted metadata seeds the delta devices below.
             SyncClient(url, "bench", tokens[0], root / "warm", pub).sync()
-            rec2 = admin.publish(v2, "bench", key)
+            shutil.copytree(root / "warm" / "tuf", root / "seed-tuf")
+            t0 = time.perf_counter()
+            rec2 = admin.publish(v2, "bench", key)  # the server builds and checks the delta here
+            publish2_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             warm = SyncClient(url, "bench", tokens[0], root / "warm", pub).sync()
             delta_first_s = time.perf_counter() - t0
@@ -126,20 +136,25 @@ def main() -> None:
             print(f"| full bundle v1 | {rec1['archive_size']:,} | 100% |")
             print(f"| full bundle v2 | {rec2['archive_size']:,} | 100% |")
             print(f"| delta v1 -> v2 | {delta_size:,} | {100 * delta_size / rec2['archive_size']:.2f}% |")
-            print(f"\nfirst delta request (server builds and checks the delta, device applies it): {delta_first_s:.2f} s\n")
-            print("| sync | devices | p50 latency (s) | max latency (s) | wall (s) | syncs/s | MB/s received | errors |")
-            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            print(f"\npublish v1 (upload, verify, sign metadata): {publish1_s:.2f} s; publish v2 (also builds and checks the "
+                  f"delta): {publish2_s:.2f} s; first delta sync: {delta_first_s:.2f} s\n")
+            print("| sync | devices | p50 latency (s) | max latency (s) | wall (s) | syncs/s | MB/s received | "
+                  "target bytes/sync | TUF metadata bytes/sync | errors |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
             for n in counts:
                 for kind in ("full", "delta"):
                     if kind == "full":
                         make = lambda i, n=n: SyncClient(url, "bench", tokens[i], root / f"full-{n}-{i}", pub)  # noqa: E731
                     else:
                         dests = [seeded(i, f"delta-{n}") for i in range(n)]
+                        for d in dests:  # devices that trusted the metadata of version 1 (as after their first sync)
+                            shutil.copytree(root / "seed-tuf", d / "tuf")
                         make = lambda i, dests=dests: SyncClient(url, "bench", tokens[i], dests[i], pub)  # noqa: E731
-                    lat, sizes, wall, errors = _run_devices(n, make)
-                    mb = sum(sizes) / 1e6
+                    lat, sizes, meta, wall, errors = _run_devices(n, make)
+                    mb = (sum(sizes) + sum(meta)) / 1e6
                     print(f"| {kind} | {n} | {statistics.median(lat):.3f} | {max(lat):.3f} | {wall:.2f} | {n / wall:.2f} | "
-                          f"{mb / wall:.1f} | {len(errors)} |", flush=True)
+                          f"{mb / wall:.1f} | {statistics.median(sizes):,.0f} | {statistics.median(meta):,.0f} | {len(errors)} |",
+                          flush=True)
                     for e in errors[:3]:
                         print(f"  error: {e}", file=sys.stderr)
                     for i in range(n):

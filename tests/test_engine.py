@@ -243,18 +243,21 @@ def test_cli_build_and_query(images, tmp_path):
 
 
 def test_real_bundle_syncs_to_a_device_and_answers_there(built, images, tmp_path):
-    """The whole path: Engine bundle -> signed publish -> loopback edge server -> device sync ->
+    """The whole path: Engine bundle -> TUF-signed publish -> loopback edge server -> device sync ->
     LiveBundle opens it with Engine.open and answers like the original; a new version
     (one image removed) is picked up between queries."""
     pytest.importorskip("waitress")
-    from d2r.sync import LiveBundle, SyncClient, generate_keypair
+    pytest.importorskip("tuf")
+    from d2r.sync import LiveBundle, SyncClient
     from d2r_server.client import AdminClient
-    from d2r_server.testing import ADMIN_TOKEN, ServerThread
+    from d2r_server.testing import ADMIN_TOKEN, ServerThread, tuf_keys
 
     engine, path = built
-    key, pub = generate_keypair(tmp_path / "publisher.key")
+    keys = tuf_keys(tmp_path / "keys")
+    key, pub = keys["targets"], tmp_path / "museum.root.json"
     with ServerThread(tmp_path / "data") as srv:
         admin = AdminClient(srv.url, ADMIN_TOKEN)
+        admin.create_collection("museum", [keys["root"]], key, out=pub)
         admin.publish(path, "museum", key)
         token = admin.add_device(["museum"], "kiosk")["token"]
         client = SyncClient(srv.url, "museum", token, tmp_path / "device", pub)

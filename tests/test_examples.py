@@ -187,12 +187,14 @@ def test_kiosk_syncs_from_the_edge_server_and_hot_reloads(museum, tmp_path, caps
     pytest.importorskip("waitress")
     pytest.importorskip("cryptography")
     import d2r
-    from d2r.sync import LiveBundle, SyncClient, generate_keypair
+    from d2r.sync import LiveBundle, SyncClient
     from d2r_server.client import AdminClient
-    from d2r_server.testing import ADMIN_TOKEN, ServerThread
+    from d2r_server.testing import ADMIN_TOKEN, ServerThread, tuf_keys
 
+    pytest.importorskip("tuf")
     kiosk = load_example("kiosk/kiosk.py")
-    key, pub = generate_keypair(tmp_path / "museum.key")
+    keys = tuf_keys(tmp_path / "keys")
+    key, root = keys["targets"], tmp_path / "museum.root.json"
     # Version 2: the curator relabels the picture book (a small bundle of its three photos).
     book = [SAMPLE / "collection" / f"ukbench000{n}.jpg" for n in (16, 17, 18)]
     with d2r.Engine.create(features="xfeat", detector="ssd", kind="rasmk_star", threads=2, verification_features=500) as engine:
@@ -202,18 +204,19 @@ def test_kiosk_syncs_from_the_edge_server_and_hot_reloads(museum, tmp_path, caps
     frames = _frames_folder(tmp_path / "frames", [(BOOK, 3)])
     with ServerThread(tmp_path / "server") as srv:
         admin = AdminClient(srv.url, ADMIN_TOKEN)
+        admin.create_collection("museum", [keys["root"]], key, out=root)
         admin.publish(museum, "museum", key)
         token = admin.add_device(["museum"], "kiosk")["token"]
         (tmp_path / "device.token").write_text(token)
         # The command line: first sync at start, then the loop on the synced bundle.
         rc = kiosk.main(["--dest", str(tmp_path / "dev"), "--source", str(frames), "--json", "--server", srv.url,
-                         "--collection", "museum", "--token-file", str(tmp_path / "device.token"), "--public-key", str(pub)])
+                         "--collection", "museum", "--token-file", str(tmp_path / "device.token"), "--root", str(root)])
         assert rc == 0
         said = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
         assert [(a["label"], a["bundle_version"]) for a in said] == [("Picture book 'Muna'", "1")]
 
         # A running kiosk picks up a new version between two frames.
-        syncer = kiosk.Syncer(SyncClient(srv.url, "museum", token, tmp_path / "dev", pub), every=3600, log=lambda m: None)
+        syncer = kiosk.Syncer(SyncClient(srv.url, "museum", token, tmp_path / "dev", root), every=3600, log=lambda m: None)
         with LiveBundle(tmp_path / "dev") as live:
             k = kiosk.Kiosk(live, stable_frames=3)
             assert [a.label for a in k.run(kiosk.frames(frames))] == ["Picture book 'Muna'"]
@@ -221,7 +224,7 @@ def test_kiosk_syncs_from_the_edge_server_and_hot_reloads(museum, tmp_path, caps
             assert syncer.sync_once().version == 2
             said = k.run(kiosk.frames(frames))
             assert [(a.label, a.bundle_version) for a in said] == [("Muna, first edition", "2")]
-            srv_down = kiosk.Syncer(SyncClient("http://127.0.0.1:9", "museum", token, tmp_path / "dev", pub, timeout=2), every=3600, log=lambda m: None)
+            srv_down = kiosk.Syncer(SyncClient("http://127.0.0.1:9", "museum", token, tmp_path / "dev", root, timeout=2), every=3600, log=lambda m: None)
             assert srv_down.sync_once() is None  # server unreachable: the kiosk keeps its bundle
             assert live.get().bundle_version == 2
 

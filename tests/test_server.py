@@ -23,10 +23,11 @@ import pytest
 pytest.importorskip("flask")
 pytest.importorskip("waitress")
 pytest.importorskip("cryptography")
+pytest.importorskip("tuf")
 
-from d2r.sync import Destination, SyncError, generate_keypair, load_private_key, pack_bundle, sign_bundle, verify_bundle_folder  # noqa: E402
+from d2r.sync import Destination, SyncError, generate_keypair, pack_bundle, verify_bundle_folder  # noqa: E402
 from d2r_server.client import AdminClient  # noqa: E402
-from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, free_port  # noqa: E402
+from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, create_collection, free_port, tuf_keys  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +38,18 @@ def bundles(tmp_path_factory):
     v1 = c.save(root / "v1.d2r")
     c.add(["extra"])
     v2 = c.save(root / "v2.d2r")
-    key, pub = generate_keypair(root / "publisher.key")
-    other, other_pub = generate_keypair(root / "other.key")
+    keys = tuf_keys(root / "keys")
+    other, _ = generate_keypair(root / "other.key")
     archive = root / "v1.tar"
     info = pack_bundle(v1, archive)
-    return {"v1": v1, "v2": v2, "key": key, "pub": pub, "other": other, "other_pub": other_pub, "archive": archive, "info": info}
+    return {"v1": v1, "v2": v2, "keys": keys, "key": keys["targets"], "other": other, "archive": archive, "info": info}
 
 
 @pytest.fixture()
-def server(tmp_path):
+def server(tmp_path, bundles):
     with ServerThread(tmp_path / "data", MAX_BUNDLE_BYTES=1_000_000) as srv:
         srv.admin = AdminClient(srv.url, ADMIN_TOKEN)
+        srv.root = create_collection(srv.admin, "museum", bundles["keys"], tmp_path / "museum.root.json")
         yield srv
 
 
@@ -65,8 +67,17 @@ def request(server, method, path, body=None, headers=None, token=ADMIN_TOKEN):
         con.close()
 
 
-def _signature(bundles, collection="museum", key="key"):
-    return sign_bundle(load_private_key(bundles[key]), collection, bundles["info"]["checksum"])
+def _signed_targets(admin, bundles, collection="museum", key="key", data=None, info=None) -> str:
+    """X-D2R-Targets for publishing ``data`` (default: the v1 archive): the collection's next
+    targets metadata listing it, signed with ``key``."""
+    from tuf.api.metadata import TargetFile
+
+    data = bundles["archive"].read_bytes() if data is None else data
+    info = info or bundles["info"]
+    t = TargetFile.from_data(f"bundles/{info['version']}.tar", data, ["sha256"])
+    t.unrecognized_fields["custom"] = {"d2r": {"version": info["version"], "bundle_checksum": info["checksum"],
+                                               "n_images": info.get("n_images")}}
+    return admin._next_targets(collection, bundles[key], lambda ts: ts.__setitem__(t.path, t), None, 86400)
 
 
 def _tar(members) -> bytes:
@@ -112,7 +123,7 @@ def test_publish_latest_history_and_download_with_range_and_etag(server, bundles
 def test_publish_is_verified_before_it_becomes_visible(server, bundles):
     path = "/api/v1/collections/museum/versions"
     data = bundles["archive"].read_bytes()
-    sig = {"X-D2R-Signature": _signature(bundles)}
+    sig = {"X-D2R-Targets": _signed_targets(server.admin, bundles)}
     # Unsigned.
     assert request(server, "POST", path, data)[0] == 400
     # Not a tar.
@@ -147,7 +158,7 @@ def test_publish_is_verified_before_it_becomes_visible(server, bundles):
 
 def test_oversized_uploads_are_refused_with_413(server, bundles):
     path = "/api/v1/collections/big/versions"
-    sig = {"X-D2R-Signature": _signature(bundles, "big"), "Content-Type": "application/x-tar"}
+    sig = {"X-D2R-Targets": "e30=", "Content-Type": "application/x-tar"}
     big = b"\0" * 1_200_000  # limit is 1 000 000 bytes
     st, _, body = request(server, "POST", path, big, sig)
     assert st == 413
@@ -214,12 +225,13 @@ def test_tokens_are_hashed_scoped_and_revocable(server, bundles):
         server.admin.revoke_device(dev["id"])
 
 
-def test_server_side_signature_check(tmp_path, bundles):
-    with ServerThread(tmp_path / "data", PUBLISHER_PUBLIC_KEY=str(bundles["pub"])) as srv:
-        admin = AdminClient(srv.url, ADMIN_TOKEN)
-        with pytest.raises(SyncError, match="400.*signature"):
-            admin.publish(bundles["v1"], "museum", bundles["other"])
-        assert admin.publish(bundles["v1"], "museum", bundles["key"])["version"] == 1
+def test_publish_is_verified_against_the_collections_targets_key(server, bundles):
+    with pytest.raises(SyncError, match="400.*not signed by the threshold of targets keys"):
+        server.admin.publish(bundles["v1"], "museum", bundles["other"])
+    with pytest.raises(SyncError, match="409.*create it first"):  # no TUF root, no publish
+        server.admin._call("POST", "/api/v1/collections/elsewhere/versions", bundles["archive"].read_bytes(),
+                           {"X-D2R-Targets": _signed_targets(server.admin, bundles)})
+    assert server.admin.publish(bundles["v1"], "museum", bundles["key"])["version"] == 1
 
 
 def test_healthz_and_metrics(server, bundles):
@@ -254,7 +266,7 @@ def test_status_page_lists_what_the_api_says(server, bundles, tmp_path):
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     server.admin.publish(bundles["v2"], "museum", bundles["key"])
     dev = server.admin.add_device(["museum"], "guide-tablet-7")
-    SyncClient(server.url, "museum", dev["token"], tmp_path / "dev", bundles["pub"]).sync()
+    SyncClient(server.url, "museum", dev["token"], tmp_path / "dev", server.root).sync()
     gone = server.admin.add_device(["museum"], "lost-kiosk")
     server.admin.revoke_device(gone["id"])
     st, h, _ = request(server, "GET", "/status", token=None)
@@ -286,10 +298,21 @@ def test_status_page_lists_what_the_api_says(server, bundles, tmp_path):
     assert shot.is_file() and shot.stat().st_size > 5000
 
 
-def test_exact_commands_serve_keygen_publish_device_sync(tmp_path, bundles):
+def test_exact_commands_serve_keygen_collection_publish_device_sync(tmp_path, bundles):
     d2r_cmd = [sys.executable, "-m", "d2r.cli"]
     token_file = tmp_path / "admin.token"
     token_file.write_text("cli-admin-token-abcdefghijklmnop\n")
+    token_file.chmod(0o600)
+
+    def run(*args):
+        proc = subprocess.run(d2r_cmd + list(args), capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
+        return proc.stdout
+
+    for role in ("root", "targets"):
+        run("keygen", "-o", str(tmp_path / f"{role}.key"))
+    key = tmp_path / "targets.key"
+    assert key.is_file() and Path(str(key) + ".pub").is_file() and (key.stat().st_mode & 0o777) == 0o600
     port = free_port()
     server = subprocess.Popen(d2r_cmd + ["serve", "--data", str(tmp_path / "data"), "--host", "127.0.0.1", "--port", str(port),
                                          "--admin-token-file", str(token_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -308,32 +331,30 @@ def test_exact_commands_serve_keygen_publish_device_sync(tmp_path, bundles):
         assert resp.status == 200 and resp.getheader("Server") == "d2r"  # waitress, not the Flask dev server
         st_con.close()
 
-        def run(*args):
-            proc = subprocess.run(d2r_cmd + list(args), capture_output=True, text=True, timeout=120)
-            assert proc.returncode == 0, (args, proc.stdout, proc.stderr)
-            return proc.stdout
-
-        key = tmp_path / "museum.key"
-        run("keygen", "-o", str(key))
-        assert key.is_file() and Path(str(key) + ".pub").is_file() and (key.stat().st_mode & 0o777) == 0o600
-        admin = "cli-admin-token-abcdefghijklmnop"
-        out = run("publish", str(bundles["v1"]), "--server", url, "--collection", "museum", "--token", admin, "--signing-key", str(key))
+        admin = ["--token-file", str(token_file)]
+        root = tmp_path / "museum.root.json"
+        out = run("collection", "create", "museum", "--server", url, *admin, "--root-key", str(tmp_path / "root.key"),
+                  "--targets-key", str(key), "--out", str(root))
+        assert "provision devices with" in out and json.loads(root.read_text())["signed"]["_type"] == "root"
+        out = run("publish", str(bundles["v1"]), "--server", url, "--collection", "museum", *admin, "--signing-key", str(key))
         assert "version 1 published" in out
-        device_token = run("device", "add", "--server", url, "--collection", "museum", "--token", admin).strip()
+        device_token = run("device", "add", "--server", url, "--collection", "museum", *admin).strip()
         assert device_token.startswith("d2rdev_")
-        out = run("sync", "--server", url, "--collection", "museum", "--token", device_token, "--dest", str(tmp_path / "dev"),
-                  "--public-key", str(key) + ".pub")
+        (tmp_path / "device.token").write_text(device_token + "\n")
+        (tmp_path / "device.token").chmod(0o600)
+        device = ["--token-file", str(tmp_path / "device.token")]
+        out = run("sync", "--server", url, "--collection", "museum", *device, "--dest", str(tmp_path / "dev"), "--root", str(root))
         assert "version 1 active" in out
         verify_bundle_folder(Destination(tmp_path / "dev").current)
-        run("publish", str(bundles["v2"]), "--server", url, "--collection", "museum", "--token", admin, "--signing-key", str(key))
-        (tmp_path / "device.token").write_text(device_token + "\n")
-        out = run("sync", "--server", url, "--collection", "museum", "--token-file", str(tmp_path / "device.token"),
-                  "--dest", str(tmp_path / "dev"), "--public-key", str(key) + ".pub")
+        run("publish", str(bundles["v2"]), "--server", url, "--collection", "museum", *admin, "--signing-key", str(key))
+        out = run("sync", "--server", url, "--collection", "museum", *device, "--dest", str(tmp_path / "dev"))
         assert "version 2 active (delta" in out
-        assert "museum" in run("device", "list", "--server", url, "--token", admin)
+        assert "version 2 is current" in run("sync", "--server", url, "--collection", "museum", *device,
+                                             "--dest", str(tmp_path / "dev"))
+        assert "museum" in run("device", "list", "--server", url, *admin)
         bad = subprocess.run(d2r_cmd + ["sync", "--server", url, "--collection", "museum", "--token", "wrong", "--dest",
-                                        str(tmp_path / "dev"), "--public-key", str(key) + ".pub"], capture_output=True, text=True)
-        assert bad.returncode == 1 and "401" in bad.stderr
+                                        str(tmp_path / "dev2"), "--root", str(root)], capture_output=True, text=True)
+        assert bad.returncode == 1 and "401" in bad.stderr, bad.stderr
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -342,10 +363,12 @@ def test_exact_commands_serve_keygen_publish_device_sync(tmp_path, bundles):
 def test_chunked_publish_and_state_survives_a_restart(tmp_path, bundles):
     data = bundles["archive"].read_bytes()
     with ServerThread(tmp_path / "data") as srv:
+        admin = AdminClient(srv.url, ADMIN_TOKEN)
+        create_collection(admin, "museum", bundles["keys"], tmp_path / "museum.root.json")
         con = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
         con.putrequest("POST", "/api/v1/collections/museum/versions")
         con.putheader("Authorization", f"Bearer {ADMIN_TOKEN}")
-        con.putheader("X-D2R-Signature", _signature(bundles))
+        con.putheader("X-D2R-Targets", _signed_targets(admin, bundles))
         con.putheader("Transfer-Encoding", "chunked")
         con.endheaders()
         for i in range(0, len(data), 50_000):  # streamed without a Content-Length
@@ -361,3 +384,8 @@ def test_chunked_publish_and_state_survives_a_restart(tmp_path, bundles):
         st, _, body = request(srv, "GET", "/api/v1/collections/museum/latest", token=dev["token"])
         assert st == 200 and json.loads(body)["version"] == 1
         assert not any((tmp_path / "data" / "tmp").iterdir())
+        # The online key survived the restart: what it signs still verifies on a device.
+        from d2r.sync import SyncClient
+
+        r = SyncClient(srv.url, "museum", dev["token"], tmp_path / "dev", tmp_path / "museum.root.json").sync()
+        assert r.version == 1 and oct((tmp_path / "data" / "keys" / "online.key").stat().st_mode & 0o777) == "0o600"

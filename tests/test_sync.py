@@ -16,13 +16,14 @@ import pytest
 pytest.importorskip("flask")
 pytest.importorskip("waitress")
 pytest.importorskip("cryptography")
+pytest.importorskip("tuf")
 
 import d2r  # noqa: E402
 from d2r.sync import (  # noqa: E402
-    Destination, LiveBundle, SignatureError, SyncClient, SyncError, generate_keypair, verify_bundle_folder,
+    Destination, LiveBundle, SignatureError, SyncClient, SyncError, verify_bundle_folder,
 )
 from d2r_server.client import AdminClient  # noqa: E402
-from d2r_server.testing import ADMIN_TOKEN, Collection, FlakyProxy, ServerThread  # noqa: E402
+from d2r_server.testing import ADMIN_TOKEN, Collection, FlakyProxy, ServerThread, create_collection, tuf_keys  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,15 +38,16 @@ def bundles(tmp_path_factory):
     v2 = c.save(root / "v2.d2r")
     c.add(["new-d", "new-e"])
     v3 = c.save(root / "v3.d2r")
-    key, pub = generate_keypair(root / "publisher.key")
-    _, other_pub = generate_keypair(root / "other.key")
-    return {"v1": v1, "v2": v2, "v3": v3, "key": key, "pub": pub, "other_pub": other_pub}
+    keys = tuf_keys(root / "keys")
+    other = tuf_keys(root / "other-keys")
+    return {"v1": v1, "v2": v2, "v3": v3, "keys": keys, "key": keys["targets"], "other_keys": other}
 
 
 @pytest.fixture()
-def server(tmp_path):
+def server(tmp_path, bundles):
     with ServerThread(tmp_path / "data") as srv:
         srv.admin = AdminClient(srv.url, ADMIN_TOKEN)
+        srv.root = create_collection(srv.admin, "museum", bundles["keys"], tmp_path / "museum.root.json")
         yield srv
 
 
@@ -59,7 +61,7 @@ def _same_bundle(a: Path, b: Path) -> bool:
 
 def test_full_then_delta_sync_reproduces_each_published_bundle(server, bundles, tmp_path):
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
-    client = SyncClient(server.url, "museum", _device(server), tmp_path / "dev", bundles["pub"])
+    client = SyncClient(server.url, "museum", _device(server), tmp_path / "dev", server.root)
     r1 = client.sync()
     assert (r1.version, r1.method) == (1, "full")
     dest = Destination(tmp_path / "dev")
@@ -75,7 +77,6 @@ def test_full_then_delta_sync_reproduces_each_published_bundle(server, bundles, 
     idx = d2r.Index.open(dest.current / "index.d2ri")
     assert "new-a" in idx and "img0003" not in idx and len(idx) == 300
     idx.close()
-    assert (dest.current / "bundle.sig").is_file()
 
     server.admin.publish(bundles["v3"], "museum", bundles["key"])
     assert client.sync().method == "delta"
@@ -85,8 +86,8 @@ def test_full_then_delta_sync_reproduces_each_published_bundle(server, bundles, 
     dest.rollback()
     assert dest.current.name == "2" and dest.previous.name == "3"
     # A server offering an older version than the active one is refused (no silent downgrade).
-    v1_record = client._json(client._url("/versions/1"))
-    client.latest = lambda: v1_record
+    v1_record = dict(client.latest(), version=1)
+    client.latest = lambda cur=None: v1_record
     with pytest.raises(SyncError, match="not newer"):
         client.sync()
     assert dest.current.name == "2"
@@ -102,11 +103,11 @@ def test_delta_skipping_versions_and_full_fallback(server, bundles, tmp_path):
     staged = dest / "staging" / "seed"
     shutil.copytree(bundles["v1"], staged)
     Destination(dest).install(staged, 1)
-    r = SyncClient(server.url, "museum", token, dest, bundles["pub"]).sync()
+    r = SyncClient(server.url, "museum", token, dest, server.root).sync()
     assert (r.version, r.method) == (3, "delta")
     assert _same_bundle(Destination(dest).current, bundles["v3"])
     # With deltas disabled the same jump is a full download.
-    r = SyncClient(server.url, "museum", token, tmp_path / "dev2", bundles["pub"], prefer_delta=False).sync()
+    r = SyncClient(server.url, "museum", token, tmp_path / "dev2", server.root, prefer_delta=False).sync()
     assert (r.version, r.method) == (3, "full")
 
 
@@ -114,7 +115,7 @@ def test_resume_after_dropped_connection(server, bundles, tmp_path):
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     proxy = FlakyProxy(server.port, match=b"/bundle", mode="drop", cut_after=30000, faults=2)
     try:
-        r = SyncClient(proxy.url, "museum", _device(server), tmp_path / "dev", bundles["pub"]).sync()
+        r = SyncClient(proxy.url, "museum", _device(server), tmp_path / "dev", server.root).sync()
     finally:
         proxy.close()
     assert r.version == 1 and r.method == "full"
@@ -128,12 +129,12 @@ def test_partial_download_is_resumed_by_the_next_run(server, bundles, tmp_path):
     proxy = FlakyProxy(server.port, match=b"/bundle", mode="drop", cut_after=25000, faults=1)
     try:
         with pytest.raises(SyncError):
-            SyncClient(proxy.url, "museum", _device(server), tmp_path / "dev", bundles["pub"], retries=1).sync()
+            SyncClient(proxy.url, "museum", _device(server), tmp_path / "dev", server.root, retries=1).sync()
         size = server.app.extensions["d2r_storage"].version("museum", 1)["archive_size"]
         parts = list((tmp_path / "dev" / "staging").glob("*.part"))
         assert parts and 0 < parts[0].stat().st_size < size
         have = parts[0].stat().st_size
-        r = SyncClient(proxy.url, "museum", _device(server), tmp_path / "dev", bundles["pub"]).sync()
+        r = SyncClient(proxy.url, "museum", _device(server), tmp_path / "dev", server.root).sync()
     finally:
         proxy.close()
     assert r.version == 1 and r.downloaded == size - have
@@ -143,53 +144,63 @@ def test_partial_download_is_resumed_by_the_next_run(server, bundles, tmp_path):
 def test_corrupted_download_is_rejected_and_old_bundle_kept(server, bundles, tmp_path):
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     token = _device(server)
-    SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"]).sync()
+    SyncClient(server.url, "museum", token, tmp_path / "dev", server.root).sync()
     server.admin.publish(bundles["v2"], "museum", bundles["key"])
     proxy = FlakyProxy(server.port, match=b"/", mode="corrupt", cut_after=5000, faults=10)
     try:
         with pytest.raises(SyncError, match="corrupt"):
-            SyncClient(proxy.url, "museum", token, tmp_path / "dev", bundles["pub"]).sync()
+            SyncClient(proxy.url, "museum", token, tmp_path / "dev", server.root).sync()
     finally:
         proxy.close()
     dest = Destination(tmp_path / "dev")
     assert dest.current.name == "1" and _same_bundle(dest.current, bundles["v1"])
     assert not list(dest.staging.glob("*.part"))  # a corrupt partial is not resumed
-    assert SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"]).sync().version == 2
+    assert SyncClient(server.url, "museum", token, tmp_path / "dev", server.root).sync().version == 2
 
 
-def test_bad_signature_is_rejected(server, bundles, tmp_path):
+def test_metadata_not_signed_by_the_pinned_roots_keys_is_rejected(server, bundles, tmp_path):
+    from tuf.api.metadata import TargetFile
+
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     token = _device(server)
-    with pytest.raises(SignatureError):
-        SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["other_pub"]).sync()
+    # A device provisioned with another collection's root (other root and targets keys).
+    other_root = create_collection(server.admin, "other", bundles["other_keys"], tmp_path / "other.root.json")
+    with pytest.raises(SignatureError, match="TUF metadata refused"):
+        SyncClient(server.url, "museum", token, tmp_path / "dev", other_root).sync()
     assert Destination(tmp_path / "dev").current is None
-    SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"]).sync()
-    # A compromised server (or mirror) swaps in another bundle under the old signature.
-    server.admin.publish(bundles["v2"], "museum", bundles["key"])
-    storage = server.app.extensions["d2r_storage"]
-    with storage.db() as con:
-        sig1 = con.execute("SELECT signature FROM versions WHERE version = 1").fetchone()[0]
-        con.execute("UPDATE versions SET signature = ? WHERE version = 2", (sig1,))
-    with pytest.raises(SignatureError):
-        SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"]).sync()
-    assert Destination(tmp_path / "dev").current.name == "1"
+    SyncClient(server.url, "museum", token, tmp_path / "dev2", server.root).sync()
+    # A compromised server holds the online key, not the targets key: it signs targets listing
+    # another bundle as version 2 with the key it has. Refused.
+    repo = server.app.extensions["d2r_repos"]("museum")
+    forged = repo.targets_md()
+    evil = TargetFile.from_data("bundles/2.tar", (bundles["v2"] / "bundle.json").read_bytes(), ["sha256"])
+    evil.unrecognized_fields["custom"] = {"d2r": {"version": 2, "bundle_checksum": "0" * 64, "n_images": 1}}
+    forged.signed.targets[evil.path] = evil
+    forged.signed.version += 1
+    forged.signatures.clear()
+    forged.sign(server.app.extensions["d2r_online_signer"])
+    repo.install_targets(forged.to_bytes(), forged)
+    repo.write_online(None)
+    with pytest.raises(SignatureError, match="TUF metadata refused"):
+        SyncClient(server.url, "museum", token, tmp_path / "dev2").sync()
+    assert Destination(tmp_path / "dev2").current.name == "1"
 
 
 def test_wrong_and_revoked_tokens(server, bundles, tmp_path):
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     dev = server.admin.add_device(["museum"], "kiosk")
     with pytest.raises(SyncError, match="401"):
-        SyncClient(server.url, "museum", dev["token"][:-2] + "xx", tmp_path / "a", bundles["pub"]).sync()
+        SyncClient(server.url, "museum", dev["token"][:-2] + "xx", tmp_path / "a", server.root).sync()
     with pytest.raises(SyncError, match="401"):
-        SyncClient(server.url, "museum", "d2rdev_nosuchdevice_secret", tmp_path / "a", bundles["pub"]).sync()
+        SyncClient(server.url, "museum", "d2rdev_nosuchdevice_secret", tmp_path / "a", server.root).sync()
     other = server.admin.add_device(["other-collection"], "elsewhere")
     with pytest.raises(SyncError, match="403"):
-        SyncClient(server.url, "museum", other["token"], tmp_path / "a", bundles["pub"]).sync()
-    assert SyncClient(server.url, "museum", dev["token"], tmp_path / "a", bundles["pub"]).sync().version == 1
+        SyncClient(server.url, "museum", other["token"], tmp_path / "a", server.root).sync()
+    assert SyncClient(server.url, "museum", dev["token"], tmp_path / "a", server.root).sync().version == 1
     server.admin.revoke_device(dev["id"])
     server.admin.publish(bundles["v2"], "museum", bundles["key"])
     with pytest.raises(SyncError, match="401"):
-        SyncClient(server.url, "museum", dev["token"], tmp_path / "a", bundles["pub"]).sync()
+        SyncClient(server.url, "museum", dev["token"], tmp_path / "a", server.root).sync()
     assert Destination(tmp_path / "a").current.name == "1"
 
 
@@ -199,7 +210,7 @@ def test_malicious_archive_with_path_traversal_is_refused_by_the_device(server, 
 
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     token = _device(server)
-    SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"]).sync()
+    SyncClient(server.url, "museum", token, tmp_path / "dev", server.root).sync()
     server.admin.publish(bundles["v2"], "museum", bundles["key"])
     storage = server.app.extensions["d2r_storage"]
     row = storage.version("museum", 2)
@@ -212,19 +223,22 @@ def test_malicious_archive_with_path_traversal_is_refused_by_the_device(server, 
         ti = tarfile.TarInfo("../../escaped")
         ti.size = 3
         tar.addfile(ti, io.BytesIO(b"bad"))
-    blob = storage.blob_path(row["archive_sha256"])
-    blob.write_bytes(evil.getvalue())  # the server's store is compromised; sha256 no longer matches
-    import hashlib
-
-    sha = hashlib.sha256(evil.getvalue()).hexdigest()
-    with storage.db() as con:  # ... and the attacker also fixed the record
-        con.execute("UPDATE versions SET archive_sha256 = ?, archive_size = ? WHERE version = 2", (sha, len(evil.getvalue())))
-    storage.blob_path(sha).parent.mkdir(exist_ok=True)
-    shutil.copyfile(blob, storage.blob_path(sha))
-    with pytest.raises(SyncError, match="unsafe path"):
-        SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"], prefer_delta=False).sync()
+    # The server's store is compromised: the target file is replaced (its signed sha256 is not).
+    repo = server.app.extensions["d2r_repos"]("museum")
+    target = repo.targets_dir / "bundles" / f"{row['archive_sha256']}.2.tar"
+    target.unlink()
+    target.write_bytes(evil.getvalue())
+    with pytest.raises(SyncError, match="corrupt"):
+        SyncClient(server.url, "museum", token, tmp_path / "dev", server.root, prefer_delta=False).sync()
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "dev" / "escaped").exists()
     assert Destination(tmp_path / "dev").current.name == "1"
+    # Unpacking checks every member too (a hostile archive with a valid hash never gets this far).
+    from d2r.sync import ArchiveError, unpack_bundle
+
+    (tmp_path / "evil.tar").write_bytes(evil.getvalue())
+    with pytest.raises(ArchiveError, match="unsafe path"):
+        unpack_bundle(tmp_path / "evil.tar", tmp_path / "unpacked")
+    assert not (tmp_path / "escaped").exists()
 
 
 CRASH_STAGES = ["download-chunk", "downloaded", "verified", "installed", "previous-link-created", "current-link-created", "swapped"]
@@ -235,10 +249,10 @@ def test_client_killed_at_every_step_keeps_a_complete_bundle_active(server, bund
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     token = _device(server)
     dest = tmp_path / "dev"
-    SyncClient(server.url, "museum", token, dest, bundles["pub"]).sync()
+    SyncClient(server.url, "museum", token, dest, server.root).sync()
     server.admin.publish(bundles["v2"], "museum", bundles["key"])
     cmd = [sys.executable, "-m", "d2r.cli", "sync", "--server", server.url, "--collection", "museum", "--token", token,
-           "--dest", str(dest), "--public-key", str(bundles["pub"])]
+           "--dest", str(dest), "--root", str(server.root)]
     stages = CRASH_STAGES if method == "full" else ["verified", "installed", "current-link-created"]
     if method == "full":
         cmd.append("--no-delta")
@@ -268,7 +282,7 @@ def test_twenty_devices_sync_while_a_new_version_is_published(server, bundles, t
     def device(i):
         start.wait()
         try:
-            client = SyncClient(server.url, "museum", tokens[i], tmp_path / f"dev{i}", bundles["pub"])
+            client = SyncClient(server.url, "museum", tokens[i], tmp_path / f"dev{i}", server.root)
             results[i] = [client.sync().version]
             results[i].append(client.sync().version)
         except Exception as exc:  # noqa: BLE001 - reported below
@@ -289,7 +303,7 @@ def test_twenty_devices_sync_while_a_new_version_is_published(server, bundles, t
         assert _same_bundle(d.current, bundles[f"v{info['version']}"])
     # One more round: everyone ends on the new version.
     for i in range(20):
-        SyncClient(server.url, "museum", tokens[i], tmp_path / f"dev{i}", bundles["pub"]).sync()
+        SyncClient(server.url, "museum", tokens[i], tmp_path / f"dev{i}", server.root).sync()
         assert _same_bundle(Destination(tmp_path / f"dev{i}").current, bundles["v2"])
     devices = {d["name"]: d for d in server.admin.devices()}
     assert all(devices[f"tablet-{i}"]["last_version"] == 2 for i in range(20))
@@ -298,7 +312,7 @@ def test_twenty_devices_sync_while_a_new_version_is_published(server, bundles, t
 def test_live_bundle_picks_up_a_new_version_between_queries(server, bundles, tmp_path):
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     token = _device(server)
-    client = SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"])
+    client = SyncClient(server.url, "museum", token, tmp_path / "dev", server.root)
     client.sync()
 
     class IndexOnly:  # stands in for d2r.Engine (the default models are not needed here)
@@ -354,7 +368,7 @@ def test_index_get_returns_the_stored_items(tmp_path):
 def test_no_delta_when_the_codebook_changed_falls_back_to_full(server, bundles, tmp_path):
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     token = _device(server)
-    client = SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"])
+    client = SyncClient(server.url, "museum", token, tmp_path / "dev", server.root)
     client.sync()
     rebuilt = Collection(k=48)  # a new codebook: every image's words change
     rebuilt.add(["only-one", "and-two"])
@@ -383,13 +397,12 @@ def test_a_tampered_delta_cannot_install_and_the_full_bundle_is_used(server, bun
 
     server.admin.publish(bundles["v1"], "museum", bundles["key"])
     token = _device(server)
-    client = SyncClient(server.url, "museum", token, tmp_path / "dev", bundles["pub"])
+    client = SyncClient(server.url, "museum", token, tmp_path / "dev", server.root)
     client.sync()
     server.admin.publish(bundles["v2"], "museum", bundles["key"])
-    client._request(client._url("/delta/1/2"), method="HEAD").close()  # the server builds the delta
     storage = server.app.extensions["d2r_storage"]
     with storage.db() as con:
-        sha = con.execute("SELECT sha256 FROM deltas").fetchone()[0]
+        sha = con.execute("SELECT sha256 FROM deltas").fetchone()[0]  # built at publish
     out = io.BytesIO()
     with tarfile.open(storage.blob_path(sha)) as src, tarfile.open(fileobj=out, mode="w") as dst:
         for m in src.getmembers():
@@ -404,8 +417,12 @@ def test_a_tampered_delta_cannot_install_and_the_full_bundle_is_used(server, bun
     evil_sha = hashlib.sha256(evil).hexdigest()
     storage.blob_path(evil_sha).parent.mkdir(exist_ok=True)
     storage.blob_path(evil_sha).write_bytes(evil)
-    with storage.db() as con:
-        con.execute("UPDATE deltas SET sha256 = ?, size = ?", (evil_sha, len(evil)))
+    # The attacker holds the server's online key, so the deltas role signs the evil delta.
+    from tuf.api.metadata import TargetFile
+
+    repo = server.app.extensions["d2r_repos"]("museum")
+    repo.link_target("deltas/1-2.tar", evil_sha, storage.blob_path(evil_sha))
+    repo.write_online({"deltas/1-2.tar": TargetFile(len(evil), {"sha256": evil_sha}, "deltas/1-2.tar")})
     logs = []
     client.log = logs.append
     r = client.sync()

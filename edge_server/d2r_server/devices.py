@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 
 from flask import Blueprint, current_app, jsonify, request
@@ -12,6 +13,12 @@ from .auth import new_device_token, require_admin, token_hash
 from .storage import now
 
 bp = Blueprint("devices", __name__)
+
+MAX_NAME = 128
+MAX_SCOPES = 256
+# Printable, no control characters (names appear on the status page and in logs), 1-128 of them.
+DEVICE_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,%d}" % MAX_NAME)
+DEVICE_ID = re.compile(r"[0-9a-f]{16}")
 
 
 def _error(status, message):
@@ -24,11 +31,17 @@ def _error(status, message):
 @require_admin
 def add_device():
     """JSON {name, collections: [...]} -> {id, name, collections, token}; the token is shown once."""
-    body = request.get_json(silent=True) or {}
-    name = str(body.get("name") or "device")[:128]
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return _error(400, "expected a JSON object {name, collections: [...]}")
+    name = body.get("name", "device")
+    if not isinstance(name, str) or not DEVICE_NAME.fullmatch(name):
+        return _error(400, f"name: expected 1-{MAX_NAME} printable characters (no control characters)")
     collections = body.get("collections")
-    if not isinstance(collections, list) or not collections or not all(isinstance(c, str) and COLLECTION_NAME.match(c) for c in collections):
-        return _error(400, "collections: expected a non-empty list of collection names")
+    if (not isinstance(collections, list) or not 1 <= len(collections) <= MAX_SCOPES
+            or not all(isinstance(c, str) and COLLECTION_NAME.fullmatch(c) for c in collections)):
+        return _error(400, f"collections: expected a list of 1-{MAX_SCOPES} collection names "
+                           "(1-64 letters, digits, '.', '_' or '-', starting with a letter or digit)")
     device_id = secrets.token_hex(8)
     token = new_device_token(device_id)
     storage = current_app.extensions["d2r_storage"]
@@ -52,6 +65,8 @@ def list_devices():
 @bp.delete("/<device_id>")
 @require_admin
 def revoke_device(device_id):
+    if not DEVICE_ID.fullmatch(device_id):
+        return _error(404, f"no active device {device_id[:40]!r}")
     storage = current_app.extensions["d2r_storage"]
     with storage.db() as con:
         n = con.execute("UPDATE devices SET revoked = ? WHERE id = ? AND revoked IS NULL", (now(), device_id)).rowcount

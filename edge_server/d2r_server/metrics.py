@@ -12,6 +12,7 @@ HELP = {
     "d2r_delta_builds_total": ("counter", "Deltas computed by result"),
     "d2r_auth_failures_total": ("counter", "Requests refused for a missing, wrong or revoked token"),
     "d2r_sync_reports_total": ("counter", "Syncs reported applied by devices, by method"),
+    "d2r_versions_deleted_total": ("counter", "Versions deleted by the admin"),
 }
 
 

@@ -34,6 +34,22 @@ def metrics():
     return Response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def _tuf_state(repo) -> dict | None:
+    """Versions and expiry of a collection's TUF metadata, for the status page."""
+    if not repo.exists():
+        return None
+    try:
+        out = {}
+        for role in ("root", "targets", "snapshot"):
+            md = repo.load(role).signed
+            out[role] = {"version": md.version, "expires": md.expires.isoformat()}
+        ts = repo.md.Metadata.from_file(str(repo.metadata / "timestamp.json")).signed
+        out["timestamp"] = {"version": ts.version, "expires": ts.expires.isoformat()}
+        return out
+    except Exception as exc:  # noqa: BLE001 - shown on the page, never a 500 for a status page
+        return {"error": str(exc)[:200]}
+
+
 @bp.get("/status")
 @require_admin(basic=True)
 def status():
@@ -41,8 +57,10 @@ def status():
     the password of HTTP Basic auth (what a browser asks for)."""
     storage = current_app.extensions["d2r_storage"]
     collections = storage.collections()
+    repos = current_app.extensions["d2r_repos"]
     for c in collections:
         c["versions"] = storage.versions(c["name"])
+        c["tuf"] = _tuf_state(repos(c["name"]))
     with storage.db() as con:
         log = [dict(r) for r in con.execute("SELECT * FROM sync_log ORDER BY id DESC LIMIT 20")]
     return render_template("status.html", collections=collections, devices=storage.devices(), log=log)

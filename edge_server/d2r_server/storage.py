@@ -1,12 +1,14 @@
 """Embedded storage: a folder of immutable content-addressed files plus one SQLite database.
 
     DATA/blobs/ab/abcdef...     bundle and delta archives, named by their sha256, never modified
-    DATA/unpacked/<sha256>/     the bundle folder of an archive (derived: deltas are made from it)
-    DATA/tmp/                   uploads in progress (removed at start)
+    DATA/tmp/                   uploads in progress and delta builds (removed at start)
     DATA/d2r.sqlite3            collections, versions, deltas, devices, scopes, sync log
 
 A file enters ``blobs`` by one rename once verified, and a version becomes visible by one
 committed SQLite transaction after that: a reader never sees a half-published version.
+Each version is stored once, as its archive; a delta build unpacks the two archives it needs
+into ``tmp`` and removes them after. A deleted (or garbage-collected) version disappears from
+the database first, then its blobs and the deltas that need it.
 """
 
 from __future__ import annotations
@@ -57,12 +59,21 @@ CREATE TABLE IF NOT EXISTS devices (
     last_sync TEXT,
     last_collection TEXT,
     last_version INTEGER,
-    last_method TEXT
+    last_method TEXT,
+    stale_seconds INTEGER,    -- set while the device reports expired TUF metadata
+    stale_reported TEXT
 );
 CREATE TABLE IF NOT EXISTS device_collections (
     device_id TEXT NOT NULL REFERENCES devices(id),
     collection TEXT NOT NULL,
     PRIMARY KEY (device_id, collection)
+);
+CREATE TABLE IF NOT EXISTS deleted_versions (
+    collection TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    deleted TEXT NOT NULL,
+    reason TEXT,
+    PRIMARY KEY (collection, version)
 );
 CREATE TABLE IF NOT EXISTS sync_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -86,18 +97,23 @@ class Storage:
     def __init__(self, root):
         self.root = Path(root).resolve()
         self.blobs = self.root / "blobs"
-        self.unpacked = self.root / "unpacked"
         self.tmp = self.root / "tmp"
         self.db_path = self.root / "d2r.sqlite3"
-        for p in (self.blobs, self.unpacked, self.tmp):
+        for p in (self.blobs, self.tmp):
             p.mkdir(parents=True, exist_ok=True)
+        # Data folders of an earlier server kept a second, unpacked copy of every version here
+        # (derived from the archives, made by this server): removed, each version is stored once.
+        shutil.rmtree(self.root / "unpacked", ignore_errors=True)
         for p in self.tmp.iterdir():  # uploads interrupted by a restart
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         with self.db() as con:
             con.executescript(SCHEMA)
+            have = {r[1] for r in con.execute("PRAGMA table_info(devices)")}
+            for column, kind in (("stale_seconds", "INTEGER"), ("stale_reported", "TEXT")):
+                if column not in have:  # data folders of an earlier server
+                    con.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
         self.publish_lock = threading.Lock()
-        self._delta_locks: dict = {}
-        self._delta_locks_guard = threading.Lock()
+        self.blob_lock = threading.RLock()  # adding a blob + its row, versus garbage collection
 
     @contextmanager
     def db(self):
@@ -139,17 +155,42 @@ class Storage:
             os.replace(src, dst)
         return dst
 
-    def add_unpacked(self, src: Path, sha256: str) -> Path:
-        dst = self.unpacked / sha256
-        if dst.exists():
-            shutil.rmtree(src, ignore_errors=True)
-        else:
-            os.replace(src, dst)
-        return dst
+    def delete_version(self, collection: str, version: int, reason: str) -> dict | None:
+        """Remove a version (its row, the deltas from or to it, then the blobs nobody needs any
+        more); its number is remembered and never accepted again. Returns the removed row."""
+        with self.transaction() as con:
+            row = con.execute("SELECT * FROM versions WHERE collection = ? AND version = ?", (collection, version)).fetchone()
+            if row is None:
+                return None
+            con.execute("DELETE FROM versions WHERE collection = ? AND version = ?", (collection, version))
+            con.execute("DELETE FROM deltas WHERE collection = ? AND (from_version = ? OR to_version = ?)",
+                        (collection, version, version))
+            con.execute("INSERT OR REPLACE INTO deleted_versions VALUES (?, ?, ?, ?)", (collection, version, now(), reason))
+        self.collect_garbage()
+        return dict(row)
 
-    def delta_lock(self, key) -> threading.Lock:
-        with self._delta_locks_guard:
-            return self._delta_locks.setdefault(key, threading.Lock())
+    def collect_garbage(self) -> int:
+        """Delete blobs that no version and no delta refers to; returns how many."""
+        n = 0
+        with self.blob_lock:
+            with self.db() as con:
+                live = {r[0] for r in con.execute("SELECT archive_sha256 FROM versions")}
+                live |= {r[0] for r in con.execute("SELECT sha256 FROM deltas WHERE sha256 IS NOT NULL")}
+            for d in self.blobs.iterdir():
+                for f in d.iterdir() if d.is_dir() else ():
+                    if f.name not in live:
+                        f.unlink(missing_ok=True)
+                        n += 1
+        return n
+
+    def deleted_versions(self, collection: str) -> set:
+        with self.db() as con:
+            return {r[0] for r in con.execute("SELECT version FROM deleted_versions WHERE collection = ?", (collection,))}
+
+    def is_deleted(self, collection: str, version: int) -> bool:
+        with self.db() as con:
+            return con.execute("SELECT 1 FROM deleted_versions WHERE collection = ? AND version = ?",
+                               (collection, version)).fetchone() is not None
 
     # -- queries -----------------------------------------------------------------------------------
     def collections(self) -> list:

@@ -92,20 +92,44 @@ class Collection:
         return write_bundle(path, self.index, self.codebook, self.version, extra_files)
 
 
+def tuf_keys(folder) -> dict:
+    """A collection's key files in ``folder`` (made once): {"root": ..., "targets": ...}."""
+    from d2r.sync import generate_keypair
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for role in ("root", "targets"):
+        path = folder / f"{role}.key"
+        if not path.exists():
+            generate_keypair(path)
+        keys[role] = path
+    return keys
+
+
+def create_collection(admin, name: str, keys: dict, out) -> Path:
+    """Create collection ``name`` on the server of ``admin`` with ``keys`` (tuf_keys); returns
+    the root metadata file devices are provisioned with."""
+    admin.create_collection(name, [keys["root"]], keys["targets"], out=out)
+    return Path(out)
+
+
 class ServerThread:
     """The real app under waitress on 127.0.0.1 (random port), in a background thread."""
 
-    def __init__(self, data_dir, admin_token: str = ADMIN_TOKEN, threads: int = 16, **config):
+    def __init__(self, data_dir, admin_token: str = ADMIN_TOKEN, threads: int = 16, idle_timeout: float = 20, **config):
         import waitress
 
         from .app import create_app
+        from .serving import waitress_options
 
         cfg = {"DATA_DIR": str(data_dir), "ADMIN_TOKEN": admin_token}
         cfg.update(config)
         self.app = create_app(cfg)
         limit = int(self.app.config["MAX_BUNDLE_BYTES"])
-        self.server = waitress.create_server(self.app, host="127.0.0.1", port=0, threads=threads,
-                                             max_request_body_size=limit + (1 << 20), ident="d2r")
+        # The same waitress settings as `d2r serve`.
+        self.server = waitress.create_server(self.app, host="127.0.0.1", port=0,
+                                             **waitress_options(limit, threads=threads, idle_timeout=idle_timeout))
         self.port = self.server.effective_port
         self.url = f"http://127.0.0.1:{self.port}"
         self._stop = threading.Event()
@@ -116,7 +140,7 @@ class ServerThread:
 
         # waitress's own run() cannot be stopped from another thread cleanly: poll, then close here.
         while not self._stop.is_set():
-            wasyncore.loop(timeout=0.05, map=self.server._map, count=1)
+            wasyncore.loop(timeout=0.05, map=self.server._map, count=1, use_poll=True)
         self.server.close()
         self.server.task_dispatcher.shutdown(timeout=5)
 
@@ -224,3 +248,59 @@ def free_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def mirror_repository(repo_dir, mirror_dir) -> Path:
+    """Copy a collection's TUF repository (DATA/repo/<collection>) to ``mirror_dir`` the way a
+    mirror must: targets first, then versioned metadata, timestamp.json last (the switch), so
+    that a device reading the mirror meanwhile always sees a consistent state."""
+    src, dst = Path(repo_dir), Path(mirror_dir)
+    for sub in ("targets", "metadata"):
+        for f in sorted((src / sub).rglob("*")):
+            if f.is_file() and f.name != "timestamp.json" and not f.name.startswith("."):
+                out = dst / f.relative_to(src)
+                if not out.exists():
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(f, out)
+    (dst / "metadata").mkdir(parents=True, exist_ok=True)
+    tmp = dst / "metadata" / ".timestamp.json.tmp"
+    shutil.copyfile(src / "metadata" / "timestamp.json", tmp)
+    os.replace(tmp, dst / "metadata" / "timestamp.json")
+    return dst
+
+
+class StaticMirror:
+    """A plain HTTP server (http.server, no d2r code) on 127.0.0.1 serving ``folder``: a mirror
+    or CDN of a TUF repository. ``headers`` and ``paths`` record the requests it saw."""
+
+    def __init__(self, folder):
+        import functools
+        import http.server
+
+        self.headers: list = []
+        self.paths: list = []
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.headers.append(dict(self.headers.items()))
+                outer.paths.append(self.path)
+                super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

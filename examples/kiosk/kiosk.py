@@ -5,7 +5,7 @@
     python examples/kiosk/kiosk.py --bundle museum.d2r --source walk.mp4     # a video file (OpenCV)
     python examples/kiosk/kiosk.py --dest /var/lib/d2r --source 0 \\
         --server http://edge:8080 --collection museum --token-file device.token \\
-        --public-key museum.key.pub --sync-every 15m                         # + sync, hot reload
+        --root museum.root.json --sync-every 15m                             # + sync, hot reload
 
 Each frame is queried with spatial verification. A frame *recognises* an exhibit when the best
 photo has at least ``--min-inliers`` consistent matches and ``--margin`` times more than the best
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     s.add_argument("--server", help="edge server URL")
     s.add_argument("--collection")
     s.add_argument("--token-file", help="file holding the device token (d2r device add)")
-    s.add_argument("--public-key", help="the publisher's public key, pinned")
+    s.add_argument("--root", help="the collection's TUF root (COLLECTION.root.json from d2r collection create), provisioned")
     s.add_argument("--sync-every", default="15m", help="sync interval (30s, 15m, 2h; default 15m)")
     args = ap.parse_args(argv)
 
@@ -289,10 +289,10 @@ def main(argv=None) -> int:
             from d2r.sync import LiveBundle, SyncClient, parse_interval
 
             if args.server:
-                if not (args.collection and args.token_file and args.public_key):
-                    raise d2r.InputError("--server needs --collection, --token-file and --public-key")
+                if not (args.collection and args.token_file and args.root):
+                    raise d2r.InputError("--server needs --collection, --token-file and --root")
                 token = Path(args.token_file).read_text().strip()
-                client = SyncClient(args.server, args.collection, token, args.dest, args.public_key, log=log)
+                client = SyncClient(args.server, args.collection, token, args.dest, args.root, log=log)
                 syncer = Syncer(client, parse_interval(args.sync_every), log)
                 syncer.sync_once()  # before the first frame: a fresh kiosk has no bundle yet
                 syncer.start()

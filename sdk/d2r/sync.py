@@ -1,23 +1,27 @@
-"""Device sync: fetch the latest signed bundle of a collection from an edge server and swap it in.
+"""Device sync: fetch the latest bundle of a collection, verified with The Update Framework
+(TUF, ``tuf.ngclient``) against the collection's provisioned root, and swap it in atomically.
 
-    client = d2r.sync.SyncClient("http://10.0.0.2:8080", "museum", token, "/var/lib/d2r", "museum.pub")
+    client = d2r.sync.SyncClient("https://10.0.0.2:8443", "museum", token, "/var/lib/d2r", "museum.root.json")
     result = client.sync()                  # SyncResult(version=7, previous=6, method="delta", ...)
     live = d2r.sync.LiveBundle("/var/lib/d2r")   # opens DEST/current with d2r.Engine.open
     live.query(photo)                       # reopens the bundle between queries after a swap
+    live.freshness                          # {verified_at, expires, stale_seconds, expired}
 
 Layout of the destination folder (``docs/sync-protocol.md``)::
 
     DEST/current -> versions/7      symlink, replaced atomically: the active bundle
     DEST/previous -> versions/6     the bundle before it (rollback)
-    DEST/versions/N/                complete, verified bundle folders (+ bundle.sig)
+    DEST/versions/N/                complete, verified bundle folders
     DEST/staging/                   partial downloads (*.part, resumed) and unfinished folders
+    DEST/tuf/                       trusted TUF metadata (root.json pinned, rotated by TUF's rules)
+    DEST/tuf-state.json             when the metadata was last verified fresh
 
 A version folder appears only by one rename once it is complete and verified, and ``current``
 changes only by one rename of a symlink; a crash (kill -9 included) at any point leaves the
 previous bundle active, and the next run removes the leftovers and resumes the download.
 
-Device side: only the standard library (urllib) plus ``cryptography`` for the Ed25519
-signature check (imported on use, with a clear error when it is missing).
+Device side: the standard library (urllib) plus ``tuf`` (and ``cryptography`` through it) for
+the metadata: imported on use, with a clear error when missing.
 
 The transport forms of a bundle (an uncompressed tar of the bundle folder) and of a delta are
 defined here, on both sides: :func:`pack_bundle`, :func:`unpack_bundle`, :func:`apply_delta`.
@@ -25,7 +29,6 @@ defined here, on both sides: :func:`pack_bundle`, :func:`unpack_bundle`, :func:`
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
@@ -50,12 +53,36 @@ from .errors import D2RError, InputError
 ARCHIVE_MEDIA_TYPE = "application/x-tar"
 DELTA_FORMAT = "d2r-delta"
 DELTA_VERSION = 1
-SIGNATURE_CONTEXT = b"d2r-bundle-signature-v1"
-SIGNATURE_FILE = "bundle.sig"
 # bundle.json and delta.json are small; refuse a giant one before parsing it.
 MAX_JSON_BYTES = 64 * 1024 * 1024
-COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# \A...\Z, not ^...$: "$" also matches before a final newline ("museum\n" is not a name).
+COLLECTION_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+# Versions are SQLite INTEGERs (signed 64-bit): 1 .. 2**63 - 1.
+MAX_VERSION = 2**63 - 1
+_SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 _CHUNK = 1 << 20
+DEFAULT_MAX_BUNDLE_BYTES = 8 * 1024**3
+# Room a download must leave free on the destination's file system (bytes).
+DISK_RESERVE = 64 * 1024**2
+
+
+def plain_http_warning(url: str) -> str | None:
+    """A warning for a server URL that is not https:// (tokens and bundles travel in clear)."""
+    if urllib.parse.urlsplit(url).scheme.lower() == "https":
+        return None
+    return (f"warning: {url} is plain HTTP: the device token travels in clear and anyone on the network can read it "
+            "(use https://, see docs/sync-protocol.md 'Running behind TLS')")
+
+
+def _check_room(folder: Path, need: int, what: str) -> None:
+    """Refuse to start a download of ``need`` bytes that the file system of ``folder`` cannot take."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if need + DISK_RESERVE > free:
+        raise SyncError(f"{what}: needs {need} bytes but {folder} has {free} bytes free "
+                        f"(keeping {DISK_RESERVE} in reserve); nothing downloaded")
 
 
 class SyncError(D2RError, RuntimeError):
@@ -64,7 +91,19 @@ class SyncError(D2RError, RuntimeError):
 
 
 class SignatureError(SyncError):
-    """A bundle's Ed25519 signature does not verify with the pinned public key."""
+    """TUF refused the repository's metadata: not signed by the keys of the pinned root, a
+    rollback to older metadata, or a target that does not match its signed length and hashes."""
+
+
+class StaleMetadataError(SyncError):
+    """The repository's TUF metadata has expired (a freeze: the server or a mirror keeps serving
+    old metadata, or stopped re-signing). The active bundle is kept; ``version`` is it and
+    ``stale_seconds`` how long ago the device last verified fresh metadata (None: never)."""
+
+    def __init__(self, message: str, version: int | None, stale_seconds: float | None):
+        super().__init__(message)
+        self.version = version
+        self.stale_seconds = stale_seconds
 
 
 class ArchiveError(D2RError, ValueError):
@@ -72,22 +111,15 @@ class ArchiveError(D2RError, ValueError):
     match its bundle.json."""
 
 
-# -- signatures -------------------------------------------------------------------------------------
+# -- keys (Ed25519 PEM files; TUF signs and verifies with them, see d2r._tuf) ---------------------------
 def _ed25519():
     try:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:  # pragma: no cover - depends on the installation
-        raise SyncError("bundle signatures need the 'cryptography' package: pip install cryptography "
-                        "(or pip install 'd2r[server]')") from None
+        raise SyncError("keys and TUF signatures need the 'cryptography' package: pip install cryptography") from None
     return ed25519, serialization, InvalidSignature
-
-
-def signed_message(collection: str, bundle_checksum: str) -> bytes:
-    """The bytes a publisher signs: a context string, the collection and the bundle checksum
-    (which covers bundle.json, hence the version and the sha256 of every file)."""
-    return b"\n".join([SIGNATURE_CONTEXT, collection.encode("utf-8"), bundle_checksum.encode("ascii")])
 
 
 def generate_keypair(path) -> tuple[Path, Path]:
@@ -131,26 +163,49 @@ def load_public_key(path):
     return key
 
 
-def sign_bundle(private_key, collection: str, bundle_checksum: str) -> str:
-    """Base64 Ed25519 signature of :func:`signed_message`."""
-    return base64.b64encode(private_key.sign(signed_message(collection, bundle_checksum))).decode("ascii")
-
-
-def verify_signature(public_key, collection: str, bundle_checksum: str, signature: str) -> None:
-    """Raise :class:`SignatureError` unless ``signature`` signs (collection, checksum)."""
-    _, _, invalid = _ed25519()
-    try:
-        raw = base64.b64decode(signature or "", validate=True)
-        public_key.verify(raw, signed_message(collection, bundle_checksum))
-    except (invalid, ValueError, TypeError):
-        raise SignatureError(f"collection {collection!r}: the signature of bundle {bundle_checksum[:12]}... does not verify "
-                             "with the pinned public key (wrong key, or the bundle was substituted)") from None
-
-
 # -- transport form of a bundle: an uncompressed tar ------------------------------------------------
+def is_version(value) -> bool:
+    """True for a bundle version number: an int (not a bool) in 1 .. 2**63 - 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_VERSION
+
+
+def check_bundle_json(body, where: str) -> None:
+    """Strict types and ranges of the bundle.json fields sync relies on (a bundle from the
+    network is hostile until proven otherwise). Raises :class:`ArchiveError` naming the field."""
+    if not isinstance(body, dict):
+        raise ArchiveError(f"{where}: bundle.json is not a JSON object")
+    if not is_version(body.get("version")):
+        raise ArchiveError(f"{where}: bundle.json 'version' must be an integer from 1 to {MAX_VERSION}, "
+                           f"got {body.get('version')!r:.40}")
+    files = body.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArchiveError(f"{where}: bundle.json 'files' must be an object {{path: {{sha256, size}}}}")
+    for rel, meta in files.items():
+        if not isinstance(rel, str) or not rel or len(rel) > 1024:
+            raise ArchiveError(f"{where}: bundle.json 'files' has a bad path {rel!r:.60}")
+        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str) or not _SHA256_HEX.match(meta["sha256"])
+                or not isinstance(meta.get("size"), int) or isinstance(meta.get("size"), bool) or not 0 <= meta["size"] <= MAX_VERSION):
+            raise ArchiveError(f"{where}: bundle.json 'files' entry {rel!r:.60} must be {{sha256: 64 hex digits, size: integer >= 0}}")
+    n = body.get("n_images")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_VERSION):
+        raise ArchiveError(f"{where}: bundle.json 'n_images' must be an integer >= 0")
+    if not isinstance(body.get("checksum"), str) or not _SHA256_HEX.match(body["checksum"]):
+        raise ArchiveError(f"{where}: bundle.json 'checksum' must be 64 hex digits")
+
+
 def _bundle_info(folder):
     from .engine import read_bundle_info
 
+    folder = Path(folder)
+    try:
+        raw = (folder / "bundle.json").read_bytes() if (folder / "bundle.json").stat().st_size <= MAX_JSON_BYTES else None
+        body = json.loads(raw) if raw is not None else None
+    except (OSError, ValueError):
+        body = False  # read_bundle_info names the problem
+    if body is None:
+        raise ArchiveError(f"{folder}: bundle.json is over {MAX_JSON_BYTES} bytes")
+    if body is not False:
+        check_bundle_json(body, str(folder))
     return read_bundle_info(folder)
 
 
@@ -509,13 +564,16 @@ class Destination:
 @dataclass
 class SyncResult:
     """What one :meth:`SyncClient.sync` did: ``method`` is "none" (already current), "delta"
-    or "full"; ``downloaded`` counts the bytes received in this run."""
+    or "full"; ``downloaded`` counts the bytes received in this run; ``verified_at`` is when
+    the TUF metadata was last verified fresh (now, after a successful sync)."""
 
     version: int
     previous: int | None
     method: str
     downloaded: int = 0
     path: Path | None = None
+    verified_at: str | None = None
+    metadata_bytes: int = 0  # TUF metadata received in this run (not in ``downloaded``)
 
 
 class _HTTPStatus(SyncError):
@@ -524,38 +582,128 @@ class _HTTPStatus(SyncError):
         self.status = status
 
 
+STATE_FILE = "tuf-state.json"  # DEST/tuf-state.json: when the metadata was last verified fresh
+
+
+def _read_state(root: Path) -> dict:
+    try:
+        state = json.loads((root / STATE_FILE).read_text())
+        return state if isinstance(state, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def freshness(dest) -> dict:
+    """How fresh the device's trust in its active bundle is: ``verified_at`` (ISO time of the
+    last sync that verified fresh TUF metadata, or None), ``expires`` (the earliest expiry of the
+    metadata verified then), ``stale_seconds`` (seconds since ``verified_at``) and ``expired``
+    (the metadata has expired since: the repository could not be refreshed, or was frozen)."""
+    import datetime as dt
+
+    state = _read_state(Path(dest))
+    now = dt.datetime.now(dt.timezone.utc)
+    out = {"verified_at": state.get("verified_at"), "expires": state.get("expires"), "stale_seconds": None, "expired": None}
+    try:
+        if out["verified_at"]:
+            out["stale_seconds"] = max(0.0, (now - dt.datetime.fromisoformat(out["verified_at"])).total_seconds())
+        if out["expires"]:
+            out["expired"] = now >= dt.datetime.fromisoformat(out["expires"])
+    except (TypeError, ValueError):
+        pass
+    return out
+
+
+def _fetcher_class():
+    from tuf.api.exceptions import DownloadHTTPError
+    from tuf.ngclient import FetcherInterface
+
+    class _Fetcher(FetcherInterface):
+        """tuf.ngclient's network access through urllib, with the device token on requests to the
+        edge server only (never to a mirror)."""
+
+        def __init__(self, token: str | None, token_prefix: str | None, timeout: float):
+            self.token, self.prefix, self.timeout = token, token_prefix, timeout
+            self.received = 0
+
+        def _fetch(self, url: str):
+            headers = {"User-Agent": "d2r-sync"}
+            if self.token and self.prefix and url.startswith(self.prefix):
+                headers["Authorization"] = f"Bearer {self.token}"
+            try:
+                resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.timeout)
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                raise DownloadHTTPError(f"{url}: HTTP {exc.code}", exc.code) from None
+            return self._chunks(resp)
+
+        def _chunks(self, resp):
+            with resp:
+                for chunk in iter(lambda: resp.read(65536), b""):
+                    self.received += len(chunk)
+                    yield chunk
+
+    return _Fetcher
+
+
 class SyncClient:
-    """Syncs one collection from an edge server into a destination folder.
+    """Syncs one collection into a destination folder, trusting only the collection's TUF root.
 
     Args:
-        server: base URL (``https://host:port``; put the server behind TLS in production).
+        server: edge server URL (``https://host:port``), or None with ``mirror``. Reports go here.
         collection: collection name. token: the device token (``d2r device add``).
-        dest: destination folder. public_key: path of the publisher's pinned public key (PEM)
-            or a loaded key. timeout: seconds per network operation. retries: attempts per
-            download (each resumes with HTTP Range where the last stopped).
-        prefer_delta: ask for a delta from the active version first.
+        dest: destination folder. root: the collection's TUF root metadata provisioned on the
+            device (path or bytes; ``d2r collection create`` writes it). Used on the first sync;
+            after that the device's own copy (DEST/tuf/root.json, updated by key rotations).
+        mirror: URL of a static copy of the collection's repository (``metadata/``, ``targets/``);
+            default ``SERVER/tuf/COLLECTION``. The device token is not sent to a mirror.
+        timeout: seconds per network operation. retries: attempts per download (each resumes
+            with HTTP Range where the last stopped). prefer_delta: try a delta first.
+        max_bundle_bytes: refuse a bundle whose signed length is larger (default 8 GiB). Every
+            download is bounded by the length signed in TUF metadata, and a delta by the size of
+            the full bundle too; neither starts unless the destination's file system has room.
     """
 
-    def __init__(self, server: str, collection: str, token: str, dest, public_key, timeout: float = 30.0,
-                 retries: int = 4, prefer_delta: bool = True, log=None):
-        if not COLLECTION_NAME.match(collection or ""):
+    def __init__(self, server: str | None, collection: str, token: str | None, dest, root=None, timeout: float = 30.0,
+                 retries: int = 4, prefer_delta: bool = True, log=None, max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES,
+                 mirror: str | None = None):
+        if not isinstance(collection, str) or not COLLECTION_NAME.fullmatch(collection):
             raise InputError(f"collection: expected letters, digits, '.', '_' or '-' (at most 64), got {collection!r}")
-        self.server = server.rstrip("/")
+        if not server and not mirror:
+            raise InputError("a server URL or a mirror URL is required")
+        self.server = server.rstrip("/") if server else None
         self.collection = collection
         self.token = token
         self.dest = Destination(dest)
-        self.public_key = load_public_key(public_key) if isinstance(public_key, (str, os.PathLike)) else public_key
+        self.repo_url = (mirror.rstrip("/") if mirror else
+                         f"{self.server}/tuf/{urllib.parse.quote(collection, safe='')}")
+        if isinstance(root, (bytes, bytearray)):
+            self.root_bytes = bytes(root)
+        elif root is not None:
+            try:
+                self.root_bytes = Path(root).read_bytes()
+            except OSError as exc:
+                raise InputError(f"{root}: cannot read the collection's TUF root ({exc.strerror or exc})") from None
+        else:
+            self.root_bytes = None
         self.timeout = timeout
         self.retries = max(int(retries), 1)
         self.prefer_delta = prefer_delta
+        self.max_bundle_bytes = int(max_bundle_bytes)
         self.log = log or (lambda msg: None)
+        self._updater = None
+        for url in dict.fromkeys(u for u in (self.server, mirror) if u):
+            warning = plain_http_warning(url)
+            if warning and url == self.server:
+                self.log(warning)
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def _url(self, path: str) -> str:
         return f"{self.server}/api/v1/collections/{urllib.parse.quote(self.collection, safe='')}{path}"
 
     def _request(self, url: str, headers=None, data=None, method=None):
-        h = {"Authorization": f"Bearer {self.token}", "User-Agent": "d2r-sync"}
+        h = {"User-Agent": "d2r-sync"}
+        if self.token and self.server and url.startswith(self.server + "/"):
+            h["Authorization"] = f"Bearer {self.token}"
         h.update(headers or {})
         req = urllib.request.Request(url, data=data, headers=h, method=method)
         try:
@@ -563,7 +711,7 @@ class SyncClient:
         except urllib.error.HTTPError as exc:
             try:
                 body = json.loads(exc.read() or b"{}").get("error", "")
-            except ValueError:
+            except (ValueError, AttributeError):
                 body = ""
             exc.close()
             what = {401: "the token is wrong or revoked", 403: "the token may not read this collection",
@@ -572,34 +720,112 @@ class SyncClient:
         except (urllib.error.URLError, OSError, HTTPException) as exc:
             raise SyncError(f"{url}: server unreachable ({getattr(exc, 'reason', exc)})") from None
 
-    def _json(self, url: str):
+    # -- TUF ------------------------------------------------------------------------------------------
+    def _new_updater(self):
         try:
-            with self._request(url) as resp:
-                return json.loads(resp.read())
-        except (OSError, HTTPException, ValueError) as exc:
-            raise SyncError(f"{url}: unreadable answer ({exc})") from None
+            from tuf.ngclient import Updater, UpdaterConfig
+        except ImportError:  # pragma: no cover - depends on the installation
+            raise SyncError("d2r sync needs The Update Framework's client: pip install tuf") from None
+        meta = self.dest.root / "tuf"
+        meta.mkdir(parents=True, exist_ok=True)
+        bootstrap = None
+        if not (meta / "root.json").is_file():
+            if self.root_bytes is None:
+                raise InputError(f"{self.dest.root}: no trusted TUF root yet: provision the collection's root "
+                                 "(--root COLLECTION.root.json, written by d2r collection create)")
+            bootstrap = self.root_bytes
+        fetcher = _fetcher_class()(self.token, (self.server + "/") if self.server else None, self.timeout)
+        self._fetcher = fetcher
+        config = UpdaterConfig(app_user_agent="d2r-sync", targets_max_length=4_000_000)
+        try:
+            return Updater(str(meta), self.repo_url + "/metadata/", None, self.repo_url + "/targets/", fetcher, config,
+                           bootstrap=bootstrap)
+        except Exception as exc:  # noqa: BLE001 - a bad provisioned root
+            raise InputError(f"the provisioned TUF root is not valid root metadata ({type(exc).__name__}: {exc})") from None
 
-    def latest(self) -> dict:
-        """The latest version record of the collection (JSON of ``GET .../latest``)."""
-        rec = self._json(self._url("/latest"))
+    def _tuf_error(self, exc, cur_version):
+        from tuf.api import exceptions as tx
+
+        if isinstance(exc, tx.DownloadHTTPError):
+            what = {401: "the token is wrong or revoked", 403: "the token may not read this collection"}.get(exc.status_code, "")
+            return _HTTPStatus(exc.status_code, f"{self.repo_url}: HTTP {exc.status_code}{': ' + what if what else ''} ({exc})")
+        if isinstance(exc, tx.ExpiredMetadataError):
+            fr = freshness(self.dest.root)
+            stale = fr["stale_seconds"]
+            ago = f"{stale:.0f} s ago" if stale is not None else "never"
+            return StaleMetadataError(
+                f"{self.repo_url}: the repository's TUF metadata has expired ({exc}); a freeze or a server that stopped "
+                f"re-signing. Keeping the active version {cur_version if cur_version is not None else '(none)'}; "
+                f"last verified fresh {ago}", cur_version, stale)
+        if isinstance(exc, tx.BadVersionNumberError):
+            return SignatureError(f"{self.repo_url}: rollback refused: the repository offers older TUF metadata than this "
+                                  f"device has already seen ({exc}); active bundle kept")
+        if isinstance(exc, tx.RepositoryError):
+            return SignatureError(f"{self.repo_url}: TUF metadata refused ({type(exc).__name__}: {exc}); active bundle kept")
+        if isinstance(exc, tx.DownloadError):
+            cause = exc.__cause__ or exc
+            return SyncError(f"{self.repo_url}: repository unreachable ({type(cause).__name__}: {cause})")
+        return None
+
+    def _refresh(self, cur_version):
+        from tuf.api.metadata import Metadata
+
+        self._updater = self._new_updater()
         try:
-            ok = (isinstance(rec["version"], int) and isinstance(rec["archive_size"], int)
-                  and all(isinstance(rec[k], str) for k in ("archive_sha256", "bundle_checksum", "signature")))
-        except (KeyError, TypeError):
-            ok = False
-        if not ok:
-            raise SyncError(f"{self._url('/latest')}: not a version record")
-        return rec
+            self._updater.refresh()
+        except Exception as exc:  # noqa: BLE001 - mapped to d2r errors below
+            mapped = self._tuf_error(exc, cur_version)
+            if mapped is None:
+                raise
+            raise mapped from None
+        # The targets metadata verified by refresh(), as ngclient keeps it.
+        trusted = Metadata.from_file(str(self.dest.root / "tuf" / "targets.json"))
+        expires = []
+        for role in ("timestamp", "snapshot", "targets", "root"):
+            try:
+                expires.append(Metadata.from_file(str(self.dest.root / "tuf" / f"{role}.json")).signed.expires)
+            except (OSError, ValueError):
+                pass
+        return trusted, min(expires) if expires else None
+
+    def latest(self, cur_version=None) -> dict:
+        """The newest bundle the collection's verified TUF targets offer: {version, target,
+        archive_sha256, archive_size, bundle_checksum, n_images}. Refreshes the metadata."""
+        import datetime as dt
+
+        from ._tuf import bundle_info_of
+
+        trusted, expires = self._refresh(cur_version)
+        best = None
+        for t in trusted.signed.targets.values():
+            try:
+                info = bundle_info_of(t)
+            except InputError as exc:
+                raise SignatureError(f"{self.repo_url}: signed targets hold a malformed bundle target ({exc})") from None
+            if best is None or info["version"] > best["version"]:
+                best = dict(info, target=t)
+        now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        state = {"verified_at": now.isoformat(), "expires": expires.isoformat() if expires else None}
+        tmp = self.dest.root / f".{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(state) + "\n")
+        os.replace(tmp, self.dest.root / STATE_FILE)
+        self._verified_at = state["verified_at"]
+        if best is None:
+            raise SyncError(f"collection {self.collection!r} has no published version")
+        return {"version": best["version"], "target": best["target"], "archive_sha256": best["sha256"],
+                "archive_size": best["length"], "bundle_checksum": best["bundle_checksum"], "n_images": best["n_images"]}
 
     def _download(self, url: str, part: Path, expect_sha: str | None, max_size: int | None = None) -> tuple[Path, int, str]:
         """Download ``url`` to ``part``, resuming with Range after a dropped connection (within
         this call and across runs), then check the sha256. Stops a response that grows past
-        ``max_size`` bytes. Returns (path, bytes received, sha)."""
+        ``max_size`` bytes (the length signed in TUF metadata). Returns (path, bytes received, sha)."""
         received = 0
-        etag = None
         last_error = None
         for attempt in range(self.retries):
             have = part.stat().st_size if part.exists() else 0
+            if max_size is not None and have > max_size:
+                part.unlink()
+                have = 0
             headers = {}
             if have:
                 headers["Range"] = f"bytes={have}-"
@@ -617,7 +843,6 @@ class SyncClient:
                 continue
             try:
                 with resp:
-                    etag = (resp.headers.get("ETag") or "").strip('"') or etag
                     mode = "ab" if resp.status == 206 else "wb"
                     with open(part, mode) as fh:
                         for chunk in iter(lambda: resp.read(_CHUNK), b""):
@@ -627,7 +852,7 @@ class SyncClient:
                             if max_size is not None and fh.tell() > max_size:
                                 fh.close()
                                 part.unlink(missing_ok=True)
-                                raise SyncError(f"{url}: the server sends more than the announced {max_size} bytes; discarded")
+                                raise SyncError(f"{url}: the server sends more than the signed {max_size} bytes; discarded")
                         fh.flush()
                         os.fsync(fh.fileno())
                     length = resp.headers.get("Content-Length")
@@ -644,41 +869,57 @@ class SyncClient:
         if last_error is not None:
             raise SyncError(f"{url}: download failed after {self.retries} attempts ({last_error})")
         sha = _sha256_file(part)
-        want = expect_sha or etag
-        if want and sha != want:
+        if expect_sha and sha != expect_sha:
             part.unlink(missing_ok=True)  # start over next time: resuming a corrupt file cannot help
-            raise SyncError(f"{url}: downloaded data is corrupt (sha256 {sha[:12]}... instead of {want[:12]}...); discarded")
+            raise SyncError(f"{url}: downloaded data is corrupt (sha256 {sha[:12]}... instead of the signed "
+                            f"{expect_sha[:12]}...); discarded")
         return part, received, sha
+
+    def _target_url(self, path: str, sha: str) -> str:
+        from ._tuf import target_url
+
+        return target_url(self.repo_url + "/targets", path, sha)
 
     # -- one sync -------------------------------------------------------------------------------------
     def sync(self) -> SyncResult:
         """Bring ``dest`` to the latest version (delta if possible, else full). Raises
-        :class:`SyncError` (the active bundle unchanged) on any failure."""
+        :class:`SyncError` (the active bundle unchanged) on any failure;
+        :class:`StaleMetadataError` when the repository's metadata has expired."""
         with self.dest.lock():
-            return self._sync()
+            try:
+                return self._sync()
+            except StaleMetadataError as exc:
+                if exc.version is not None:
+                    self._report(exc.version, "stale", 0, int(exc.stale_seconds) if exc.stale_seconds is not None else None)
+                raise
 
     def _sync(self) -> SyncResult:
         dest = self.dest
         dest.prepare()
         cur_dir = dest.current
         cur = _bundle_info(cur_dir) if cur_dir is not None else None
-        latest = self.latest()
+        self._verified_at = None
+        latest = self.latest(int(cur["version"]) if cur else None)
         version = int(latest["version"])
-        verify_signature(self.public_key, self.collection, latest["bundle_checksum"], latest["signature"])
         if cur is not None:
             if cur["checksum"] == latest["bundle_checksum"]:
-                return SyncResult(int(cur["version"]), None, "none", 0, cur_dir)
+                return SyncResult(int(cur["version"]), None, "none", 0, cur_dir, self._verified_at, self._fetcher.received)
             if version <= int(cur["version"]):
-                raise SyncError(f"server offers version {version}, not newer than the active {cur['version']}: refused "
-                                "(use Destination.rollback() to go back on purpose)")
+                raise SyncError(f"the repository offers version {version}, not newer than the active {cur['version']}: "
+                                "refused (use Destination.rollback() to go back on purpose)")
+        size = int(latest["archive_size"])
+        if size > self.max_bundle_bytes:
+            raise SyncError(f"version {version}: the signed bundle has {size} bytes, over this device's limit of "
+                            f"{self.max_bundle_bytes} (max_bundle_bytes); nothing downloaded")
         downloaded = 0
         staged = None
         method = "full"
         if cur is not None and self.prefer_delta:
             try:
-                staged, n = self._fetch_delta(cur_dir, int(cur["version"]), version)
-                downloaded += n
-                method = "delta"
+                staged, n = self._fetch_delta(cur_dir, int(cur["version"]), version, size)
+                if staged is not None:
+                    downloaded += n
+                    method = "delta"
             except _HTTPStatus as exc:
                 if exc.status in (401, 403):
                     raise
@@ -688,8 +929,9 @@ class SyncClient:
                 downloaded += getattr(exc, "downloaded", 0)
         if staged is None:
             part = dest.staging / f"bundle-{latest['archive_sha256']}.part"
-            part, n, _ = self._download(self._url(f"/versions/{version}/bundle"), part, latest["archive_sha256"],
-                                        int(latest["archive_size"]))
+            _check_room(dest.staging, size - (part.stat().st_size if part.exists() else 0), f"version {version}")
+            part, n, _ = self._download(self._target_url(latest["target"].path, latest["archive_sha256"]), part,
+                                        latest["archive_sha256"], size)
             downloaded += n
             _crash_point("downloaded")
             staged = dest.staging / f"unpack-{version}"
@@ -701,26 +943,39 @@ class SyncClient:
             part.unlink(missing_ok=True)
         info = _bundle_info(staged)
         if info["checksum"] != latest["bundle_checksum"] or int(info["version"]) != version:
-            raise SyncError(f"version {version}: the bundle received is not the one announced; active bundle kept")
-        verify_signature(self.public_key, self.collection, info["checksum"], latest["signature"])
-        with open(staged / SIGNATURE_FILE, "w") as fh:
-            fh.write(latest["signature"] + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+            raise SignatureError(f"version {version}: the bundle built does not match the signed bundle_checksum; "
+                                 "active bundle kept")
         _crash_point("verified")
         final = dest.install(staged, version)
         dest.prune()
         for p in dest.staging.glob("*.part"):  # partial downloads of versions no longer wanted
             p.unlink(missing_ok=True)
         self._report(version, method, downloaded)
-        return SyncResult(version, int(cur["version"]) if cur else None, method, downloaded, final)
+        return SyncResult(version, int(cur["version"]) if cur else None, method, downloaded, final, self._verified_at,
+                          self._fetcher.received)
 
-    def _fetch_delta(self, cur_dir: Path, from_version: int, to_version: int):
-        url = self._url(f"/delta/{from_version}/{to_version}")
-        with self._request(url, {"Accept": ARCHIVE_MEDIA_TYPE}, method="HEAD") as resp:
-            sha = (resp.headers.get("ETag") or "").strip('"')
+    def _fetch_delta(self, cur_dir: Path, from_version: int, to_version: int, max_size: int):
+        """Download and apply the delta if the signed metadata lists one (role "deltas"); None
+        otherwise. Bounded by its signed length and by the size of the full bundle."""
+        from ._tuf import delta_target
+
+        path = delta_target(from_version, to_version)
+        try:
+            target = self._updater.get_targetinfo(path)
+        except Exception as exc:  # noqa: BLE001 - TUF errors of the delegated role
+            mapped = self._tuf_error(exc, from_version)
+            raise (mapped or SyncError(f"{path}: {exc}")) from None
+        if target is None:
+            self.log(f"no delta from version {from_version} to {to_version}; downloading the full bundle")
+            return None, 0
+        sha = target.hashes.get("sha256", "")
+        if not _SHA256_HEX.match(sha):
+            raise SyncError(f"{path}: no sha256 in its signed metadata")
+        if target.length > max_size:
+            raise SyncError(f"{path}: a delta of {target.length} bytes is not smaller than the full bundle ({max_size} bytes)")
         part = self.dest.staging / f"delta-{from_version}-{to_version}-{sha}.part"
-        part, n, _ = self._download(url, part, sha or None)
+        _check_room(self.dest.staging, target.length, path)
+        part, n, _ = self._download(self._target_url(path, sha), part, sha, target.length)
         staged = self.dest.staging / f"delta-unpack-{to_version}"
         try:
             apply_delta(cur_dir, part, staged)
@@ -732,10 +987,15 @@ class SyncClient:
         part.unlink(missing_ok=True)
         return staged, n
 
-    def _report(self, version: int, method: str, downloaded: int) -> None:
-        body = json.dumps({"version": version, "method": method, "bytes": downloaded}).encode()
+    def _report(self, version: int, method: str, downloaded: int, stale_seconds: int | None = None) -> None:
+        if not self.server:
+            return
+        body = {"version": version, "method": method, "bytes": downloaded}
+        if stale_seconds is not None:
+            body["stale_seconds"] = stale_seconds
         try:
-            self._request(self._url("/sync-report"), {"Content-Type": "application/json"}, data=body, method="POST").close()
+            self._request(self._url("/sync-report"), {"Content-Type": "application/json"}, data=json.dumps(body).encode(),
+                          method="POST").close()
         except SyncError as exc:  # the swap is done; a lost report only delays the status page
             self.log(f"sync report not delivered ({exc})")
 
@@ -778,6 +1038,18 @@ class LiveBundle:
     def version_path(self) -> Path | None:
         return self._target
 
+    @property
+    def freshness(self) -> dict:
+        """:func:`freshness` of the destination: when the device last verified fresh TUF
+        metadata (``verified_at``), ``stale_seconds`` since, and whether that metadata has
+        ``expired`` since (the bundle keeps serving; the update channel is stale or frozen)."""
+        return freshness(self.dest.root)
+
+    @property
+    def stale_seconds(self) -> float | None:
+        """Seconds since the device last verified fresh TUF metadata (None: never)."""
+        return self.freshness["stale_seconds"]
+
     def query(self, *args, **kwargs):
         return self.get().query(*args, **kwargs)
 
@@ -802,44 +1074,109 @@ def parse_interval(text: str) -> float:
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
+def read_secret_file(path, what: str, warn=None) -> str:
+    """The secret in file ``path`` (stripped). Warns through ``warn`` (default: stderr) when the
+    file is readable or writable by its group or by others (chmod 600 it)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the {what} ({getattr(exc, 'strerror', None) or exc})") from None
+    if os.name == "posix" and mode & 0o077:
+        message = (f"warning: {path} holds the {what} but is accessible to its group or to others "
+                   f"(mode {mode & 0o777:o}); run: chmod 600 {path}")
+        (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+    return text
+
+
+def resolve_token(token: str | None, token_file, env_var: str, what: str) -> str | None:
+    """A token from --token-file, else the environment variable ``env_var``, else --token
+    (which other local users can see in the process list: warned)."""
+    if token_file:
+        return read_secret_file(token_file, what)
+    if os.environ.get(env_var):
+        return os.environ[env_var].strip()
+    if token:
+        print(f"warning: --token puts the {what} in the process list (visible to other users); prefer "
+              f"--token-file FILE (mode 600) or the {env_var} environment variable", file=sys.stderr, flush=True)
+    return token
+
+
+def backoff_delays(interval: float, first: float = 1.0):
+    """Delays after consecutive failures: first, 2*first, 4*first, ... capped at ``interval``
+    (and at one hour)."""
+    delay = max(float(first), 0.01)
+    while True:
+        yield min(delay, max(interval, 0.01), 3600.0)
+        delay *= 2
+
+
 def _cli_sync(args) -> int:
     interval = parse_interval(args.every) if args.every else None
-    token = args.token
-    if args.token_file:
-        try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as exc:
-            raise InputError(f"{args.token_file}: cannot read the device token ({exc.strerror or exc})") from None
-    if not token:
-        raise InputError("a device token is required: --token T or --token-file F")
-    client = SyncClient(args.server, args.collection, token, args.dest, args.public_key,
-                        timeout=args.timeout, prefer_delta=not args.no_delta, log=lambda msg: print(f"d2r sync: {msg}", file=sys.stderr, flush=True))
+    token = resolve_token(args.token, args.token_file, "D2R_DEVICE_TOKEN", "device token")
+    if not token and not args.mirror:
+        raise InputError("a device token is required: --token-file FILE, the D2R_DEVICE_TOKEN environment variable, or --token T")
+    if not args.server and not args.mirror:
+        raise InputError("--server URL or --mirror URL is required")
+
+    def log(msg):
+        print(f"d2r sync: {msg}", file=sys.stderr, flush=True)
+
+    if args.mirror and urllib.parse.urlsplit(args.mirror).scheme.lower() != "https":
+        log(f"note: mirror {args.mirror} is plain HTTP; TUF still verifies everything it serves")
+    client = SyncClient(args.server, args.collection, token, args.dest, args.root, timeout=args.timeout,
+                        prefer_delta=not args.no_delta, log=log, mirror=args.mirror)
+    delays = None
     while True:
         try:
             r = client.sync()
             if r.method == "none":
-                print(f"{args.collection}: version {r.version} is current", flush=True)
+                print(f"{args.collection}: version {r.version} is current (metadata verified {r.verified_at})", flush=True)
             else:
                 print(f"{args.collection}: version {r.version} active ({r.method}, {r.downloaded} bytes"
                       f"{', previous ' + str(r.previous) if r.previous else ''})", flush=True)
-        except D2RError as exc:
+            delays = None
+            wait = interval
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - with --every, no error ends the loop (disk full, network, ...)
+            if isinstance(exc, StaleMetadataError):
+                stale = "never verified" if exc.stale_seconds is None else f"{exc.stale_seconds:.0f} s stale"
+                print(f"{args.collection}: STALE: version {exc.version} kept, update metadata expired ({stale})", flush=True)
+            else:  # e.g. the server is unreachable: say so if the metadata verified last has expired since
+                fr = freshness(args.dest)
+                cur = Destination(args.dest).current
+                if fr["expired"] and cur is not None:
+                    print(f"{args.collection}: STALE: version {cur.name} kept, update metadata expired "
+                          f"({fr['stale_seconds']:.0f} s since last verified)", flush=True)
             if interval is None:
-                raise
-            print(f"d2r sync: error: {exc}; retrying in {args.every}", file=sys.stderr, flush=True)
+                if isinstance(exc, D2RError):
+                    raise
+                raise SyncError(f"sync failed: {type(exc).__name__}: {exc}") from exc
+            delays = delays or backoff_delays(interval, args.retry_first)
+            wait = next(delays)
+            log(f"error: {type(exc).__name__}: {exc}; the active bundle is unchanged; retrying in {wait:g} s")
         if interval is None:
             return 0
-        time.sleep(interval)
+        time.sleep(wait)
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("sync", help="fetch the latest signed bundle of a collection and swap it in atomically")
-    p.add_argument("--server", required=True, help="edge server URL, e.g. https://edge.local:8443")
+    p = sub.add_parser("sync", help="fetch the latest bundle of a collection (verified with TUF) and swap it in atomically")
+    p.add_argument("--server", default=None, help="edge server URL, e.g. https://edge.local:8443 (sync reports go there)")
+    p.add_argument("--mirror", default=None, help="URL of a static copy of the collection's TUF repository (its metadata/ "
+                   "and targets/ folders) to download from instead of SERVER/tuf/COLLECTION; the token is not sent to it")
     p.add_argument("--collection", required=True)
-    p.add_argument("--token", default=None, help="device token from `d2r device add`")
-    p.add_argument("--token-file", default=None, help="read the device token from this file instead (keeps it out of `ps`)")
+    p.add_argument("--token-file", default=None, help="file holding the device token (mode 600; keeps it out of `ps`)")
+    p.add_argument("--token", default=None, help="device token from `d2r device add` (visible in `ps`: prefer --token-file "
+                   "or the D2R_DEVICE_TOKEN environment variable)")
     p.add_argument("--dest", required=True, help="destination folder (DEST/current is the active bundle)")
-    p.add_argument("--public-key", required=True, help="the publisher's public key (KEYFILE.pub), pinned")
-    p.add_argument("--every", default=None, help="keep running, syncing at this interval (e.g. 15m)")
+    p.add_argument("--root", default=None, help="the collection's TUF root metadata (COLLECTION.root.json from d2r collection "
+                   "create), provisioned on the device: needed on the first sync, then kept (and rotated) in DEST/tuf")
+    p.add_argument("--every", default=None, help="keep running, syncing at this interval (e.g. 15m); after an error "
+                   "(network, disk full, ...) it retries with exponential backoff up to the interval and never exits")
+    p.add_argument("--retry-first", type=float, default=5.0, help="with --every: first retry delay in seconds after an error (default 5)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation (default 30)")
     p.add_argument("--no-delta", action="store_true", help="always download the full bundle")
     p.set_defaults(func=_cli_sync)

@@ -7,14 +7,17 @@ once after ``pip install`` (``make demo`` does), or at an app's first start.
 
 It runs the real pipeline of each requested local-feature model on a few synthetic textured
 images, so every kernel a build, a query and a verified query use is compiled with the types
-they use: feature extraction, codebook training, R-ASMK* and ASMK* aggregation, search, and
+they use: feature extraction, codebook training, R-ASMK* and ASMK* aggregation, saving and
+opening a bundle, search of an in-memory and of a memory-mapped index, and
 int8 spatial verification.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -49,11 +52,18 @@ def warm_up(features=(DEFAULT_FEATURES,), backend: str = "tflite", log=None) -> 
     seconds = {}
     for name in features:
         t0 = time.perf_counter()
-        with Engine.create(features=name, detector=None, kind="rasmk_star", backend=backend, verification_features=200) as engine:
-            engine.train_codebook(images, size=16, iterations=2, progress=False)
-            engine.add_images(images, ids=ids, progress=False, on_error="raise")
-            engine.query(images[0], top_k=2, verify=True, verify_top=2)
-            engine.query(images[0], top_k=2, normalize=True)
+        with tempfile.TemporaryDirectory(prefix="d2r-warmup-") as tmp:
+            bundle = Path(tmp) / "warmup.d2r"
+            with Engine.create(features=name, detector=None, kind="rasmk_star", backend=backend, verification_features=200) as engine:
+                engine.train_codebook(images, size=16, iterations=2, progress=False)
+                engine.add_images(images, ids=ids, progress=False, on_error="raise")
+                engine.query(images[0], top_k=2, verify=True, verify_top=2)
+                engine.save(bundle)
+            # a saved index is searched through read-only memory maps: other array types, so
+            # other compiled versions of the search kernels
+            with Engine.open(bundle) as engine:
+                engine.query(images[0], top_k=2, verify=True, verify_top=2)
+                engine.query(images[0], top_k=2, normalize=True)
         seconds[name] = time.perf_counter() - t0
         if log is not None:
             log(f"warmed up {name} in {seconds[name]:.1f} s")

@@ -15,6 +15,7 @@ import pytest
 import d2r
 from d2r import aliked as host
 from d2r.manifest import load_manifest
+
 from shared_data import landmark_photo
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None

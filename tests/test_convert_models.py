@@ -10,6 +10,7 @@ import pytest
 
 from d2r.errors import ModelError
 from d2r.manifest import SCHEMA_VERSION, load_manifest, resolve_model_path
+
 from shared_data import landmark_photo
 
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -150,7 +150,7 @@ def test_debouncer_announces_once_per_stable_change():
     seq = ["a", "a", "a", "a", "b", "a", "a", "a", None, None, None, "a", "a", "a", "b", "b", "b"]
     said = [(i, d.update(x)) for i, x in enumerate(seq)]
     assert [(i, x) for i, x in said if x] == [(2, "a"), (13, "a"), (16, "b")]
-    with pytest.raises(Exception):
+    with pytest.raises(kiosk.d2r.InputError, match="frames"):
         kiosk.Debouncer(0)
 
 

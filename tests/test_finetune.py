@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from d2r.errors import InputError
+
 from shared_data import landmark_photo, landmark_photos, landmarks_dir, ukbench_dir, ukbench_images
 
 tf = pytest.importorskip("tensorflow")

@@ -461,9 +461,9 @@ def test_a_flipped_bit_raises_or_changes_nothing(tmp_path, monkeypatch, kind, wh
     path = tmp_path / "bad.d2ri"
     raised = 0
     trials = 24
-    for t in range(trials):
+    for _ in range(trials):
         j = int(rng.integers(total * 8))
-        for a, n in spans:
+        for a, n in spans:  # noqa: B007 (a is the span where the loop stops)
             if j < 8 * n:
                 break
             j -= 8 * n

@@ -17,7 +17,8 @@ from PIL import Image
 
 from d2r import cli, mining
 from d2r.errors import InputError
-from shared_data import landmark_photo, ukbench_groups, ukbench_dir
+
+from shared_data import landmark_photo, ukbench_dir, ukbench_groups
 
 BG_SIZE = (320, 240)  # (w, h) of each background
 

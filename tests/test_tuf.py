@@ -16,9 +16,7 @@ pytest.importorskip("flask")
 pytest.importorskip("waitress")
 pytest.importorskip("tuf")
 
-from d2r.sync import (  # noqa: E402
-    Destination, LiveBundle, SignatureError, StaleMetadataError, SyncClient, SyncError, generate_keypair, verify_bundle_folder,
-)
+from d2r.sync import Destination, LiveBundle, SignatureError, StaleMetadataError, SyncClient, SyncError, generate_keypair, verify_bundle_folder  # noqa: E402
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, StaticMirror, mirror_repository  # noqa: E402
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels
-from ._files import atomic_write
 from ._checks import descriptors_array, positive_int
+from ._files import atomic_write
 from .errors import CodebookError, InputError
 
 _MAGIC = b"D2RCODEB"

@@ -28,8 +28,6 @@ scaled to a longest side of 640 px; :func:`select_subset` documents its rule.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import http.client
 import io
 import json

@@ -36,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ._checks import positive_int
 from ._files import clean_stale, fsync_dir, temp_path
 from ._files import sha256_file as _sha256_file
-from ._checks import positive_int
 from ._progress import counter as _progress
 from ._progress import end_line as _end_progress_line
 from ._version import __version__
@@ -507,7 +507,7 @@ class Engine:
                 (tmp / "features.ids.json").write_text(json.dumps(ids))
             (tmp / "models").mkdir()
             entries = []
-            for role, entry in (("features", self.feature_entry), ("detector", self.detector_entry)):
+            for entry in (self.feature_entry, self.detector_entry):
                 if entry is None:
                     continue
                 shutil.copyfile(entry.path, tmp / "models" / Path(entry.file).name)

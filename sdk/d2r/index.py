@@ -32,8 +32,8 @@ import numba
 import numpy as np
 
 from . import kernels
-from ._files import atomic_file, clean_stale
 from ._checks import positive_int, real_number
+from ._files import atomic_file, clean_stale
 from .aggregate import BINARY_KINDS, Aggregation
 from .codebook import Codebook
 from .errors import IndexFormatError, InputError

@@ -42,8 +42,8 @@ import numpy as np
 
 from . import verify
 from ._files import atomic_write
-from .evaluation import _progress
 from .errors import InputError
+from .evaluation import _progress
 
 __all__ = [
     "BOXES_FORMAT",
@@ -330,7 +330,8 @@ def collect_evidence(
         settings = {
             "features": features, "precision": precision, "backend": backend, "max_features": ex.max_features,
             "codebook": codebook_source, "codebook_size": cb.size, "top_k": top_k, "verify_features": verify_features,
-            "match_max_distance": round(match_distance, 6), "match_ratio": ratio, "match_mutual": bool(mutual), "ransac_threshold_px": verify.RESIDUAL_THRESHOLD, "seed": seed,
+            "match_max_distance": round(match_distance, 6), "match_ratio": ratio, "match_mutual": bool(mutual),
+            "ransac_threshold_px": verify.RESIDUAL_THRESHOLD, "seed": seed,
         }
     finally:
         engine.close()
@@ -488,5 +489,6 @@ def load_boxes(path) -> dict:
     for k, e in enumerate(doc["images"] + doc.get("queries", [])):
         box = e.get("box") if isinstance(e, dict) else 0
         if box is not None and not (isinstance(box, list) and len(box) == 4 and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-            raise InputError(f"{path}: entry {k} ({e.get('path') if isinstance(e, dict) else e!r}): box must be [ymin, xmin, ymax, xmax] in [0, 1] or null, got {box!r}")
+            raise InputError(f"{path}: entry {k} ({e.get('path') if isinstance(e, dict) else e!r}): "
+                             f"box must be [ymin, xmin, ymax, xmax] in [0, 1] or null, got {box!r}")
     return doc

@@ -29,6 +29,7 @@ defined here, on both sides: :func:`pack_bundle`, :func:`unpack_bundle`, :func:`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -845,7 +846,7 @@ class SyncClient:
                 with resp:
                     mode = "ab" if resp.status == 206 else "wb"
                     with open(part, mode) as fh:
-                        for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                        for chunk in iter(functools.partial(resp.read, _CHUNK), b""):
                             fh.write(chunk)
                             received += len(chunk)
                             _crash_point("download-chunk")

@@ -133,7 +133,7 @@ class Codebook:
     def __eq__(self, other) -> bool:
         return isinstance(other, Codebook) and self.checksum == other.checksum
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # equal by content, mutable: not hashable
 
     # -- training -----------------------------------------------------------------------------
     @classmethod

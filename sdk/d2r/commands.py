@@ -125,7 +125,7 @@ def cmd_build(args) -> int:
             engine.train_codebook(images, size=args.codebook_size, seed=args.seed, on_error=on_error)
         engine.add_images(images, metadata=metadata, on_error=on_error)
         engine.save(args.output, protect=[args.images])
-        n = len(engine.index)
+        n = len(engine.index) if engine.index is not None else 0
         skipped = dict(engine.skipped)
     print(f"wrote {args.output}: {n} images, kind {args.kind}, in {time.perf_counter() - t0:.1f} s")
     if skipped:

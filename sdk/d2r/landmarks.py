@@ -22,7 +22,7 @@ def _cmd_mine(args) -> int:
     from . import mining
 
     paths, root = mining.list_images(args.images)
-    queries = []
+    queries: list = []
     if args.queries:
         queries, _ = mining.list_images(args.queries)
     out = Path(args.output)

@@ -233,7 +233,7 @@ def collect_evidence(
     if len(paths) < 2:
         raise InputError(f"images: mining needs at least 2 images (a box is what an image shares with others), got {len(paths)}")
     # The same file twice would verify against itself: a whole-frame box out of nothing.
-    seen = {}
+    seen: dict[Path, Path] = {}
     for p in paths:
         key = p.resolve()
         if key in seen:
@@ -248,7 +248,7 @@ def collect_evidence(
     if threads is not None:
         import numba
 
-        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]  # set at import
     report = _progress(progress)
     timings = {}
     t0 = time.perf_counter()
@@ -271,7 +271,7 @@ def collect_evidence(
             # Features come sorted by score: verification uses the strongest, like d2r eval.
             vfeats.append(verify.LocalFeatures(f.locations[:verify_features], f.descriptors[:verify_features]))
             if codebook is None:
-                take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else []
+                take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else np.zeros(0, np.int64)
                 sample.append(f.descriptors[np.sort(take)])
             report("features", i + 1, len(paths))
         timings["features_s"] = time.perf_counter() - t0

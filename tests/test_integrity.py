@@ -166,7 +166,7 @@ def write_photos(folder: Path, n=3):
 
 
 @pytest.mark.parametrize("case", ["userdir", "photos", "afile", "parent of photos"])
-def test_cli_build_never_replaces_a_folder_or_file_of_the_user(tmp_path, case, capsys):
+def test_cli_build_never_replaces_a_folder_or_file_of_the_user(tmp_path, case, capsys, monkeypatch):
     """The issue's cases: `d2r build photos -o userdir` deleted userdir/notes.txt, `-o photos`
     deleted the photos, `-o afile` replaced a file. Refused before any work now."""
     root = tmp_path / "work"
@@ -180,10 +180,16 @@ def test_cli_build_never_replaces_a_folder_or_file_of_the_user(tmp_path, case, c
     elif case == "afile":
         target.write_text("mine")
     before = snapshot(root)
-    t = time.perf_counter()
+    started = []
+
+    def create(*args, **kwargs):  # the build's first step: it must not be reached
+        started.append(kwargs)
+        raise AssertionError("the build started before its target was checked")
+
+    monkeypatch.setattr(Engine, "create", create)
     rc = cli_main(["build", str(photos), "-o", str(target), "--features", "xfeat", "--detector", "none",
                    "--codebook-size", "16", "--verification-features", "0", "--threads", "1"])
-    assert rc != 0 and time.perf_counter() - t < 5.0  # refused up front, not after the build
+    assert rc != 0 and not started  # refused up front, not after the build
     assert str(target) in capsys.readouterr().err
     assert snapshot(root) == before
 

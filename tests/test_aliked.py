@@ -55,6 +55,7 @@ def _deform_numpy(x, offset, weight):
     return out
 
 
+@pytest.mark.slow
 @needs_tf
 def test_tf_deformable_conv_equals_a_direct_loop():
     import tensorflow as tf
@@ -78,6 +79,7 @@ def test_tf_deformable_conv_equals_a_direct_loop():
     assert np.abs(plain - conv).max() < 1e-4 * np.abs(conv).max()
 
 
+@pytest.mark.slow
 @needs_torch
 def test_tf_deformable_conv_equals_torch_helper():
     import tensorflow as tf
@@ -98,6 +100,7 @@ def test_tf_deformable_conv_equals_torch_helper():
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.slow
 @needs_torch
 def test_converted_graph_and_host_head_match_torch():
     from d2r_convert import aliked
@@ -175,6 +178,7 @@ def test_shipped_head_and_model_files(aliked_entries):
         assert e.output("feature_map_1").shape[-1] * 4 == 128
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tflite", "onnx"])
 def test_sdk_extraction_returns_sane_features(backend):
     if backend == "onnx":
@@ -202,6 +206,7 @@ def test_sdk_extraction_returns_sane_features(backend):
     assert len(m) > 300 and inliers > 0.8 * len(m)
 
 
+@pytest.mark.slow
 def test_tflite_and_onnx_agree():
     pytest.importorskip("onnxruntime")
     rgb = _photo("all_souls_000012.jpg")
@@ -217,6 +222,7 @@ def test_tflite_and_onnx_agree():
     assert np.sum(a.descriptors[close] * b.descriptors[j[close]], axis=1).mean() > 0.99
 
 
+@pytest.mark.slow
 def test_engine_bundle_carries_the_head(tmp_path):
     """Engine + bundle with ALIKED: the head file travels with the model; a reopened bundle finds each photo itself."""
     from shared_data import ukbench_images

@@ -67,6 +67,7 @@ def test_entries_carry_the_runtime_contract(manifest):
             assert m.defaults["max_features"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_shipped_models_run_with_manifest_shapes(manifest, fmt):
     for m in (e for e in manifest.models if e.format == fmt):

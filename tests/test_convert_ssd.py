@@ -15,6 +15,8 @@ from d2r_convert._tools import load_rgb
 
 from shared_data import photo_sets
 
+pytestmark = pytest.mark.slow  # converts models
+
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):

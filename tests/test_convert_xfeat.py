@@ -11,6 +11,8 @@ from d2r_convert._tools import load_rgb
 
 from shared_data import landmark_photo, photo_sets
 
+pytestmark = pytest.mark.slow  # converts models
+
 SIZE = (256, 352)  # small, not square, multiples of 32: keeps CI fast
 
 

@@ -39,6 +39,7 @@ def test_assign_matches_oracle(seed, k, d, n, m):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_assign_across_many_blocks():
     # K larger than one GEMM column block and N larger than one row block.
     rng = np.random.default_rng(5)

@@ -14,6 +14,8 @@ from d2r.manifest import DEFAULT_FEATURES
 
 from shared_data import ukbench_groups, ukbench_images
 
+pytestmark = pytest.mark.slow  # builds bundles
+
 K = 256
 
 

@@ -13,6 +13,8 @@ from d2r.evaluation import parse_regions, rmac_boxes, run
 
 from shared_data import ukbench_retrieval_dataset
 
+pytestmark = pytest.mark.slow  # runs d2r eval on photos
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):

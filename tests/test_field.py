@@ -19,6 +19,7 @@ from d2r.image import DRAFT_PIXELS, load_image
 
 from shared_data import ukbench_images
 
+pytestmark = pytest.mark.slow  # builds bundles and runs the CLI
 
 CLI = [sys.executable, "-m", "d2r.cli"]
 FAST = ["--features", "xfeat", "--detector", "none", "--codebook-size", "32", "--verification-features", "0"]

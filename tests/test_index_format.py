@@ -192,6 +192,7 @@ def test_specific_corruptions(tmp_path):
         d2r.Index.open(tmp_path / "missing.d2ri")
 
 
+@pytest.mark.slow
 def test_fuzz_mutated_and_truncated_files(tmp_path):
     """Thousands of damaged files: every one raises IndexFormatError or still works; never a
     crash or another exception. Re-signed mutations get past the checksums and exercise the

@@ -113,6 +113,7 @@ def test_index_save_replaces_an_index_or_an_empty_file(tmp_path):
 
 @pytest.mark.parametrize("case", ["user folder", "file", "symlink", "bundle holding a user file", "source folder",
                                   "empty source folder", "folder holding the source"])
+@pytest.mark.slow
 def test_bundle_save_refuses_what_is_not_ours(engine, tmp_path, case):
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -141,6 +142,7 @@ def test_bundle_save_refuses_what_is_not_ours(engine, tmp_path, case):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_bundle_save_over_a_new_path_an_empty_folder_or_a_bundle(engine, tmp_path):
     (tmp_path / "empty.d2r").mkdir()
     for name in ("new.d2r", "empty.d2r"):
@@ -251,6 +253,7 @@ def kill_mid_save(script: str, target: Path, attempts=4, timeout=90.0) -> list:
     pytest.fail(f"could not kill a save of {target} while its temporary existed")
 
 
+@pytest.mark.slow
 def test_killed_index_save_is_cleaned_up_by_the_next_open_and_save(tmp_path):
     target = tmp_path / "big.d2ri"
     left = kill_mid_save(INDEX_WRITER, target)
@@ -264,6 +267,7 @@ def test_killed_index_save_is_cleaned_up_by_the_next_open_and_save(tmp_path):
     assert leftovers(tmp_path, target.name) == [] and sorted(os.listdir(tmp_path)) == ["big.d2ri"]
 
 
+@pytest.mark.slow
 def test_killed_bundle_save_is_cleaned_up_by_the_next_open_and_save(engine, tmp_path):
     target = tmp_path / "museum.d2r"
     kill_mid_save(ENGINE_WRITER, target)
@@ -296,6 +300,7 @@ def test_stale_temporaries_only_of_dead_writers_of_this_machine(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(keep + ["x.d2ri"])
 
 
+@pytest.mark.slow
 def test_a_bundle_lost_between_the_renames_of_a_swap_is_restored(engine, tmp_path):
     target = tmp_path / "museum.d2r"
     engine.save(target, version=7)
@@ -372,6 +377,7 @@ def resign_bundle(info) -> dict:
     return info
 
 
+@pytest.mark.slow
 def test_fuzzed_bundle_json_gives_bundle_error_naming_the_field(engine, tmp_path):
     target = tmp_path / "b.d2r"
     engine.save(target)

@@ -20,6 +20,8 @@ from d2r.errors import InputError
 
 from shared_data import landmark_photo, ukbench_dir, ukbench_groups
 
+pytestmark = pytest.mark.slow  # builds indexes from photos
+
 BG_SIZE = (320, 240)  # (w, h) of each background
 
 

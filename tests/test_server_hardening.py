@@ -37,6 +37,7 @@ from d2r.sync import Destination, SyncClient, SyncError, generate_keypair  # noq
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, free_port  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers
 
 D2R = [sys.executable, "-m", "d2r.cli"]
 BIG = 2**63  # one past SQLite's INTEGER range

@@ -23,6 +23,8 @@ from d2r.sync import Destination, LiveBundle, SignatureError, SyncClient, SyncEr
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, FlakyProxy, ServerThread, create_collection, tuf_keys  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers and bundles
+
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):

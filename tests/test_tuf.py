@@ -20,6 +20,8 @@ from d2r.sync import Destination, LiveBundle, SignatureError, StaleMetadataError
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, StaticMirror, mirror_repository  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers and bundles
+
 D2R = [sys.executable, "-m", "d2r.cli"]
 
 

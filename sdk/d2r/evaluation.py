@@ -329,7 +329,7 @@ def run(
     for i, p in enumerate(db_paths):
         f, shape = whole(p)
         if codebook is None:
-            take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else []
+            take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else np.zeros(0, np.int64)
             sample.append(f.descriptors[np.sort(take)])
         n_regions.append(1 + len(regions_of(p, f, shape)))
         report("database features" + (" and regions" if source != "none" else ""), i + 1, len(db_paths))

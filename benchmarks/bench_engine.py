@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import d2r  # noqa: E402
 from d2r.engine import Engine  # noqa: E402
 from d2r.manifest import DEFAULT_FEATURES  # noqa: E402
+
 from shared_data import ukbench_images  # noqa: E402
 
 

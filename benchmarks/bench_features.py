@@ -211,7 +211,7 @@ def latency(names, runs, threads_list, dataset, baseline="xfeat-int8-4096"):
         for _ in range(runs):
             for name in order:
                 t0 = time.perf_counter()
-                f = exs[name][0].extract(rgb)
+                exs[name][0].extract(rgb)
                 ts[name].append((time.perf_counter() - t0) * 1e3)
         for name in order:
             n = len(exs[name][0].extract(rgb))

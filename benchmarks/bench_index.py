@@ -402,7 +402,8 @@ def print_table(rows, threads):
         else:
             asmk = f"{(a or {}).get('error', 'not run')} | | | | |"
         print(f"| {r['N']:,} | {r['entries']:,} | {r['build']:.1f} | {r['size'] / 2**20:.1f} | {r['bpe']:.2f} | "
-              f"{1000 * r['open']:.1f} | {r['verify']:.2f} | {r['q0'][0]:.2f} / {r['q0'][1]:.2f} | {r['q1'][0]:.2f} / {r['q1'][1]:.2f} | {r['qall'][0]:.2f} / {r['qall'][1]:.2f} | "
+              f"{1000 * r['open']:.1f} | {r['verify']:.2f} | {r['q0'][0]:.2f} / {r['q0'][1]:.2f} | {r['q1'][0]:.2f} / {r['q1'][1]:.2f} | "
+              f"{r['qall'][0]:.2f} / {r['qall'][1]:.2f} | "
               f"{rs} | {asmk}")
 
 

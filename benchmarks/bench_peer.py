@@ -74,7 +74,8 @@ def run_asmk(centroids, db, queries, n_images):
         "query_ivf": {"quantize": {"multiple_assignment": 1}, "aggregate": {},
                       "search": {"topk": None}, "similarity": {"similarity_threshold": 0.0, "alpha": 3.0}},
     }
-    from asmk import codebook as cdb_pkg, index as idx_pkg
+    from asmk import codebook as cdb_pkg
+    from asmk import index as idx_pkg
 
     cdb = cdb_pkg.Codebook(idx_pkg.initialize_index(None), size=int(centroids.shape[0]))
     cdb.index(np.ascontiguousarray(centroids, dtype=np.float32))

@@ -422,7 +422,8 @@ def time_table(args):
     print(f"\nRe-rank {N_CANDIDATES} candidates (query and candidates with N features each), one core, "
           f"{args.repeat} passes: wall and CPU time in ms, median (best); stages: CPU ms, best pass. "
           f"int8: integer GEMM on {int8_gemm.backend(1)}; 'same order' compares the re-ranked top 100 with fp32's")
-    print("| N x D | matching | wall | CPU | distance GEMM | NN kernel | RANSAC | quantise 100 candidates | matches min/median/max | top inliers | same order |")
+    print("| N x D | matching | wall | CPU | distance GEMM | NN kernel | RANSAC | quantise 100 candidates | "
+          "matches min/median/max | top inliers | same order |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cfg in args.configs:
         n, dim = (int(v) for v in cfg.lower().split("x"))

@@ -15,6 +15,7 @@ import pytest
 import d2r
 from d2r import aliked as host
 from d2r.manifest import load_manifest
+
 from shared_data import landmark_photo
 
 HAS_TF = importlib.util.find_spec("tensorflow") is not None
@@ -54,6 +55,7 @@ def _deform_numpy(x, offset, weight):
     return out
 
 
+@pytest.mark.slow
 @needs_tf
 def test_tf_deformable_conv_equals_a_direct_loop():
     import tensorflow as tf
@@ -77,6 +79,7 @@ def test_tf_deformable_conv_equals_a_direct_loop():
     assert np.abs(plain - conv).max() < 1e-4 * np.abs(conv).max()
 
 
+@pytest.mark.slow
 @needs_torch
 def test_tf_deformable_conv_equals_torch_helper():
     import tensorflow as tf
@@ -97,6 +100,7 @@ def test_tf_deformable_conv_equals_torch_helper():
     assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
 
 
+@pytest.mark.slow
 @needs_torch
 def test_converted_graph_and_host_head_match_torch():
     from d2r_convert import aliked
@@ -125,10 +129,11 @@ def test_converted_graph_and_host_head_match_torch():
 def test_selu_matches_the_float64_definition():
     x = np.concatenate([np.linspace(-30, 30, 20001), [0.0, -1e-8, 1e-8, -0.5, 88.0, -88.0]]).astype(np.float32).reshape(-1, 3)
     want = np.where(x > 0, host.SELU_SCALE * x.astype(np.float64), host.SELU_SCALE * host.SELU_ALPHA * np.expm1(x.astype(np.float64)))
+    x0 = x.copy()
     got = host.selu(x)
     assert got.dtype == np.float32 and got.shape == x.shape
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
-    assert host.selu(x) is not x and np.array_equal(x, x.copy())  # a new array
+    assert got is not x and np.array_equal(x, x0)  # a new array; the input is left as it was
 
 
 def test_simple_nms_and_subpixel_peak():
@@ -173,6 +178,7 @@ def test_shipped_head_and_model_files(aliked_entries):
         assert e.output("feature_map_1").shape[-1] * 4 == 128
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tflite", "onnx"])
 def test_sdk_extraction_returns_sane_features(backend):
     if backend == "onnx":
@@ -200,6 +206,7 @@ def test_sdk_extraction_returns_sane_features(backend):
     assert len(m) > 300 and inliers > 0.8 * len(m)
 
 
+@pytest.mark.slow
 def test_tflite_and_onnx_agree():
     pytest.importorskip("onnxruntime")
     rgb = _photo("all_souls_000012.jpg")
@@ -215,6 +222,7 @@ def test_tflite_and_onnx_agree():
     assert np.sum(a.descriptors[close] * b.descriptors[j[close]], axis=1).mean() > 0.99
 
 
+@pytest.mark.slow
 def test_engine_bundle_carries_the_head(tmp_path):
     """Engine + bundle with ALIKED: the head file travels with the model; a reopened bundle finds each photo itself."""
     from shared_data import ukbench_images

@@ -74,6 +74,7 @@ def test_auto_size_keeps_39_descriptors_per_word_up_to_8192():
     assert auto_size(10**6, max_size=65536) == 16384
 
 
+@pytest.mark.slow
 def test_approximate_assignment_agrees_mostly_and_is_exact_with_all_probes():
     rng = np.random.default_rng(0)
     _, x = blobs(3, k=200, d=32, per=10, spread=0.3)
@@ -144,6 +145,7 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["cb.d2rcb"]
 
 
+@pytest.mark.slow
 def test_cli_version_and_codebook_train(tmp_path):
     out = subprocess.run([sys.executable, "-m", "d2r.cli", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("d2r ")

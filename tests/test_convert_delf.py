@@ -7,7 +7,10 @@ import pytest
 
 from d2r.errors import ModelError
 from d2r_convert import datum_io, delf, pipeline
+
 from shared_data import photo_sets
+
+pytestmark = pytest.mark.slow  # converts models (TensorFlow)
 
 SIZE = (96, 128)
 

@@ -10,6 +10,7 @@ import pytest
 
 from d2r.errors import ModelError
 from d2r.manifest import SCHEMA_VERSION, load_manifest, resolve_model_path
+
 from shared_data import landmark_photo
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -66,6 +67,7 @@ def test_entries_carry_the_runtime_contract(manifest):
             assert m.defaults["max_features"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_shipped_models_run_with_manifest_shapes(manifest, fmt):
     for m in (e for e in manifest.models if e.format == fmt):

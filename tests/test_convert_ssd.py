@@ -12,7 +12,10 @@ import pytest
 from d2r.errors import ModelError
 from d2r_convert import compare, pipeline, runtimes, ssd
 from d2r_convert._tools import load_rgb
+
 from shared_data import photo_sets
+
+pytestmark = pytest.mark.slow  # converts models
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,10 @@ import pytest
 from d2r.errors import ModelError
 from d2r_convert import compare, pipeline, xfeat
 from d2r_convert._tools import load_rgb
+
 from shared_data import landmark_photo, photo_sets
+
+pytestmark = pytest.mark.slow  # converts models
 
 SIZE = (256, 352)  # small, not square, multiples of 32: keeps CI fast
 

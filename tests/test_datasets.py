@@ -528,6 +528,7 @@ def test_mini_never_enlarges_and_the_cli_runs_both_steps(mirror, tmp_path):
     assert ds.gnd[0]["bbx"] == (30.0, 10.0, 150.0, 110.0)
 
 
+@pytest.mark.slow
 def test_mini_takes_the_21_queries_of_roxford5k_mini_by_default(tmp_path):
     # a full-size folder in the converted layout, made by hand: 21 + 1 queries, 12 database images
     src = tmp_path / "src"

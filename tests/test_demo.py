@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
+
+pytestmark = pytest.mark.slow  # builds the demo bundle
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "demo.py"
 

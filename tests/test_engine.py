@@ -14,6 +14,8 @@ from d2r.manifest import DEFAULT_FEATURES
 
 from shared_data import ukbench_groups, ukbench_images
 
+pytestmark = pytest.mark.slow  # builds bundles
+
 K = 256
 
 
@@ -225,7 +227,8 @@ def test_cli_build_and_query(images, tmp_path):
     (tmp_path / "meta.csv").write_text("image_id,title\n" + "".join(f"{p.name},Object {i // 4}\n" for i, p in enumerate(images[:12])))
     bundle = tmp_path / "small.d2r"
     run = subprocess.run(
-        [sys.executable, "-m", "d2r.cli", "build", str(folder), "-o", str(bundle), "--codebook-size", "64", "--detector", "none", "--metadata", str(tmp_path / "meta.csv")],
+        [sys.executable, "-m", "d2r.cli", "build", str(folder), "-o", str(bundle), "--codebook-size", "64", "--detector", "none",
+         "--metadata", str(tmp_path / "meta.csv")],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr

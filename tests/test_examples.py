@@ -87,6 +87,7 @@ def test_exhibits_csv_covers_the_collection():
     assert all(r["title"] and r["description"] for r in rows)
 
 
+@pytest.mark.slow
 def test_guide_names_the_exhibit_of_cluttered_partial_tilted_photos(guide, tmp_path):
     for seed, src in enumerate(VISITORS):
         for photo in (src, hard_photo(src, seed)):
@@ -98,6 +99,7 @@ def test_guide_names_the_exhibit_of_cluttered_partial_tilted_photos(guide, tmp_p
             assert answer.inliers >= guide.min_inliers
 
 
+@pytest.mark.slow
 def test_guide_declines_a_photo_of_something_else(guide):
     rng = np.random.default_rng(0)
     blobs = Image.new("RGB", (320, 240), (120, 130, 140))
@@ -109,6 +111,7 @@ def test_guide_declines_a_photo_of_something_else(guide):
         assert guide.ask(np.asarray(img)).title is None
 
 
+@pytest.mark.slow
 def test_guide_command_line(museum, tmp_path):
     photo = tmp_path / "visitor.jpg"
     hard_photo(VISITORS[2], 2).save(photo)
@@ -150,10 +153,11 @@ def test_debouncer_announces_once_per_stable_change():
     seq = ["a", "a", "a", "a", "b", "a", "a", "a", None, None, None, "a", "a", "a", "b", "b", "b"]
     said = [(i, d.update(x)) for i, x in enumerate(seq)]
     assert [(i, x) for i, x in said if x] == [(2, "a"), (13, "a"), (16, "b")]
-    with pytest.raises(Exception):
+    with pytest.raises(kiosk.d2r.InputError, match="frames"):
         kiosk.Debouncer(0)
 
 
+@pytest.mark.slow
 def test_kiosk_on_a_folder_of_frames_announces_debounced_exhibits(museum, tmp_path):
     kiosk = load_example("kiosk/kiosk.py")
     folder = _frames_folder(tmp_path / "frames", [(BOOK, 4), (None, 3), (DUCK, 2), (BOOK, 1), (hard_photo(DUCK, 5), 4),
@@ -166,6 +170,7 @@ def test_kiosk_on_a_folder_of_frames_announces_debounced_exhibits(museum, tmp_pa
     assert [n for n, _ in kiosk.frames(folder, every=5)] == ["f000.jpg", "f005.jpg", "f010.jpg", "f015.jpg"]
 
 
+@pytest.mark.slow
 def test_kiosk_skips_bad_frames_and_says_so_once(museum, tmp_path, capsys):
     kiosk = load_example("kiosk/kiosk.py")
     folder = _frames_folder(tmp_path / "frames", [(BOOK, 4)])
@@ -182,6 +187,7 @@ def test_kiosk_skips_bad_frames_and_says_so_once(museum, tmp_path, capsys):
     assert bad.count == 1 and [a.frame for a in said] == ["book"]
 
 
+@pytest.mark.slow
 def test_kiosk_syncs_from_the_edge_server_and_hot_reloads(museum, tmp_path, capsys):
     pytest.importorskip("flask")
     pytest.importorskip("waitress")
@@ -236,6 +242,7 @@ def _same_ranking(ours, theirs):
     assert [h[2] for h in ours] == [h.metadata for h in theirs]
 
 
+@pytest.mark.slow
 def test_mobile_reader_scores_the_museum_index_like_d2r(museum):
     import d2r
 

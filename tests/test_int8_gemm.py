@@ -189,6 +189,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_exact_on_an_avx2_cpu_without_vnni_under_qemu():
     """ONNX Runtime's real uint8 x int8 kernel of a CPU without VNNI (AMD Zen 2, AVX2 only),
     run under qemu-user's emulation of that CPU (Debian's qemu-user-static, which .ci/run

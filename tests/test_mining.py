@@ -17,7 +17,10 @@ from PIL import Image
 
 from d2r import cli, mining
 from d2r.errors import InputError
-from shared_data import landmark_photo, ukbench_groups, ukbench_dir
+
+from shared_data import landmark_photo, ukbench_dir, ukbench_groups
+
+pytestmark = pytest.mark.slow  # builds indexes from photos
 
 BG_SIZE = (320, 240)  # (w, h) of each background
 
@@ -90,6 +93,18 @@ def test_pasted_landmark_is_boxed_and_unrelated_photos_are_not(collection, tmp_p
         assert e["inliers"] >= e["support"] * MINE["min_inliers"]
     for name in ("plain_4.jpg", "plain_5.jpg"):
         assert by_name[name]["box"] is None and by_name[name]["support"] == 0, by_name[name]
+
+
+def test_a_photo_without_local_features_gets_no_box(collection, tmp_path):
+    """A blank photo has no feature to sample for the codebook (an empty index array once broke
+    the sampling) and nothing to verify: it is mined, without a box."""
+    root, _ = collection
+    blank = tmp_path / "blank.jpg"
+    Image.new("RGB", BG_SIZE, (128, 128, 128)).save(blank)
+    paths, _ = mining.list_images(root)
+    doc = mining.mine_boxes([*paths, blank], cache_dir=tmp_path / "cache", **MINE)
+    entry = next(e for e in doc["images"] if e["path"].endswith("blank.jpg"))
+    assert entry["box"] is None and entry["support"] == 0, entry
 
 
 def test_query_outside_the_collection_is_boxed_against_it(collection, tmp_path):

@@ -29,6 +29,8 @@ from d2r.sync import Destination, SyncError, generate_keypair, pack_bundle, veri
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, create_collection, free_port, tuf_keys  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers and bundles
+
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):

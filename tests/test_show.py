@@ -10,6 +10,8 @@ import d2r
 from d2r import visualize
 from d2r.cli import main
 
+pytestmark = pytest.mark.slow  # builds a bundle
+
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sample"
 # Two objects of the sample collection (photos 16-18: a picture book, 20-22: a toy duck).
 COLLECTION = [SAMPLE / "collection" / f"ukbench000{n}.jpg" for n in (16, 17, 18, 20, 21, 22)]

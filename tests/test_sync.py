@@ -19,11 +19,11 @@ pytest.importorskip("cryptography")
 pytest.importorskip("tuf")
 
 import d2r  # noqa: E402
-from d2r.sync import (  # noqa: E402
-    Destination, LiveBundle, SignatureError, SyncClient, SyncError, verify_bundle_folder,
-)
+from d2r.sync import Destination, LiveBundle, SignatureError, SyncClient, SyncError, verify_bundle_folder  # noqa: E402
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, FlakyProxy, ServerThread, create_collection, tuf_keys  # noqa: E402
+
+pytestmark = pytest.mark.slow  # real servers and bundles
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,11 @@ pytest.importorskip("flask")
 pytest.importorskip("waitress")
 pytest.importorskip("tuf")
 
-from d2r.sync import (  # noqa: E402
-    Destination, LiveBundle, SignatureError, StaleMetadataError, SyncClient, SyncError, generate_keypair, verify_bundle_folder,
-)
+from d2r.sync import Destination, LiveBundle, SignatureError, StaleMetadataError, SyncClient, SyncError, generate_keypair, verify_bundle_folder  # noqa: E402
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, StaticMirror, mirror_repository  # noqa: E402
+
+pytestmark = pytest.mark.slow  # real servers and bundles
 
 D2R = [sys.executable, "-m", "d2r.cli"]
 

@@ -402,7 +402,8 @@ def make_job(variant: str = "aliked-n16", height: int = DEFAULT_SIZE[0], width: 
                "descriptors: SDDH on the host (d2r.aliked) with the weights of the head file; the source side runs the same host code on torch's dense maps",
                "repeatability: fraction of the reference keypoints with a keypoint within 3 px (and 0.5 px); "
                "descriptor_cosine: mean cosine of the descriptors of keypoints within 0.5 px",
-               f"pair: {pair.name} and a copy warped by a known homography (12 deg, x0.85, perspective); mutual NN (cosine > 0.75); inliers = matches within 3 px of the true homography",
+               f"pair: {pair.name} and a copy warped by a known homography (12 deg, x0.85, perspective); mutual NN (cosine > 0.75); "
+               "inliers = matches within 3 px of the true homography",
                "stereo: scikit-image stereo_motorcycle stretched to the model size (when scikit-image is installed); "
                "epipolar inliers = mutual NN matches with |dy| <= 2 px and non-negative disparity",
                f"calibration: {len(cal)} photos; evaluation: {len(ev)} other photos (shared/data)"],

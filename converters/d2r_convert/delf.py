@@ -268,7 +268,7 @@ def reference_forward(variables: dict[str, np.ndarray], image: np.ndarray, pca=N
     x = (tf.constant(image) - 128.0) / 128.0
     x = tf.nn.relu(bn(conv(x, "resnet_v1_50/conv1", 2), "resnet_v1_50/conv1"))
     x = tf.nn.max_pool2d(x, 3, 2, "SAME")
-    for block, base, n, stride in RESNET_BLOCKS:
+    for block, _base, n, stride in RESNET_BLOCKS:
         for u in range(1, n + 1):
             s = stride if u == n else 1
             sc = f"resnet_v1_50/{block}/unit_{u}/bottleneck_v1"

@@ -529,7 +529,7 @@ def train(records, *, views: int = 3, epochs: int = 20, batch_size: int = 32, lr
             cls_sum += float(c) * len(idx)
             box_sum += float(b) * len(idx)
             out = predict(feats)
-            for j, k in enumerate(idx):
+            for j in range(len(idx)):
                 dets.append(detections_from_outputs(out["box_encodings"][j].numpy(), out["class_logits"][j].numpy()))
         for k in rows:
             i = row_owner[int(k)]

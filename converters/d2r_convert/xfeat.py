@@ -236,7 +236,8 @@ def manifest_entry(height: int, width: int) -> dict:
             {"name": "descriptors", "shape": [1, h, w, DESCRIPTOR_DIM], "dtype": "float32",
              "meaning": "dense 64-D descriptors at stride 8, L2-normalised per cell; sample bilinearly at keypoints and L2-normalise again"},
             {"name": "keypoint_logits", "shape": [1, h, w, 65], "dtype": "float32",
-             "meaning": "per 8x8 cell: 64 logits of the pixel positions (row-major) + 1 'no keypoint'; softmax over 65, drop the last, depth-to-space 8 -> heatmap [H, W]"},
+             "meaning": "per 8x8 cell: 64 logits of the pixel positions (row-major) + 1 'no keypoint'; "
+                        "softmax over 65, drop the last, depth-to-space 8 -> heatmap [H, W]"},
             {"name": "reliability", "shape": [1, h, w, 1], "dtype": "float32",
              "meaning": "descriptor reliability in (0, 1) at stride 8; keypoint score = heatmap(x, y) * bilinear reliability(x, y)"},
         ],
@@ -297,7 +298,8 @@ def make_job(height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1], calibr
         source_label=f"PyTorch XFeatModel (pypi {PYPI_PACKAGE}=={PYPI_VERSION})", entry=entry,
         task_compare=task_compare, pair_check=pair_check,
         notes=[f"keypoints: top {top_k}, threshold {DEFAULT_DETECTION_THRESHOLD}, NMS {NMS_KERNEL}x{NMS_KERNEL}; repeatability radius 3 px",
-               f"pair: {pair.name} and a copy warped by a known homography (12 deg, x0.85, perspective); mutual NN (cosine > 0.82); inliers = matches within 3 px of the true homography",
+               f"pair: {pair.name} and a copy warped by a known homography (12 deg, x0.85, perspective); mutual NN (cosine > 0.82); "
+               "inliers = matches within 3 px of the true homography",
                "stereo: scikit-image stereo_motorcycle stretched to the model size (when scikit-image is installed); "
                "epipolar inliers = mutual NN matches with |dy| <= 2 px and non-negative disparity",
                f"calibration: {len(cal)} photos; evaluation: {len(ev)} other photos (shared/data)"],

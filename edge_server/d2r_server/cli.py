@@ -9,7 +9,6 @@ from pathlib import Path
 
 from d2r.errors import InputError
 
-
 ADMIN_TOKEN_ENV = "D2R_ADMIN_TOKEN"
 
 

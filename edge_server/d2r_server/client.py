@@ -13,9 +13,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from d2r._tuf import (
-    DELTAS_ROLE, ROOT_EXPIRY, TARGETS_EXPIRY, bundle_info_of, bundle_target, expiry, private_signer, public_key, tuf_modules,
-)
+from d2r._tuf import DELTAS_ROLE, ROOT_EXPIRY, TARGETS_EXPIRY, bundle_info_of, bundle_target, expiry, private_signer, public_key, tuf_modules
 from d2r.errors import InputError
 from d2r.sync import ARCHIVE_MEDIA_TYPE, COLLECTION_NAME, SyncError, pack_bundle
 

@@ -23,9 +23,7 @@ import os
 import threading
 from pathlib import Path
 
-from d2r._tuf import (
-    BUNDLE_TARGET, DELTAS_EXPIRY, DELTAS_ROLE, SNAPSHOT_EXPIRY, TIMESTAMP_EXPIRY, bundle_info_of, expiry, tuf_modules, utcnow,
-)
+from d2r._tuf import BUNDLE_TARGET, DELTAS_EXPIRY, DELTAS_ROLE, SNAPSHOT_EXPIRY, TIMESTAMP_EXPIRY, bundle_info_of, expiry, tuf_modules, utcnow
 from d2r.errors import InputError
 
 MAX_METADATA_BYTES = 1 << 20

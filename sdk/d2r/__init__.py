@@ -21,7 +21,7 @@ import os as _os
 # Passive waiting keeps the parallel kernels cheap to enter. A user's own setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import evaluate, verify  # noqa: E402
+from . import verify  # noqa: E402
 from ._version import __version__
 from .aggregate import KINDS, Aggregation, aggregate, similarity
 from .codebook import Codebook
@@ -29,7 +29,9 @@ from .errors import CodebookError, D2RError, ImageError, IndexFormatError, Input
 from .index import Hit, Index
 
 # The device runtime (models, images, engine) is imported on first use: `import d2r` stays
-# light for code that only aggregates and searches.
+# light for code that only aggregates and searches. The evaluation tools (``d2r.evaluate``) are
+# no part of the device runtime: a query never imports them (tests/test_runtime_imports.py).
+_LAZY_MODULES = ("evaluate",)
 _LAZY = {
     "Engine": ("engine", "Engine"),
     "EngineConfig": ("engine", "EngineConfig"),
@@ -45,11 +47,14 @@ _LAZY = {
 
 
 def __getattr__(name):
-    if name in _LAZY:
+    if name in _LAZY or name in _LAZY_MODULES:
         import importlib
 
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        if name in _LAZY_MODULES:
+            value = importlib.import_module(f".{name}", __name__)
+        else:
+            module, attr = _LAZY[name]
+            value = getattr(importlib.import_module(f".{module}", __name__), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'd2r' has no attribute {name!r}")

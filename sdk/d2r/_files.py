@@ -80,7 +80,7 @@ def stale_temporaries(path) -> list[tuple[Path, str]]:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     prefix = f".{path.name}"
-    out = []
+    out: list[tuple[Path, str]] = []
     try:
         names = os.listdir(folder)
     except OSError:

@@ -266,9 +266,11 @@ def similarity(a: Aggregation, b: Aggregation, alpha: float = 3.0, tau: float = 
     alpha = real_number(alpha, "alpha")
     tau = real_number(tau, "tau")
     if _family(a.kind) == "vlad":
-        if a.vector.size != b.vector.size:
-            raise InputError(f"VLAD vectors differ in length: {a.vector.size} and {b.vector.size}")
-        return float(np.dot(a.vector.astype(np.float64), b.vector.astype(np.float64)))
+        va, vb = a.vector, b.vector
+        assert va is not None and vb is not None  # Aggregation requires `vector` for the VLAD kinds
+        if va.size != vb.size:
+            raise InputError(f"VLAD vectors differ in length: {va.size} and {vb.size}")
+        return float(np.dot(va.astype(np.float64), vb.astype(np.float64)))
     if a.is_empty or b.is_empty:
         return -1.0
     if _family(a.kind) == "binary":

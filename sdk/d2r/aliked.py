@@ -249,7 +249,7 @@ def extract(outputs: dict, head: dict, threshold: float, n_limit: int, valid_h: 
 
     Returns (yx float32 [N, 2] in model pixels, scores [N], descriptors [N, dim]) in DKD order.
     """
-    f = [np.ascontiguousarray(outputs[f"feature_map_{i}"][0], dtype=np.float32) for i in (1, 2, 3, 4)]
+    f1, f2, f3, f4 = (np.ascontiguousarray(outputs[f"feature_map_{i}"][0], dtype=np.float32) for i in (1, 2, 3, 4))
     x, y, scores = detect(outputs["score_map"][0, :, :, 0], threshold, n_limit, valid_h, valid_w)
-    desc = describe(head, *f, x, y)
+    desc = describe(head, f1, f2, f3, f4, x, y)
     return np.stack([y, x], axis=1).astype(np.float32).reshape(-1, 2), scores, desc

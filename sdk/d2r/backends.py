@@ -21,10 +21,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import InputError, ModelError
+
+if TYPE_CHECKING:  # the manifest is read on first use
+    from .manifest import ModelEntry
 
 log = logging.getLogger("d2r")
 
@@ -114,7 +118,7 @@ class Model:
     path: Path
     inputs: list
     outputs: list
-    entry = None  # the model's manifest entry (d2r.manifest.ModelEntry), when it is listed
+    entry: ModelEntry | None = None  # the model's manifest entry, when it is listed
 
     def run(self, *arrays, **named) -> list:
         """Run on float32 (or already-quantised) inputs; returns float32 outputs, in order."""

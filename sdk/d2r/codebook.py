@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from . import kernels
-from ._files import atomic_write
 from ._checks import descriptors_array, positive_int
+from ._files import atomic_write
 from .errors import CodebookError, InputError
 
 _MAGIC = b"D2RCODEB"
@@ -133,7 +133,7 @@ class Codebook:
     def __eq__(self, other) -> bool:
         return isinstance(other, Codebook) and self.checksum == other.checksum
 
-    __hash__ = None
+    __hash__ = None  # type: ignore[assignment]  # equal by content, mutable: not hashable
 
     # -- training -----------------------------------------------------------------------------
     @classmethod

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .manifest import DEFAULT_FEATURES
 from .errors import InputError
+from .manifest import DEFAULT_FEATURES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -125,7 +125,7 @@ def cmd_build(args) -> int:
             engine.train_codebook(images, size=args.codebook_size, seed=args.seed, on_error=on_error)
         engine.add_images(images, metadata=metadata, on_error=on_error)
         engine.save(args.output, protect=[args.images])
-        n = len(engine.index)
+        n = len(engine.index) if engine.index is not None else 0
         skipped = dict(engine.skipped)
     print(f"wrote {args.output}: {n} images, kind {args.kind}, in {time.perf_counter() - t0:.1f} s")
     if skipped:
@@ -198,7 +198,8 @@ def register_cli(sub) -> None:
     g.add_argument("--codebook", help="use a codebook file trained elsewhere")
     b.add_argument("--metadata", help="CSV with an image_id (or file) column and any metadata columns")
     b.add_argument("--verification-features", type=int, default=1000,
-                   help="whole-image features kept per image for `d2r query --verify` (default 1000, about 68 KB per image with 64-D features (ALIKED-t16, XFeat); 0 to leave out)")
+                   help="whole-image features kept per image for `d2r query --verify` "
+                        "(default 1000, about 68 KB per image with 64-D features (ALIKED-t16, XFeat); 0 to leave out)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int)
     b.add_argument("--strict", action="store_true",

@@ -28,8 +28,6 @@ scaled to a longest side of 640 px; :func:`select_subset` documents its rule.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import http.client
 import io
 import json
@@ -334,7 +332,7 @@ def _numpy_globals() -> dict:
     try:
         from numpy._core import multiarray  # numpy >= 2
     except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray
+        from numpy.core import multiarray  # type: ignore[no-redef]
     allowed = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}
     out = {}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
@@ -564,8 +562,8 @@ def _convert(src: DatasetSource, downloads: Path, stage: Path, stream=None) -> N
                         found_q[stem] = data
                         fh = io.BytesIO(data)
                     if stem in want_db:
-                        with open(stage / "db" / f"{stem}.jpg", "wb") as out:
-                            shutil.copyfileobj(fh, out)
+                        with open(stage / "db" / f"{stem}.jpg", "wb") as copy:
+                            shutil.copyfileobj(fh, copy)
                         found_db.add(stem)
                     progress.update(1)
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:

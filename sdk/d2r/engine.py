@@ -33,12 +33,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 import numpy as np
 
+from ._checks import positive_int
 from ._files import clean_stale, fsync_dir, temp_path
 from ._files import sha256_file as _sha256_file
-from ._checks import positive_int
 from ._progress import counter as _progress
 from ._progress import end_line as _end_progress_line
 from ._version import __version__
@@ -48,9 +49,12 @@ from .codebook import Codebook, auto_size
 from .errors import D2RError, ImageError, InputError, ModelError
 from .features import Features, LocalFeatureExtractor
 from .image import load_image
-from .index import Index
+from .index import Hit, Index
 from .manifest import ALIASES as _ALIASES
 from .manifest import DEFAULT_FEATURES
+
+if TYPE_CHECKING:  # verify is imported on first use
+    from .verify import FeatureFile
 
 log = logging.getLogger("d2r")
 
@@ -185,7 +189,7 @@ class Engine:
         # Verification features: packed bytes of images added in this session, and the side
         # file of the bundle this engine was opened from (image_id -> position in it).
         self._vfeats: dict = {}
-        self._vfile = None
+        self._vfile: FeatureFile | None = None
         self._vfile_ids: dict = {}
         #: photos left out of this collection because they could not be read: image id (or
         #: file name) -> the reason. Filled by :meth:`train_codebook` and :meth:`add_images`,
@@ -216,7 +220,9 @@ class Engine:
             raise InputError(f"unknown Engine option(s): {', '.join(sorted(unknown))}")
         if detector in ("none", ""):
             detector = None
-        config = EngineConfig(features=features, detector=_ALIASES.get(detector, detector), kind=kind, backend=backend, precision=precision, **options).check()
+        if detector is not None:
+            detector = _ALIASES.get(detector, detector)
+        config = EngineConfig(features=features, detector=detector, kind=kind, backend=backend, precision=precision, **options).check()
         man = _manifest_module().load_manifest(manifest) if not hasattr(manifest, "models") else manifest
         feature_entry = _find_entry(man, config.features, "local_features", backend, precision)
         detector_entry = _find_entry(man, config.detector, "detector", backend, precision) if config.detector else None
@@ -326,13 +332,14 @@ class Engine:
         return self.codebook
 
     # -- database -------------------------------------------------------------------------------
-    def _require_index(self):
+    def _require_index(self) -> tuple[Codebook, Index]:
         if self.codebook is None or self.index is None:
             raise InputError("this engine has no codebook yet: pass codebook= to Engine.create or call engine.train_codebook(images) first")
+        return self.codebook, self.index
 
     def add_image(self, image, image_id: str, metadata=None) -> int:
         """Index one image; returns the number of regions stored (1 + detected boxes)."""
-        self._require_index()
+        codebook, index = self._require_index()
         feats, _ = self.regions(image)
         cfg = self.config
         ap = cfg.approximate_assignment
@@ -341,18 +348,18 @@ class Engine:
 
             top = feats[0]
             n = cfg.verification_features
-            words = self.codebook.assign(top.descriptors[:n], approximate=ap) if cfg.verification_words else None
+            words = codebook.assign(top.descriptors[:n], approximate=ap) if cfg.verification_words else None
             self._vfeats[image_id] = pack_features(LocalFeatures(top.locations[:n], top.descriptors[:n], words))
         if cfg.kind == "rasmk_star":
             sizes = [len(f) for f in feats]
             allx = np.concatenate([f.descriptors for f in feats])
-            agg = aggregate(allx, self.codebook, kind="rasmk_star", region_sizes=sizes, approximate=ap)
-            self.index.add(image_id, agg, metadata=metadata)
+            agg = aggregate(allx, codebook, kind="rasmk_star", region_sizes=sizes, approximate=ap)
+            index.add(image_id, agg, metadata=metadata)
         elif cfg.kind == "asmk_star":
-            self.index.add(image_id, aggregate(feats[0].descriptors, self.codebook, kind="asmk_star", approximate=ap), metadata=metadata)
+            index.add(image_id, aggregate(feats[0].descriptors, codebook, kind="asmk_star", approximate=ap), metadata=metadata)
         else:
-            aggs = [aggregate(f.descriptors, self.codebook, kind="asmk_star", approximate=ap) for f in feats]
-            self.index.add_regions(image_id, aggs, metadata=metadata)
+            aggs = [aggregate(f.descriptors, codebook, kind="asmk_star", approximate=ap) for f in feats]
+            index.add_regions(image_id, aggs, metadata=metadata)
         return len(feats)
 
     def add_images(self, paths_or_images, ids=None, metadata=None, progress=True, on_error: str = "skip") -> list:
@@ -408,8 +415,8 @@ class Engine:
         log.warning("d2r: skipped %s: %s", key, exc)
 
     def remove(self, image_id: str) -> None:
-        self._require_index()
-        self.index.remove(image_id)
+        _, index = self._require_index()
+        index.remove(image_id)
 
     # -- query ----------------------------------------------------------------------------------
     def match_distance(self) -> float:
@@ -435,21 +442,22 @@ class Engine:
         """
         top_k = positive_int(top_k, "top_k")
         verify_top = positive_int(verify_top, "verify_top")
-        self._require_index()
+        codebook, index = self._require_index()
         if verify and not self.config.verification_features:
             raise InputError("verify: this bundle stores no verification features (build it with verification_features=1000)")
-        t = {}
+        t: dict[str, float] = {}
         t0 = time.perf_counter()
         rgb = load_image(image)
         t1 = time.perf_counter()
         feats = self.extractor.extract(rgb)
         t2 = time.perf_counter()
-        agg = aggregate(feats.descriptors, self.codebook, kind="asmk_star", approximate=self.config.approximate_assignment)
+        agg = aggregate(feats.descriptors, codebook, kind="asmk_star", approximate=self.config.approximate_assignment)
         t3 = time.perf_counter()
+        hits: list[Hit]
         if len(feats) == 0:  # a blank or tiny photo: nothing to compare, so nothing matches
             hits = []
         else:
-            hits = self.index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling)
+            hits = index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling)
         t4 = time.perf_counter()
         t.update(load_image=(t1 - t0) * 1e3, features=(t2 - t1) * 1e3, aggregation=(t3 - t2) * 1e3, search=(t4 - t3) * 1e3)
         inliers = {}
@@ -459,14 +467,14 @@ class Engine:
             n = self.config.verification_features
             words = None
             if self.config.verification_words:
-                words = self.codebook.assign(feats.descriptors[:n], multiple=min(self.config.verification_words, self.codebook.size),
+                words = codebook.assign(feats.descriptors[:n], multiple=min(self.config.verification_words, codebook.size),
                                              approximate=self.config.approximate_assignment)
             q = LocalFeatures(feats.locations[:n], feats.descriptors[:n], words)
             none = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, feats.descriptors.shape[1]), np.float32))
             cands = [(h, h.score, (self._verification_features(h.image_id) or none) if i < verify_top else None) for i, h in enumerate(hits)]
             ranked = rerank(q, cands, top_r=verify_top, max_distance=self.match_distance())
-            hits = [r.id for r in ranked]
-            inliers = {r.id.image_id: r.inliers for r in ranked if r.inliers >= 0}
+            hits = [cast(Hit, r.id) for r in ranked]  # the ids given to rerank are the hits
+            inliers = {h.image_id: r.inliers for h, r in zip(hits, ranked) if r.inliers >= 0}
             t["verify"] = (time.perf_counter() - t4) * 1e3
         t["total"] = (time.perf_counter() - t0) * 1e3
         return QueryResult(list(hits[:top_k]), t, len(feats), {h.image_id: inliers[h.image_id] for h in hits[:top_k] if h.image_id in inliers})
@@ -484,7 +492,7 @@ class Engine:
         (:func:`check_bundle_target`). Temporaries of an interrupted save of ``path`` are
         removed first (and a bundle lost between the two renames of a swap is restored).
         """
-        self._require_index()
+        codebook, index = self._require_index()
         path = Path(path)
         version = int(version if version is not None else self.bundle_version + 1)
         parent = path.parent if str(path.parent) else Path(".")
@@ -494,12 +502,12 @@ class Engine:
         tmp = temp_path(path)
         tmp.mkdir()
         try:
-            self.index.save(tmp / "index.d2ri")
-            self.codebook.save(tmp / "codebook.d2rcb")
+            index.save(tmp / "index.d2ri")
+            codebook.save(tmp / "codebook.d2rcb")
             if self.config.verification_features:
                 from .verify import save_features
 
-                ids = self.index.image_ids()
+                ids = index.image_ids()
                 missing = [i for i in ids if self._verification_features(i) is None]
                 if missing:
                     raise BundleError(f"{path}: no verification features for {len(missing)} image(s), e.g. {missing[0]!r}")
@@ -507,7 +515,7 @@ class Engine:
                 (tmp / "features.ids.json").write_text(json.dumps(ids))
             (tmp / "models").mkdir()
             entries = []
-            for role, entry in (("features", self.feature_entry), ("detector", self.detector_entry)):
+            for entry in (self.feature_entry, self.detector_entry):
                 if entry is None:
                     continue
                 shutil.copyfile(entry.path, tmp / "models" / Path(entry.file).name)
@@ -529,8 +537,8 @@ class Engine:
                 "d2r_version": __version__,
                 "config": asdict(self.config),
                 "models": {"features": Path(self.feature_entry.file).name, "detector": Path(self.detector_entry.file).name if self.detector_entry else None},
-                "codebook_sha256": self.codebook.checksum,
-                "n_images": len(self.index),
+                "codebook_sha256": codebook.checksum,
+                "n_images": len(index),
                 "skipped": dict(sorted(self.skipped.items())),
                 "files": files,
             }
@@ -740,7 +748,7 @@ def _json_type(v) -> str:
         type(v), type(v).__name__)
 
 
-def _is_int(v) -> bool:
+def _is_int(v) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 

@@ -33,6 +33,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -455,7 +456,7 @@ def load_dataset(root, check_images: bool = True) -> Dataset:
     for q, e in enumerate(entries):
         if not isinstance(e, dict):
             raise DatasetError(f"{gpath}: gnd[{q}] must be an object")
-        item = {}
+        item: dict[str, Any] = {}
         for key in ("easy", "hard", "junk"):
             v = e.get(key)
             if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):

@@ -329,7 +329,7 @@ def run(
     for i, p in enumerate(db_paths):
         f, shape = whole(p)
         if codebook is None:
-            take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else []
+            take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else np.zeros(0, np.int64)
             sample.append(f.descriptors[np.sort(take)])
         n_regions.append(1 + len(regions_of(p, f, shape)))
         report("database features" + (" and regions" if source != "none" else ""), i + 1, len(db_paths))
@@ -446,7 +446,8 @@ def run(
         "options": {
             "features": features, "precision": precision, "backend": backend, "codebook": codebook_source,
             "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions,
-            "max_regions": int(max_regions) if source in ("detector", "shuffled") else None, "verify": bool(verify_top), "verify_words": int(verify_words) if verify_top else None,
+            "max_regions": int(max_regions) if source in ("detector", "shuffled") else None,
+            "verify": bool(verify_top), "verify_words": int(verify_words) if verify_top else None,
             "verify_precision": verify_precision if verify_top else None,
             "max_features": ex.max_features, "scales": list(ex.scales), "score_threshold": ex.score_threshold,
             "fit": getattr(ex, "fit", None),
@@ -605,7 +606,9 @@ def cmd_eval(args) -> int:
 def register_cli(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a retrieval method on a dataset folder (gnd.json, db/, queries/)")
     e.add_argument("--dataset", required=True, help="folder in the roxford5k-mini layout")
-    e.add_argument("--features", default="xfeat", help="a local-feature model of the manifest (xfeat, aliked_t16, aliked_n16) or a source: rootsift, aliked (default xfeat: the baseline of the comparison; the SDK default is aliked_t16)")
+    e.add_argument("--features", default="xfeat",
+                   help="a local-feature model of the manifest (xfeat, aliked_t16, aliked_n16) or a source: rootsift, aliked "
+                        "(default xfeat: the baseline of the comparison; the SDK default is aliked_t16)")
     e.add_argument("--max-features", type=int, help="keep the N best features per image (default: the model's or source's)")
     e.add_argument("--scales", help="image pyramid, comma-separated, e.g. 0.5,0.707,1,1.414 (model sources; >1 runs in tiles)")
     e.add_argument("--score-threshold", type=float, help="minimum keypoint score (default: the model's or source's)")

@@ -44,7 +44,7 @@ def _fit_longest(rgb: np.ndarray, longest: int):
     f = longest / max(h, w)
     nh, nw = max(1, int(round(h * f))), max(1, int(round(w * f)))
     if (nh, nw) != (h, w):
-        rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
+        rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BILINEAR))
     return rgb, (h / nh, w / nw)
 
 
@@ -87,7 +87,7 @@ class RootSIFTExtractor:
         self.scales = (1.0,)
         if threads is not None:
             cv2.setNumThreads(int(threads))
-        self._sift = cv2.SIFT_create(nfeatures=self.max_features, contrastThreshold=self.score_threshold)
+        self._sift = cv2.SIFT.create(nfeatures=self.max_features, contrastThreshold=self.score_threshold)
         self.setting = f"rootsift|opencv {cv2.__version__}|longest {self.longest_side}|n {self.max_features}|contrast {self.score_threshold}"
 
     def sift(self, image):

@@ -87,7 +87,7 @@ def _resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
 
     if rgb.shape[0] == height and rgb.shape[1] == width:
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def _l2_rows(x: np.ndarray) -> np.ndarray:

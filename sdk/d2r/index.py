@@ -32,8 +32,8 @@ import numba
 import numpy as np
 
 from . import kernels
-from ._files import atomic_file, clean_stale
 from ._checks import positive_int, real_number
+from ._files import atomic_file, clean_stale
 from .aggregate import BINARY_KINDS, Aggregation
 from .codebook import Codebook
 from .errors import IndexFormatError, InputError
@@ -564,8 +564,8 @@ class Index:
             starts = ends = [0] * todo.size
         expected = self._word_crc[todo].tolist()
         p, q = b.low.dtype.itemsize, self._payload
-        low = memoryview(np.ascontiguousarray(b.low).view(np.uint8))
-        codes = memoryview(b.codes.reshape(-1))
+        low = np.ascontiguousarray(b.low).view(np.uint8).data
+        codes = b.codes.reshape(-1).data
         for w, a, e, crc in zip(todo.tolist(), starts, ends, expected):
             if (zlib.crc32(codes[a * q : e * q], zlib.crc32(low[a * p : e * p])) if e > a else 0) != crc:
                 raise IndexFormatError(f"{self._path}: checksum mismatch in the inverted file of visual word {w} "
@@ -716,16 +716,16 @@ class Index:
             for name in d:
                 data = np.ascontiguousarray(d[name]).view(np.uint8)
                 fh.seek(offsets[name])
-                fh.write(memoryview(data))
-                hashes[name] = hashlib.sha256(memoryview(data)).digest()
+                fh.write(data.data)
+                hashes[name] = hashlib.sha256(data.data).digest()
             h_low, h_codes = hashlib.sha256(), hashlib.sha256()
             p_low, p_codes = offsets["ivf_items"], offsets["ivf_codes"]
             counts = []
             written = 0
             word_crc = np.zeros(self._k, dtype="<u4")
             for low, codes, c, w0 in self._merged_chunks(item_map, n_blocks):
-                bl = memoryview(low.astype("<u2").view(np.uint8))
-                bc = memoryview(np.ascontiguousarray(codes).reshape(-1))
+                bl = low.astype("<u2").view(np.uint8).data
+                bc = np.ascontiguousarray(codes).reshape(-1).data
                 if n_blocks:
                     _word_crcs(bl, bc, c.reshape(-1, n_blocks).sum(axis=1), self._payload, word_crc[w0:])
                 fh.seek(p_low)
@@ -744,13 +744,13 @@ class Index:
             if counts:
                 np.cumsum(np.concatenate(counts), out=ivf_offsets[1:])
             fh.seek(offsets["ivf_offsets"])
-            fh.write(memoryview(ivf_offsets).cast("B"))
-            hashes["ivf_offsets"] = hashlib.sha256(memoryview(ivf_offsets).cast("B")).digest()
+            fh.write(ivf_offsets.data.cast("B"))
+            hashes["ivf_offsets"] = hashlib.sha256(ivf_offsets.data.cast("B")).digest()
             hashes["ivf_items"] = h_low.digest()
             hashes["ivf_codes"] = h_codes.digest()
             fh.seek(offsets["ivf_word_crc32"])
-            fh.write(memoryview(word_crc).cast("B"))
-            hashes["ivf_word_crc32"] = hashlib.sha256(memoryview(word_crc).cast("B")).digest()
+            fh.write(word_crc.data.cast("B"))
+            hashes["ivf_word_crc32"] = hashlib.sha256(word_crc.data.cast("B")).digest()
             header = _HEADER.pack(MAGIC, VERSION, header_size, self._k, self._dim, _KIND_CODES[self._kind],
                                   _FLAG_NORMALIZE if self._normalize else 0, self._alpha, self._tau,
                                   bytes.fromhex(self._checksum), int(keep.sum()), n_items, n_entries, n_blocks,
@@ -1011,7 +1011,7 @@ def _parse_header(path, data: np.ndarray, codebook):
         raise bad("non-zero bytes in the padding between sections (corrupt file)")
     for name in names:
         if name not in _LAZY_SECTIONS:
-            if hashlib.sha256(memoryview(sections[name])).digest() != table[name][2]:
+            if hashlib.sha256(sections[name].data).digest() != table[name][2]:
                 raise bad(f"checksum mismatch in section {name} (the file is corrupt)")
     # Structure: every offset in range and monotone, so that no later access can go out of bounds.
     start = sections["image_item_start"].view("<u8")

@@ -22,7 +22,7 @@ def _cmd_mine(args) -> int:
     from . import mining
 
     paths, root = mining.list_images(args.images)
-    queries = []
+    queries: list = []
     if args.queries:
         queries, _ = mining.list_images(args.queries)
     out = Path(args.output)
@@ -42,7 +42,8 @@ def _cmd_mine(args) -> int:
     t = doc["timings"]
     print(f"{out}: boxes for {n_box} of {len(doc['images'])} images"
           + (f", {sum(e['box'] is not None for e in doc.get('queries', []))} of {len(queries)} query images" if queries else "")
-          + f" ({sum(t.values()):.0f} s: features {t['features_s']:.0f}, codebook {t['codebook_s']:.0f}, index {t['index_s']:.0f}, verification {t['verification_s']:.0f})")
+          + f" ({sum(t.values()):.0f} s: features {t['features_s']:.0f}, codebook {t['codebook_s']:.0f}, "
+            f"index {t['index_s']:.0f}, verification {t['verification_s']:.0f})")
     return 0
 
 

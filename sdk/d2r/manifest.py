@@ -140,6 +140,12 @@ def default_path() -> Path:
     return base / "manifest.json"
 
 
+def _value_range(v, where: str) -> tuple[float, float]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ModelError(f"{where}: input.range: expected [low, high], got {v!r}")
+    return float(v[0]), float(v[1])
+
+
 def _require(d: dict, key: str, where: str):
     if key not in d:
         raise ModelError(f"{where}: missing field {key!r}")
@@ -154,7 +160,7 @@ def _entry(d: dict, root: Path, where: str) -> ModelEntry:
     input_spec = InputSpec(
         name=_require(inp, "name", where), shape=tuple(int(v) for v in _require(inp, "shape", where)),
         dtype=inp.get("dtype", "float32"), layout=inp.get("layout", "NHWC"), color=inp.get("color", "RGB"),
-        range=tuple(float(v) for v in _require(inp, "range", where)), normalisation=inp.get("normalisation", ""),
+        range=_value_range(_require(inp, "range", where), where), normalisation=inp.get("normalisation", ""),
         resize=inp.get("resize", ""),
     )
     outputs = tuple(OutputSpec(_require(o, "name", where), tuple(int(v) for v in _require(o, "shape", where)),

@@ -42,8 +42,8 @@ import numpy as np
 
 from . import verify
 from ._files import atomic_write
-from .evaluation import _progress
 from .errors import InputError
+from .evaluation import _progress
 
 __all__ = [
     "BOXES_FORMAT",
@@ -233,7 +233,7 @@ def collect_evidence(
     if len(paths) < 2:
         raise InputError(f"images: mining needs at least 2 images (a box is what an image shares with others), got {len(paths)}")
     # The same file twice would verify against itself: a whole-frame box out of nothing.
-    seen = {}
+    seen: dict[Path, Path] = {}
     for p in paths:
         key = p.resolve()
         if key in seen:
@@ -248,7 +248,7 @@ def collect_evidence(
     if threads is not None:
         import numba
 
-        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]  # set at import
     report = _progress(progress)
     timings = {}
     t0 = time.perf_counter()
@@ -271,7 +271,7 @@ def collect_evidence(
             # Features come sorted by score: verification uses the strongest, like d2r eval.
             vfeats.append(verify.LocalFeatures(f.locations[:verify_features], f.descriptors[:verify_features]))
             if codebook is None:
-                take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else []
+                take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else np.zeros(0, np.int64)
                 sample.append(f.descriptors[np.sort(take)])
             report("features", i + 1, len(paths))
         timings["features_s"] = time.perf_counter() - t0
@@ -330,7 +330,8 @@ def collect_evidence(
         settings = {
             "features": features, "precision": precision, "backend": backend, "max_features": ex.max_features,
             "codebook": codebook_source, "codebook_size": cb.size, "top_k": top_k, "verify_features": verify_features,
-            "match_max_distance": round(match_distance, 6), "match_ratio": ratio, "match_mutual": bool(mutual), "ransac_threshold_px": verify.RESIDUAL_THRESHOLD, "seed": seed,
+            "match_max_distance": round(match_distance, 6), "match_ratio": ratio, "match_mutual": bool(mutual),
+            "ransac_threshold_px": verify.RESIDUAL_THRESHOLD, "seed": seed,
         }
     finally:
         engine.close()
@@ -488,5 +489,6 @@ def load_boxes(path) -> dict:
     for k, e in enumerate(doc["images"] + doc.get("queries", [])):
         box = e.get("box") if isinstance(e, dict) else 0
         if box is not None and not (isinstance(box, list) and len(box) == 4 and 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1):
-            raise InputError(f"{path}: entry {k} ({e.get('path') if isinstance(e, dict) else e!r}): box must be [ymin, xmin, ymax, xmax] in [0, 1] or null, got {box!r}")
+            raise InputError(f"{path}: entry {k} ({e.get('path') if isinstance(e, dict) else e!r}): "
+                             f"box must be [ymin, xmin, ymax, xmax] in [0, 1] or null, got {box!r}")
     return doc

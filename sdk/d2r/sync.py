@@ -29,6 +29,7 @@ defined here, on both sides: :func:`pack_bundle`, :func:`unpack_bundle`, :func:`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
+from typing import IO, Any
 
 from ._files import fsync_dir as _fsync_dir
 from ._files import sha256_file as _sha256_file
@@ -262,9 +264,16 @@ def _safe_member(member: tarfile.TarInfo, where: str) -> str:
     return name
 
 
+def _open_member(tar: tarfile.TarFile, member: tarfile.TarInfo, where: str) -> IO[bytes]:
+    src = tar.extractfile(member)
+    if src is None:  # _safe_member lets only regular files through, and those always open
+        raise ArchiveError(f"{where}: member {member.name!r} is not a regular file")
+    return src
+
+
 def _write_member(tar: tarfile.TarFile, member, target: Path, expect_sha: str | None = None, where: str = "") -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
-    src = tar.extractfile(member)
+    src = _open_member(tar, member, where)
     h = hashlib.sha256()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     with os.fdopen(fd, "wb") as dst:
@@ -389,7 +398,7 @@ def apply_delta(old_dir, delta, new_dir) -> dict:
             if members["delta.json"].size > MAX_JSON_BYTES or members["bundle.json"].size > MAX_JSON_BYTES:
                 raise ArchiveError(f"{delta}: delta.json or bundle.json is over the size limit")
             try:
-                d = json.loads(tar.extractfile(members["delta.json"]).read())
+                d = json.loads(_open_member(tar, members["delta.json"], str(delta)).read())
             except ValueError as exc:
                 raise ArchiveError(f"{delta}: delta.json is not JSON ({exc})") from None
             if not isinstance(d, dict) or d.get("format") != DELTA_FORMAT or d.get("format_version") != DELTA_VERSION:
@@ -417,8 +426,8 @@ def apply_delta(old_dir, delta, new_dir) -> dict:
                         shutil.copyfile(old_dir / rel, target)
                 else:
                     raise ArchiveError(f"{delta}: {rel} changed but the delta does not carry it")
-            words_blob = tar.extractfile(members["words.bin"]).read()
-            payload_blob = tar.extractfile(members["payload.bin"]).read()
+            words_blob = _open_member(tar, members["words.bin"], str(delta)).read()
+            payload_blob = _open_member(tar, members["payload.bin"], str(delta)).read()
         head = Index.open(old_dir / index_rel, mmap=True, verify=False)
         kind, dim = head.kind, head.dim
         head.close()
@@ -676,6 +685,7 @@ class SyncClient:
         self.dest = Destination(dest)
         self.repo_url = (mirror.rstrip("/") if mirror else
                          f"{self.server}/tuf/{urllib.parse.quote(collection, safe='')}")
+        self.root_bytes: bytes | None
         if isinstance(root, (bytes, bytearray)):
             self.root_bytes = bytes(root)
         elif root is not None:
@@ -690,7 +700,7 @@ class SyncClient:
         self.prefer_delta = prefer_delta
         self.max_bundle_bytes = int(max_bundle_bytes)
         self.log = log or (lambda msg: None)
-        self._updater = None
+        self._updater: Any = None  # a tuf.ngclient.Updater once metadata is refreshed (tuf is imported on first use)
         for url in dict.fromkeys(u for u in (self.server, mirror) if u):
             warning = plain_http_warning(url)
             if warning and url == self.server:
@@ -845,7 +855,7 @@ class SyncClient:
                 with resp:
                     mode = "ab" if resp.status == 206 else "wb"
                     with open(part, mode) as fh:
-                        for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                        for chunk in iter(functools.partial(resp.read, _CHUNK), b""):
                             fh.write(chunk)
                             received += len(chunk)
                             _crash_point("download-chunk")
@@ -914,7 +924,7 @@ class SyncClient:
         downloaded = 0
         staged = None
         method = "full"
-        if cur is not None and self.prefer_delta:
+        if cur is not None and cur_dir is not None and self.prefer_delta:
             try:
                 staged, n = self._fetch_delta(cur_dir, int(cur["version"]), version, size)
                 if staged is not None:
@@ -982,7 +992,7 @@ class SyncClient:
         except D2RError as exc:
             shutil.rmtree(staged, ignore_errors=True)
             part.unlink(missing_ok=True)
-            exc.downloaded = n
+            exc.downloaded = n  # type: ignore[attr-defined]  # read back with getattr by _sync
             raise
         part.unlink(missing_ok=True)
         return staged, n
@@ -1137,7 +1147,7 @@ def _cli_sync(args) -> int:
                 print(f"{args.collection}: version {r.version} active ({r.method}, {r.downloaded} bytes"
                       f"{', previous ' + str(r.previous) if r.previous else ''})", flush=True)
             delays = None
-            wait = interval
+            wait = interval if interval is not None else 0.0  # without an interval the loop ends below
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - with --every, no error ends the loop (disk full, network, ...)

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from . import int8_gemm, verify_kernels
-from ._files import atomic_file
 from ._checks import descriptors_array, positive_int, real_number
+from ._files import atomic_file
 from .errors import IndexFormatError, InputError
 
 # Defaults of docs/algorithm.md section 6.

@@ -47,7 +47,7 @@ def _fit(rgb: np.ndarray, height: int):
 
     img = Image.fromarray(rgb)
     scale = height / img.height
-    return img.resize((max(1, round(img.width * scale)), height), Image.BILINEAR), scale
+    return img.resize((max(1, round(img.width * scale)), height), Image.Resampling.BILINEAR), scale
 
 
 def _draw_boxes(draw, boxes, size, origin, scores=None, labels=None, font=None) -> None:
@@ -109,7 +109,7 @@ def draw_query(engine, image, result, out, images_dir=None, top: int | None = No
     q_rgb = load_image(image)
     font, small = _font(16), _font(13)
 
-    rows = []  # (left image, right image or None, lines, caption, caption colour)
+    rows: list[tuple] = []  # (left image, right image or None, lines, caption, caption colour)
     q_img, q_scale = _fit(q_rgb, ROW_HEIGHT)
     header = q_img.copy()
     hd = ImageDraw.Draw(header)
@@ -142,8 +142,8 @@ def draw_query(engine, image, result, out, images_dir=None, top: int | None = No
             r_scale = ROW_HEIGHT / float(span[0])
             r_img = Image.new("RGB", (max(1, round(float(span[1]) * r_scale)), ROW_HEIGHT), (215, 215, 215))
             ImageDraw.Draw(r_img).text((8, 8), "photo not given (--images DIR)", fill=(90, 90, 90), font=small)
-        title = (hit.metadata or {}).get("title") if isinstance(hit.metadata, dict) else None
-        caption = f"{rank}. {hit.image_id}" + (f"  {title}" if title else "") + f"  score {hit.score:.3f}"
+        hit_title = (hit.metadata or {}).get("title") if isinstance(hit.metadata, dict) else None
+        caption = f"{rank}. {hit.image_id}" + (f"  {hit_title}" if hit_title else "") + f"  score {hit.score:.3f}"
         if hit.image_id in result.inliers:
             caption += f"  inliers {result.inliers[hit.image_id]}"
             if lines is not None and int(lines[2].sum()) > MAX_LINES:

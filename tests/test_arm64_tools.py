@@ -1,5 +1,5 @@
 """The pieces of tools/arm64-check.sh that run on the host (the emulated run itself is not in CI:
-see benchmarks/RESULTS.md, "Raspberry Pi path"), and the demo's --visitors option it uses."""
+see benchmarks/RESULTS.md, "Raspberry Pi path"), and the demo's --objects option it uses."""
 
 from __future__ import annotations
 
@@ -61,16 +61,18 @@ def test_enosys_exec_rejects_bad_input_by_name():
 def test_arm64_check_script_parses_and_explains_itself():
     assert subprocess.run(["bash", "-n", str(CHECK)]).returncode == 0
     helped = subprocess.run(["bash", str(CHECK), "--help"], capture_output=True, text=True)
-    assert helped.returncode == 0 and "--visitors N" in helped.stdout and "--tests" in helped.stdout
+    assert helped.returncode == 0 and "--objects N" in helped.stdout and "--tests" in helped.stdout
     wrong = subprocess.run(["bash", str(CHECK), "--frobnicate"], capture_output=True, text=True)
     assert wrong.returncode == 2 and "unknown argument '--frobnicate'" in wrong.stderr
-    count = subprocess.run(["bash", str(CHECK), "--visitors", "0"], capture_output=True, text=True)
-    assert count.returncode == 1 and "--visitors must be a positive whole number, got '0'" in count.stderr
+    for n in ("0", "9", "two"):
+        count = subprocess.run(["bash", str(CHECK), "--objects", n], capture_output=True, text=True)
+        assert count.returncode == 1 and f"--objects must be a whole number from 1 to 8, got '{n}'" in count.stderr
 
 
 @pytest.mark.parametrize("n", ["0", "9", "-1"])
-def test_demo_rejects_a_visitor_count_out_of_range_before_any_work(n, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(tmp_path), "--visitors", n],
+def test_demo_rejects_an_object_count_out_of_range_before_any_work(n, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--out", str(out), "--objects", n],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and f"--visitors must be between 1 and 8, got {n}" in proc.stderr
-    assert "building" not in proc.stdout
+    assert proc.returncode == 2 and f"--objects must be between 1 and 8, got {n}" in proc.stderr
+    assert "building" not in proc.stdout and not out.exists()

@@ -8,7 +8,7 @@
 # Optionally also runs the int8 exactness tests (tests/test_int8_gemm.py) with ONNX Runtime's
 # ARM kernels. Emulated: this proves installability and correctness, not speed.
 #
-#   tools/arm64-check.sh [--cache DIR] [--visitors N] [--tests] [--no-demo] [--shell]
+#   tools/arm64-check.sh [--cache DIR] [--objects N] [--tests] [--no-demo] [--shell]
 #
 # Idempotent: the rootfs is built once into the cache dir (default /var/tmp/d2r-arm64, outside
 # the repository) and reused; the guest's copy of the checkout is refreshed on every run (its
@@ -24,7 +24,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${D2R_ARM64_CACHE:-/var/tmp/d2r-arm64}
 SUITE=${D2R_ARM64_SUITE:-bookworm}
 MIRROR=${D2R_ARM64_MIRROR:-}
-VISITORS=${D2R_ARM64_VISITORS:-}
+OBJECTS=${D2R_ARM64_OBJECTS:-}
 # The emulated core: a Raspberry Pi 4's Cortex-A72 (ARMv8.0: no dot product, no fp16 arithmetic)
 # is the oldest instruction set we claim. Pi 5: cortex-a76; Jetson Orin (A78AE) is close to a76.
 CPU=${D2R_ARM64_CPU:-cortex-a72}
@@ -43,7 +43,8 @@ Options:
                   qemu-aarch64-static -cpu help: cortex-a76 = Pi 5, max = every extension)
   --test-cpus "A B"  the cores --tests runs the int8 tests on (default "$TEST_CPUS": NEON only,
                   + dot product, + i8mm/SVE: ONNX Runtime picks a different int8 kernel on each)
-  --visitors N    query only the first N visitor photos in the demo (the full demo has 8)
+  --objects N     a reduced demo: index and query only the first N of its 8 objects (3 photos
+                  and 1 visitor each). The full demo takes about 1.5 hours emulated here.
   --tests         also run tests/test_int8_gemm.py in the guest (installs the onnx extra + pytest)
   --no-demo       skip the demo (e.g. with --tests)
   --shell         open a shell in the guest at the end
@@ -55,7 +56,7 @@ while [ $# -gt 0 ]; do
         --cache) CACHE=$2; shift 2 ;;
         --suite) SUITE=$2; shift 2 ;;
         --mirror) MIRROR=$2; shift 2 ;;
-        --visitors) VISITORS=$2; shift 2 ;;
+        --objects) OBJECTS=$2; shift 2 ;;
         --cpu) CPU=$2; shift 2 ;;
         --test-cpus) TEST_CPUS=$2; shift 2 ;;
         --tests) RUN_TESTS=1; shift ;;
@@ -70,8 +71,8 @@ say() { printf '[arm64-check %s] %s\n' "$(date -u +%H:%M:%S)" "$*"; }
 die() { printf '[arm64-check] error: %s\n' "$*" >&2; exit 1; }
 elapsed() { local s=$(( $(date +%s) - $1 )); printf '%dm%02ds' $((s / 60)) $((s % 60)); }
 
-if [ -n "$VISITORS" ] && ! [[ "$VISITORS" =~ ^[1-9][0-9]*$ ]]; then
-    die "--visitors must be a positive whole number, got '$VISITORS'"
+if [ -n "$OBJECTS" ] && ! [[ "$OBJECTS" =~ ^[1-8]$ ]]; then
+    die "--objects must be a whole number from 1 to 8, got '$OBJECTS'"
 fi
 
 # ---- host tools ---------------------------------------------------------------------------
@@ -260,7 +261,7 @@ status=0
 if [ "$RUN_DEMO" = 1 ]; then
     t=$(date +%s)
     demo_args=""
-    [ -n "$VISITORS" ] && demo_args="--visitors $VISITORS"
+    [ -n "$OBJECTS" ] && demo_args="--objects $OBJECTS"
     say "make demo${demo_args:+ DEMO_ARGS='$demo_args'} in the guest on an emulated $CPU (venv + pip install -e . + examples/demo.py)"
     if guest_repo make demo DEMO_ARGS="$demo_args"; then
         say "make demo passed in $(elapsed "$t")"

@@ -29,6 +29,7 @@ OBJECTS=${D2R_ARM64_OBJECTS:-}
 # is the oldest instruction set we claim. Pi 5: cortex-a76; Jetson Orin (A78AE) is close to a76.
 CPU=${D2R_ARM64_CPU:-cortex-a72}
 TEST_CPUS=${D2R_ARM64_TEST_CPUS:-cortex-a72 cortex-a76 max}
+TEST_FILES=${D2R_ARM64_TEST_FILES:-tests/test_int8_gemm.py}
 RUN_DEMO=1
 RUN_TESTS=0
 OPEN_SHELL=0
@@ -45,7 +46,10 @@ Options:
                   + dot product, + i8mm/SVE: ONNX Runtime picks a different int8 kernel on each)
   --objects N     a reduced demo: index and query only the first N of its 8 objects (3 photos
                   and 1 visitor each). The full demo takes about 1.5 hours emulated here.
-  --tests         also run tests/test_int8_gemm.py in the guest (installs the onnx extra + pytest)
+  --tests         also run tests/test_int8_gemm.py in the guest (installs the onnx extra, onnx
+                  and pytest)
+  --test-files "F G"  the test files --tests runs (default "$TEST_FILES"; no test needing
+                  ../shared or the test extra's OpenCV/scikit-image)
   --no-demo       skip the demo (e.g. with --tests)
   --shell         open a shell in the guest at the end
 EOF
@@ -59,6 +63,7 @@ while [ $# -gt 0 ]; do
         --objects) OBJECTS=$2; shift 2 ;;
         --cpu) CPU=$2; shift 2 ;;
         --test-cpus) TEST_CPUS=$2; shift 2 ;;
+        --test-files) TEST_FILES=$2; shift 2 ;;
         --tests) RUN_TESTS=1; shift ;;
         --no-demo) RUN_DEMO=0; shift ;;
         --shell) OPEN_SHELL=1; shift ;;
@@ -276,25 +281,25 @@ fi
 # ---- 5. int8 exactness on ARM: tests/test_int8_gemm.py with ONNX Runtime's arm64 kernels ----
 if [ "$RUN_TESTS" = 1 ]; then
     t=$(date +%s)
-    say "tests/test_int8_gemm.py in the guest (onnx extra + pytest)"
+    say "$TEST_FILES in the guest (onnx extra, onnx, pytest)"
     if [ ! -x "$DEST/.venv/bin/python" ]; then
         guest_repo python3 -m venv .venv && guest_repo .venv/bin/python -m pip install --quiet --upgrade pip || status=1
     fi
-    if guest_repo .venv/bin/python -m pip install --quiet -e ".[onnx]" "pytest>=7" "hypothesis>=6"; then
+    if guest_repo .venv/bin/python -m pip install --quiet -e ".[onnx]" "onnx==1.23.*" "pytest>=7" "hypothesis>=6"; then
         for c in $TEST_CPUS; do
             t1=$(date +%s)
             if GUEST_CPU=$c guest_repo .venv/bin/python -c 'import onnxruntime, numpy; from d2r import int8_gemm
 print("int8 backend:", int8_gemm.backend(), "onnxruntime", onnxruntime.__version__, "numpy", numpy.__version__)' \
-                && GUEST_CPU=$c guest_repo .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_int8_gemm.py; then
-                say "int8 tests passed on emulated $c in $(elapsed "$t1")"
+                && GUEST_CPU=$c guest_repo .venv/bin/python -m pytest -q -p no:cacheprovider $TEST_FILES; then
+                say "tests passed on emulated $c in $(elapsed "$t1")"
             else
-                status=1; say "int8 tests FAILED on emulated $c after $(elapsed "$t1")"
+                status=1; say "tests FAILED on emulated $c after $(elapsed "$t1")"
             fi
         done
     else
-        status=1; say "pip install -e '.[onnx]' pytest hypothesis FAILED in the guest"
+        status=1; say "pip install -e '.[onnx]' onnx pytest hypothesis FAILED in the guest"
     fi
-    say "int8 tests done in $(elapsed "$t")"
+    say "tests done in $(elapsed "$t")"
 fi
 
 if [ "$OPEN_SHELL" = 1 ]; then

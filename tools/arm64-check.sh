@@ -42,12 +42,12 @@ Options:
   --mirror URL    Debian mirror (default: the host's apt source, else http://deb.debian.org/debian)
   --cpu NAME      the emulated ARM core for the demo (default $CPU = Raspberry Pi 4; see
                   qemu-aarch64-static -cpu help: cortex-a76 = Pi 5, max = every extension)
-  --test-cpus "A B"  the cores --tests runs the int8 tests on (default "$TEST_CPUS": NEON only,
-                  + dot product, + i8mm/SVE: ONNX Runtime picks a different int8 kernel on each)
+  --test-cpus "A B"  the cores --tests runs on (default "$TEST_CPUS": NEON only, + dot
+                  product, + i8mm/SVE; ONNX Runtime chooses its int8 GEMM kernel by these)
   --objects N     a reduced demo: index and query only the first N of its 8 objects (3 photos
                   and 1 visitor each). The full demo takes about 1.5 hours emulated here.
-  --tests         also run tests/test_int8_gemm.py in the guest (installs the onnx extra, onnx
-                  and pytest)
+  --tests         also run the --test-files in the guest on each --test-cpus core (installs
+                  the onnx extra, onnx and pytest into the guest's .venv)
   --test-files "F G"  the test files --tests runs (default "$TEST_FILES"; no test needing
                   ../shared or the test extra's OpenCV/scikit-image)
   --no-demo       skip the demo (e.g. with --tests)
@@ -143,7 +143,7 @@ if [ ! -e "$ROOT/.d2r-stage2-done" ]; then
     say "debootstrap stage 2 under qemu-aarch64 (slow: every package is configured emulated)"
     cp /etc/resolv.conf "$ROOT/etc/resolv.conf" 2>/dev/null || true
     guest /debootstrap/debootstrap --second-stage \
-        || die "debootstrap stage 2 failed (see $ROOT/debootstrap/debootstrap.log)"
+        || die "debootstrap stage 2 failed (see $ROOT/debootstrap/debootstrap.log; to start over: rm -rf $ROOT)"
     touch "$ROOT/.d2r-stage2-done"
     say "stage 2 done in $(elapsed "$t")"
 else
@@ -170,6 +170,7 @@ copy_pip_settings() {
         fi
     done
     local f line key val tok kept dest
+    local -; set -f   # the values are split on blanks, never globbed
     for f in /etc/pip.conf /etc/xdg/pip/pip.conf "$HOME/.pip/pip.conf" "$HOME/.config/pip/pip.conf"; do
         [ -f "$f" ] || continue
         dest=$ROOT${f/#$HOME//root}

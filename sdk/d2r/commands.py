@@ -90,12 +90,9 @@ def _codebook_size(value: str):
     if value == "auto":
         return value
     try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of words or 'auto', got {value!r}") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1 word, got {k}")
-    return k
+        return _positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number of words (>= 1) or 'auto', got {value!r}") from None
 
 
 def cmd_build(args) -> int:

@@ -287,14 +287,21 @@ def test_resume_follows_a_redirect(mirror, tmp_path):
     assert load_dataset(dest).n_images == len(OX_DB)
 
 
-def test_a_file_that_changed_on_the_server_is_fetched_again_whole(mirror, tmp_path):
+def _interrupted_oxford_download(mirror, dest, cut: int):
+    """The Oxford files on the mirror and a first download into ``dest`` whose archive
+    connection drops after ``cut`` bytes (no retries): returns (files, archive name)."""
     files, _ = _oxford_files()
     mirror.files.update(files)
     arc = "oxbuild_images-v1.tgz"
-    mirror.drop[arc] = 1000
-    dest = tmp_path / "rox"
+    mirror.drop[arc] = cut
     with pytest.raises(DownloadError):
         download("roxford5k", dest, mirror=mirror.url, retries=0, backoff=0, stream=io.StringIO())
+    return files, arc
+
+
+def test_a_file_that_changed_on_the_server_is_fetched_again_whole(mirror, tmp_path):
+    dest = tmp_path / "rox"
+    _, arc = _interrupted_oxford_download(mirror, dest, 1000)
     new_files, _ = _oxford_files()
     new_files[arc] = new_files[arc] + b"\0" * 10  # another file under the same name: new ETag
     mirror.files.update(new_files)
@@ -305,13 +312,8 @@ def test_a_file_that_changed_on_the_server_is_fetched_again_whole(mirror, tmp_pa
 
 
 def test_a_complete_part_file_is_not_fetched_again(mirror, tmp_path):
-    files, _ = _oxford_files()
-    mirror.files.update(files)
-    arc = "oxbuild_images-v1.tgz"
-    mirror.drop[arc] = 500
     dest = tmp_path / "rox"
-    with pytest.raises(DownloadError):
-        download("roxford5k", dest, mirror=mirror.url, retries=0, backoff=0, stream=io.StringIO())
+    files, arc = _interrupted_oxford_download(mirror, dest, 500)
     part = dest / "downloads" / f"{arc}.part"
     with open(part, "ab") as fh:  # as if the run had stopped after the last byte, before the rename
         fh.write(files[arc][500:])

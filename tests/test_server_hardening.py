@@ -35,7 +35,7 @@ pytest.importorskip("cryptography")
 from d2r.engine import _canonical  # noqa: E402
 from d2r.sync import Destination, SyncClient, SyncError, generate_keypair  # noqa: E402
 from d2r_server.client import AdminClient  # noqa: E402
-from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, free_port  # noqa: E402
+from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, free_port, tuf_keys  # noqa: E402
 
 pytestmark = pytest.mark.slow  # real servers
 
@@ -53,9 +53,8 @@ def bundles(tmp_path_factory):
     v2 = c.save(root / "v2.d2r")
     c.add(["extra-2"])
     v3 = c.save(root / "v3.d2r")
-    keys = {}
-    for role in ("root", "targets", "other"):
-        keys[role], _ = generate_keypair(root / f"{role}.key")
+    keys = tuf_keys(root)
+    keys["other"], _ = generate_keypair(root / "other.key")
     return {"v1": v1, "v2": v2, "v3": v3, "key": keys["targets"], "keys": keys, "root": root}
 
 

@@ -26,7 +26,8 @@ from ._version import __version__
 from .aggregate import KINDS, Aggregation, aggregate, similarity
 from .codebook import Codebook
 from .errors import CodebookError, D2RError, ImageError, IndexFormatError, InputError, ModelError
-from .index import Hit, Index
+from .index import Index
+from .results import Hit
 
 # The device runtime (models, images, engine) is imported on first use: `import d2r` stays
 # light for code that only aggregates and searches. The evaluation tools (``d2r.evaluate``) are
@@ -34,9 +35,9 @@ from .index import Hit, Index
 _LAZY_MODULES = ("evaluate",)
 _LAZY = {
     "Engine": ("engine", "Engine"),
-    "EngineConfig": ("engine", "EngineConfig"),
-    "BundleError": ("engine", "BundleError"),
-    "QueryResult": ("engine", "QueryResult"),
+    "EngineConfig": ("config", "EngineConfig"),
+    "BundleError": ("errors", "BundleError"),
+    "QueryResult": ("results", "QueryResult"),
     "load_model": ("backends", "load_model"),
     "load_image": ("image", "load_image"),
     "LocalFeatureExtractor": ("features", "LocalFeatureExtractor"),

@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard, cast
 
@@ -46,12 +46,14 @@ from ._version import __version__
 from .aggregate import aggregate
 from .backends import load_model
 from .codebook import Codebook, auto_size
-from .errors import D2RError, ImageError, InputError, ModelError
+from .config import ENGINE_KINDS, REGION_MODES, EngineConfig  # noqa: F401  (re-exported)
+from .errors import BundleError, D2RError, ImageError, InputError, ModelError
 from .features import Features, LocalFeatureExtractor
 from .image import load_image
-from .index import Hit, Index
+from .index import Index
 from .manifest import ALIASES as _ALIASES
 from .manifest import DEFAULT_FEATURES
+from .results import Hit, QueryResult
 
 if TYPE_CHECKING:  # verify is imported on first use
     from .verify import FeatureFile
@@ -60,91 +62,8 @@ log = logging.getLogger("d2r")
 
 BUNDLE_FORMAT = "d2r-bundle"
 BUNDLE_VERSION = 1
-ENGINE_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star")
-REGION_MODES = ("crop", "pool")
 # When a model has no file of the requested precision, the nearest one is used instead.
 _PRECISION_FALLBACK = {"fp32": ("fp32", "fp16", "int8"), "fp16": ("fp16", "fp32", "int8"), "int8": ("int8", "fp16", "fp32")}
-
-
-class BundleError(D2RError, ValueError):
-    """A bundle folder is missing files, altered, of an unknown version or inconsistent."""
-
-
-@dataclass
-class EngineConfig:
-    """The pipeline of an :class:`Engine`; stored in ``bundle.json``."""
-
-    features: str = DEFAULT_FEATURES
-    detector: str | None = "ssd_mobilenetv2_landmark"
-    kind: str = "rasmk_star"
-    backend: str = "tflite"
-    precision: str = "int8"
-    detector_threshold: float = 0.1
-    max_regions: int = 8
-    regions: str = "crop"
-    pooling: str = "max"
-    alpha: float = 3.0
-    tau: float = 0.0
-    max_features: int | None = None
-    scales: list | None = None
-    score_threshold: float | None = None
-    # What pyramid scale 1 means for the feature model: "canvas" (fit into the model input) or
-    # "longest" (longest side = the input's longest side; portrait photos run in tiles).
-    feature_fit: str = "canvas"
-    approximate_assignment: bool = False
-    # Spatial verification: keep the top-N whole-image features of every database image in
-    # the bundle (features.d2rv, int8 descriptors: N * (4 + D) bytes per image).
-    verification_features: int = 0
-    # Matching for verification within visual words: each stored feature keeps its nearest
-    # codeword (+4 bytes), a query feature is compared only with the features of its
-    # ``verification_words`` nearest codewords. 0 (default): exhaustive matching, no words
-    # stored. Words are faster but lose inliers at K = 1024 (benchmarks/RESULTS.md).
-    verification_words: int = 0
-
-    def check(self) -> "EngineConfig":
-        if self.kind not in ENGINE_KINDS:
-            raise InputError(f"kind: expected one of {', '.join(ENGINE_KINDS)}, got {self.kind!r}")
-        if self.regions not in REGION_MODES:
-            raise InputError(f"regions: expected 'crop' (re-extract on each box) or 'pool' (whole-image features in the box), got {self.regions!r}")
-        if self.backend not in ("tflite", "onnx"):
-            raise InputError(f"backend: expected 'tflite' or 'onnx', got {self.backend!r}")
-        if self.precision not in ("fp32", "fp16", "int8"):
-            raise InputError(f"precision: expected fp32, fp16 or int8, got {self.precision!r}")
-        if self.pooling not in ("max", "avg"):
-            raise InputError(f"pooling: expected 'max' or 'avg', got {self.pooling!r}")
-        if not 0.0 <= float(self.detector_threshold) <= 1.0:
-            raise InputError(f"detector_threshold: expected a score in [0, 1], got {self.detector_threshold}")
-        if int(self.verification_features) < 0:
-            raise InputError(f"verification_features: expected >= 0, got {self.verification_features}")
-        if not 0 <= int(self.verification_words) <= 64:
-            raise InputError(f"verification_words: expected 0 (exhaustive matching) to 64, got {self.verification_words}")
-        if self.feature_fit not in ("canvas", "longest"):
-            raise InputError(f"feature_fit: expected 'canvas' or 'longest', got {self.feature_fit!r}")
-        if int(self.max_regions) < 0:
-            raise InputError(f"max_regions: expected >= 0, got {self.max_regions}")
-        return self
-
-
-@dataclass
-class QueryResult:
-    """Ranked :class:`d2r.Hit` list and the time spent in each stage (milliseconds).
-
-    inliers: with ``verify=True``, image_id -> RANSAC inlier count of the verified hits.
-    """
-
-    hits: list
-    timings: dict = field(default_factory=dict)
-    n_features: int = 0
-    inliers: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        hits = []
-        for h in self.hits:
-            item = {"image_id": h.image_id, "score": h.score, "metadata": h.metadata}
-            if h.image_id in self.inliers:
-                item["inliers"] = self.inliers[h.image_id]
-            hits.append(item)
-        return {"hits": hits, "timings_ms": self.timings, "n_features": self.n_features}
 
 
 def _canonical(obj) -> bytes:

@@ -29,3 +29,7 @@ class ModelError(D2RError, RuntimeError):
 
 class ImageError(D2RError, ValueError):
     """An image cannot be decoded or is unusable (corrupt, truncated, empty, too large)."""
+
+
+class BundleError(D2RError, ValueError):
+    """A bundle folder is missing files, altered, of an unknown version or inconsistent."""

@@ -24,7 +24,6 @@ import math
 import os
 import struct
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from ._files import atomic_file, clean_stale
 from .aggregate import BINARY_KINDS, Aggregation
 from .codebook import Codebook
 from .errors import IndexFormatError, InputError
+from .results import Hit  # noqa: F401  (re-exported: d2r.index.Hit)
 
 __all__ = ["Hit", "Index"]
 
@@ -85,19 +85,6 @@ _SECTIONS = (
 _SECTIONS_V1 = _SECTIONS[:10]
 _LAZY_SECTIONS = ("ivf_items", "ivf_codes")  # covered by the per-word crc32 and idx.verify(), not by open
 _FLAG_NORMALIZE = 1
-
-
-@dataclass(frozen=True)
-class Hit:
-    """One search result: the image id, its score and its metadata (a fresh copy)."""
-
-    image_id: str
-    score: float
-    metadata: Any = None
-
-    def __iter__(self):
-        """Unpacks as ``image_id, score, metadata``."""
-        return iter((self.image_id, self.score, self.metadata))
 
 
 class _Postings:

@@ -13,8 +13,8 @@ import argparse
 import importlib
 import sys
 
-from ._version import __version__
-from .errors import D2RError
+from .._version import __version__
+from ..errors import D2RError
 
 # (module, registration function). A module that cannot be imported (missing extra) is skipped
 # and its commands are absent from --help; running them then says which extra to install.
@@ -56,12 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except D2RError as exc:
-        from ._progress import end_line
+        from .._progress import end_line
 
         end_line()  # never glue the error to an open progress counter
         print(f"d2r {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -5,7 +5,7 @@
         --runs asmk_star:none,rasmk_star:detector:landmark@0.3,d2r_asmk_star:detector:landmark@0.3 \
         --codebooks /tmp/aliked-cb --results /tmp/aliked-eval.json [--table-only]
 
-Each run goes through ``d2r.evaluation.run`` (the code of ``d2r eval``) with its feature cache.
+Each run goes through ``d2r_lab.evaluation.run`` (the code of ``d2r eval``) with its feature cache.
 The codebook of a seed (K words trained on the database features, as ``d2r eval`` trains it)
 is saved under --codebooks as ``{features}-{max_features}-K{k}-seed{s}.d2rc`` and reused by
 every later run of that seed, also across invocations (a K = 8192 k-means costs tens of
@@ -85,7 +85,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = parse_runs(args.runs)
     if not args.table_only:
-        from d2r.evaluation import run
+        from d2r_lab.evaluation import run
 
         Path(args.codebooks).mkdir(parents=True, exist_ok=True)
         for seed in seeds:

@@ -14,9 +14,10 @@ import hashlib
 import numpy as np
 
 import d2r
-from d2r import evaluate, verify
-from d2r.evaluation import FeatureCache, feature_setting
+from d2r import verify
 from d2r.features import Features
+from d2r_lab import evaluate
+from d2r_lab.evaluation import FeatureCache, feature_setting
 
 ds = evaluate.load_dataset("../shared/data/roxford5k-mini")
 rng = np.random.default_rng(0)

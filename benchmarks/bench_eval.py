@@ -1,4 +1,4 @@
-"""The retrieval benchmark on real data (issue 6): a grid of methods through d2r.evaluation.run.
+"""The retrieval benchmark on real data (issue 6): a grid of methods through d2r_lab.evaluation.run.
 
 For each (kind, region source) of the grid and each codebook seed, one `d2r eval` run on
 roxford5k-mini with the cached features (`--cache`), then one table: mAP Medium / Hard as the
@@ -38,8 +38,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 import numpy as np  # noqa: E402
 
-from d2r import evaluation  # noqa: E402
 from d2r.codebook import Codebook  # noqa: E402
+from d2r_lab import evaluation  # noqa: E402
 
 NAMES = {
     "asmk_star": "ASMK*", "asmk": "ASMK", "vlad": "VLAD", "rvlad": "R-VLAD", "rasmk": "R-ASMK",

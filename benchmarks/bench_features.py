@@ -7,7 +7,7 @@
 For every feature setting and seed: one codebook of K words trained on the database (the
 seed picks the k-means start and the descriptor sample), then ASMK* (no regions) and
 R-ASMK* (R-MAC cells pooled from the whole-image features) with that same codebook, both
-through ``d2r.evaluation.run`` (the code behind ``d2r eval``) and its feature cache.
+through ``d2r_lab.evaluation.run`` (the code behind ``d2r eval``) and its feature cache.
 Each finished evaluation is appended to the --results JSON, so the sweep can be split over
 several invocations and resumed; ``--table-only`` prints the table from that file.
 
@@ -37,7 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> options of d2r.evaluation.run (features, precision, max_features, scales,
+# name -> options of d2r_lab.evaluation.run (features, precision, max_features, scales,
 # score_threshold, fit) and optionally derive: the setting whose cache holds a superset.
 SETTINGS = {
     "xfeat-int8-1000": dict(features="xfeat", max_features=1000, derive="xfeat-int8-4096"),
@@ -74,10 +74,10 @@ def run_options(name):
 
 
 def extractor_of(name, threads=1):
-    """(extractor, cache setting string, close) of a setting, as d2r.evaluation.run builds them."""
+    """(extractor, cache setting string, close) of a setting, as d2r_lab.evaluation.run builds them."""
     from d2r.engine import Engine
-    from d2r.evaluation import feature_setting, parse_scales
-    from d2r.feature_sources import SOURCES, make_extractor
+    from d2r_lab.evaluation import feature_setting, parse_scales
+    from d2r_lab.feature_sources import SOURCES, make_extractor
 
     o = run_options(name)
     overrides = {k: o.get(k) for k in ("max_features", "scales", "score_threshold")}
@@ -94,8 +94,8 @@ def extractor_of(name, threads=1):
 
 def derive_cache(name, dataset, cache_root):
     """Write the cache entries of a derived setting from its superset's entries (run that first)."""
-    from d2r import evaluate
-    from d2r.evaluation import FeatureCache
+    from d2r_lab import evaluate
+    from d2r_lab.evaluation import FeatureCache
 
     ex, setting, close = extractor_of(name)
     close()
@@ -141,7 +141,7 @@ def done(rows, name, seed, k, kind, regions):
 
 
 def sweep(args, names, seeds):
-    from d2r.evaluation import run
+    from d2r_lab.evaluation import run
 
     for name in names:
         if "derive" in SETTINGS[name]:
@@ -173,8 +173,8 @@ def sweep(args, names, seeds):
 
 def features_per_image(name, dataset, cache_root, limit=200):
     """Mean number of features per database image (first ``limit`` images) from the cache."""
-    from d2r import evaluate
-    from d2r.evaluation import FeatureCache
+    from d2r_lab import evaluate
+    from d2r_lab.evaluation import FeatureCache
 
     ex, setting, close = extractor_of(name)
     close()

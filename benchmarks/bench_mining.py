@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from d2r import mining
+from d2r_lab import mining
 
 ROOT = Path(__file__).resolve().parents[1]
 

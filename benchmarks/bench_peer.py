@@ -4,7 +4,7 @@ Both sides get the same XFeat int8 features of roxford5k-mini (from `d2r eval`'s
 the whole-image features of the database and of the cropped queries) and the same centroids
 (a d2r codebook file, fed to asmk's Codebook.index). Each side assigns, aggregates and indexes
 on its own; then every query is aggregated and searched, one thread, and both rankings are
-scored with d2r.evaluate (Revisited protocol).
+scored with d2r_lab.evaluate (Revisited protocol).
 
     python benchmarks/bench_peer.py --dataset ../shared/data/roxford5k-mini --cache /tmp/d2rcache2 \\
         --codebook /tmp/bench6/cb/K1024-seed0.d2rc [--codebook ...]
@@ -31,11 +31,11 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMB
 
 import numpy as np  # noqa: E402
 
-from d2r import evaluate  # noqa: E402
 from d2r.aggregate import aggregate  # noqa: E402
 from d2r.codebook import Codebook  # noqa: E402
-from d2r.evaluation import FeatureCache  # noqa: E402
 from d2r.index import Index  # noqa: E402
+from d2r_lab import evaluate  # noqa: E402
+from d2r_lab.evaluation import FeatureCache  # noqa: E402
 
 
 def cached_features(dataset, cache_dir, features="xfeat", precision="int8", backend="tflite", max_features=None):

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from d2r import evaluate
 from d2r.engine import Engine
+from d2r_lab import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def main() -> None:
         eng = Engine.create(features="xfeat", detector=args.detector, kind="asmk_star", backend="tflite", precision="int8",
                             detector_threshold=t, max_regions=25)
         ex = eng.extractor
-        # The key d2r.evaluation.run gives this setting's cache folder.
+        # The key d2r_lab.evaluation.run gives this setting's cache folder.
         setting = f"{eng.feature_entry.sha256}|{ex.scales}|{ex.max_features}|{ex.score_threshold}|{eng.detector_entry.sha256}|{t}"
         folder = Path(args.cache) / hashlib.sha256(setting.encode()).hexdigest()[:16]
         eng.close()

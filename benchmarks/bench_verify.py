@@ -12,7 +12,7 @@
    ``skimage.measure.ransac`` on the same putative matches, threshold 10 px, 1000 trials.
 3. With ``--oxford DIR`` (roxford5k-mini layout): every database image ranked by its inlier
    count against each query (OpenCV SIFT), d2r's RANSAC against OpenCV's, scored with
-   ``d2r.evaluate.compute_map``: a check of verification and metrics together on real data.
+   ``d2r_lab.evaluate.compute_map``: a check of verification and metrics together on real data.
 4. With ``--oxford DIR`` and ``--parts 4``: re-ranking 100 real candidates per query with
    exhaustive matching against matching within visual words (``LocalFeatures.words``, K = 1024,
    m = 1, 3, 5 words per query feature): CPU time, matches and inliers kept, and mAP.
@@ -238,7 +238,7 @@ def oxford_table(folder, ratio, limit, cache):
     except ImportError as exc:
         print(f"\n(roxford5k-mini part skipped: {exc})")
         return
-    from d2r import evaluate
+    from d2r_lab import evaluate
 
     cv2.setNumThreads(1)
     ds = evaluate.load_dataset(folder)
@@ -310,8 +310,8 @@ def words_table(folder, limit, cache, ratio=None, multiples=(1, 3, 5), size=1024
     except ImportError as exc:
         print(f"\n(words part skipped: {exc})")
         return
-    from d2r import evaluate
     from d2r.codebook import Codebook
+    from d2r_lab import evaluate
 
     cv2.setNumThreads(1)
     ds = evaluate.load_dataset(folder)

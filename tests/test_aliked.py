@@ -85,8 +85,8 @@ def test_tf_deformable_conv_equals_torch_helper():
     import tensorflow as tf
     import torch
 
-    from d2r.feature_sources import deform_conv2d
     from d2r_convert import aliked
+    from d2r_lab.feature_sources import deform_conv2d
 
     rng = np.random.default_rng(1)
     h, w, c, o = 6, 9, 5, 3

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2r import datasets
 from d2r.cli import main as cli_main
-from d2r.datasets import ChecksumError, DownloadError, download, load_ground_truth, make_mini, select_subset
 from d2r.errors import InputError
-from d2r.evaluate import DatasetError, load_dataset
+from d2r_lab import datasets
+from d2r_lab.datasets import ChecksumError, DownloadError, download, load_ground_truth, make_mini, select_subset
+from d2r_lab.evaluate import DatasetError, load_dataset
 
 # --------------------------------------------------------------------------------------------
 # A loopback mirror

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r.evaluate import DatasetError, compute_ap, compute_map, evaluate_protocol, load_dataset, protocol_lists, ranks_from_scores, remove_junk
+from d2r_lab.evaluate import DatasetError, compute_ap, compute_map, evaluate_protocol, load_dataset, protocol_lists, ranks_from_scores, remove_junk
 
 from shared_data import require_roxford
 

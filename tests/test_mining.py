@@ -1,4 +1,4 @@
-"""Landmark box mining (d2r.mining, d2r detector mine-boxes) on real photos.
+"""Landmark box mining (d2r_lab.mining, d2r detector mine-boxes) on real photos.
 
 A real landmark photo crop is pasted, with a small affine warp, into real backgrounds (UKBench
 object photos of different objects): the box mined for each must cover the pasted object, and
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from d2r import cli, mining
+from d2r import cli
 from d2r.errors import InputError
+from d2r_lab import mining
 
 from shared_data import landmark_photo, ukbench_dir, ukbench_groups
 
@@ -194,7 +195,7 @@ def test_cli_writes_a_valid_boxes_file(collection, tmp_path, capsys):
 
 
 def test_finetune_without_the_converters_says_what_to_install(monkeypatch, capsys):
-    from d2r import landmarks
+    from d2r_lab import landmarks
 
     monkeypatch.setattr(landmarks, "_finetune_module", lambda: (None, "No module named 'd2r_convert'"))
     rc = cli.main(["detector", "finetune", "--images", "photos", "--boxes", "boxes.json", "-o", "out"])

@@ -105,7 +105,7 @@ def test_one_region_equals_asmk_and_no_features_is_empty():
 
 
 def test_eval_kind_needs_regions():
-    from d2r import evaluation
+    from d2r_lab import evaluation
 
     with pytest.raises(InputError, match="naive_rasmk needs regions"):
         evaluation.run("/nonexistent", kind="naive_rasmk", regions="none")

@@ -1,4 +1,4 @@
-"""``d2r query BUNDLE IMAGE --show out.png``: the picture of a query, its boxes, results and inlier matches."""
+"""``d2r show BUNDLE IMAGE -o out.png`` (a lab command): the picture of a query, its boxes, results and inlier matches."""
 
 from pathlib import Path
 
@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 import d2r
-from d2r import visualize
 from d2r.cli import main
+from d2r_lab import visualize
 
 pytestmark = pytest.mark.slow  # builds a bundle
 
@@ -41,7 +41,7 @@ def green(block: np.ndarray) -> int:
 
 def test_show_draws_query_boxes_results_and_inlier_lines(bundle, tmp_path, capsys):
     out = tmp_path / "out.png"
-    rc = main(["query", str(bundle), str(QUERY), "--top-k", "2", "--verify", "--show", str(out), "--images-dir", str(SAMPLE / "collection")])
+    rc = main(["show", str(bundle), str(QUERY), "--top-k", "2", "--verify", "-o", str(out), "--images-dir", str(SAMPLE / "collection")])
     assert rc == 0
     assert f"picture: {out}" in capsys.readouterr().out
     img, rows = rows_of(out, 3)
@@ -72,7 +72,7 @@ def test_inlier_lines_are_the_verification_of_the_query(bundle):
 
 def test_show_without_verification_or_photos(bundle, tmp_path):
     out = tmp_path / "plain.png"
-    assert main(["query", str(bundle), str(QUERY), "--top-k", "3", "--show", str(out)]) == 0
+    assert main(["show", str(bundle), str(QUERY), "--top-k", "3", "-o", str(out)]) == 0
     img, rows = rows_of(out, 4)
     assert green(img) == 0  # not verified: no lines
     # No --images-dir: grey cards stand for the result photos.
@@ -82,13 +82,6 @@ def test_show_without_verification_or_photos(bundle, tmp_path):
 
 
 def test_show_wants_a_png(bundle, tmp_path, capsys):
-    assert main(["query", str(bundle), str(QUERY), "--show", str(tmp_path / "out.jpg")]) == 1
+    assert main(["show", str(bundle), str(QUERY), "-o", str(tmp_path / "out.jpg")]) == 1
     assert ".png" in capsys.readouterr().err
     assert not (tmp_path / "out.jpg").exists()
-
-
-def test_several_queries_give_one_picture_each(bundle, tmp_path):
-    out = tmp_path / "many.png"
-    other = SAMPLE / "visitors" / "ukbench00023.jpg"
-    assert main(["query", str(bundle), str(QUERY), str(other), "--top-k", "1", "--verify", "--show", str(out), "--images-dir", str(SAMPLE / "collection")]) == 0
-    assert (tmp_path / "many-1.png").is_file() and (tmp_path / "many-2.png").is_file()

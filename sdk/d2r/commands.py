@@ -135,9 +135,6 @@ def cmd_build(args) -> int:
 
 def cmd_query(args) -> int:
     from .engine import Engine
-
-    if args.show and Path(args.show).suffix.lower() != ".png":
-        raise InputError(f"--show: the picture is a PNG file; give a name ending in .png, got {args.show!r}")
     from .errors import ImageError
 
     results, failed = {}, {}
@@ -150,21 +147,12 @@ def cmd_query(args) -> int:
                 print(f"d2r query: error: {exc}", file=sys.stderr)
                 continue
             results[str(image)] = res
-            if args.show:
-                from .visualize import draw_query
-
-                show = Path(args.show)
-                if len(args.images) > 1:  # one picture per query: out-1.png, out-2.png, ...
-                    show = show.with_name(f"{show.stem}-{len(results)}{show.suffix}")
-                draw_query(engine, image, res, show, images_dir=args.images_dir)
             if not args.json:
                 print(f"{image}  ({res.timings['total']:.0f} ms: features {res.timings['features']:.0f}, search {res.timings['search']:.1f})")
                 for rank, hit in enumerate(res.hits, start=1):
                     meta = f"  {json.dumps(hit.metadata, ensure_ascii=False)}" if hit.metadata else ""
                     inl = f"  inliers {res.inliers[hit.image_id]}" if hit.image_id in res.inliers else ""
                     print(f"  {rank:3d}. {hit.image_id}  {hit.score:.4f}{inl}{meta}")
-                if args.show:
-                    print(f"  picture: {show}")
     if args.json:
         out = {k: v.to_json() for k, v in results.items()}
         out.update({k: {"error": v} for k, v in failed.items()})
@@ -209,7 +197,5 @@ def register_cli(sub) -> None:
     q.add_argument("--top-k", type=_positive_int, default=10, help="results per photo (default 10)")
     q.add_argument("--verify", action="store_true", help="re-rank the top 100 by spatial verification (RANSAC inliers)")
     q.add_argument("--json", action="store_true", help="print results as JSON")
-    q.add_argument("--show", metavar="OUT.png", help="draw the query, its detected boxes, the results and (with --verify) the inlier matches")
-    q.add_argument("--images-dir", metavar="DIR", help="for --show: the folder of the database photos (the bundle does not hold them)")
     q.add_argument("--threads", type=int)
     q.set_defaults(func=cmd_query)

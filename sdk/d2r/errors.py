@@ -33,3 +33,16 @@ class ImageError(D2RError, ValueError):
 
 class BundleError(D2RError, ValueError):
     """A bundle folder is missing files, altered, of an unknown version or inconsistent."""
+
+
+# Errors of the lab tools (d2r_lab): here too, so that every error class of d2r is in one module.
+class DatasetError(InputError):
+    """A dataset folder is malformed: missing or invalid ``gnd.json``, missing images."""
+
+
+class DownloadError(D2RError, OSError):
+    """A file could not be downloaded (network, server answer); the message names the URL."""
+
+
+class ChecksumError(D2RError, ValueError):
+    """A downloaded file's sha256 differs from the expected one; the message names the file."""

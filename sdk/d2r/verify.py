@@ -478,7 +478,7 @@ def rerank(
         candidates: the initial ranking, best first: a sequence of ``(id, score, features)``.
             Only the first ``top_r`` need features; later entries may have None. To follow the
             Revisited Oxford protocol, remove junk images before calling
-            (:func:`d2r.evaluate.remove_junk`).
+            (:func:`d2r_lab.evaluate.remove_junk`).
         top_r: how many candidates to verify.
         use_words: match within shared visual words when the query and a candidate both
             carry words (see the module notes); False always matches exhaustively.

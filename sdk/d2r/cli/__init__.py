@@ -1,10 +1,12 @@
 """The ``d2r`` command line.
 
-Each subcommand lives in the module that owns its job and registers itself here through
-``_SUBCOMMANDS``: a list of ``(module, function)`` pairs whose function takes the argparse
-sub-parsers object and adds its parser with ``set_defaults(func=...)``. Modules that need
-optional extras (converters, server) are imported lazily so ``d2r --version`` stays fast and
-works with only the core installed.
+The device runtime's commands are registered here through ``_SUBCOMMANDS``: ``(module,
+function)`` pairs whose function takes the argparse sub-parsers object and adds its parser with
+``set_defaults(func=...)``. The packages beside the runtime (``d2r_lab``: evaluation and
+research tools; ``d2r_convert``: model converters; ``d2r_server``: the edge server) add their
+commands through the ``d2r.commands`` entry-point group of their distribution, so this package
+never names them. A command whose module cannot be imported (an extra not installed) is left
+out of ``--help``.
 """
 
 from __future__ import annotations
@@ -12,23 +14,28 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from importlib.metadata import entry_points
 
 from .._version import __version__
 from ..errors import D2RError
 
-# (module, registration function). A module that cannot be imported (missing extra) is skipped
-# and its commands are absent from --help; running them then says which extra to install.
+# The runtime's own commands: (module, registration function).
 _SUBCOMMANDS: list[tuple[str, str]] = [
     ("d2r.codebook", "register_cli"),
     ("d2r.commands", "register_cli"),
     ("d2r.warmup", "register_cli"),
-    ("d2r.datasets", "register_cli"),
-    ("d2r.evaluation", "register_cli"),
-    ("d2r.landmarks", "register_cli"),
     ("d2r.sync", "register_cli"),
-    ("d2r_server.cli", "register_cli"),
-    ("d2r_convert.cli", "register_cli"),
 ]
+# Commands of other packages: entry points ``NAME = module:function`` in this group.
+ENTRY_POINT_GROUP = "d2r.commands"
+
+
+def _registrations():
+    for module_name, func_name in _SUBCOMMANDS:
+        yield module_name, func_name
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        module_name, _, func_name = ep.value.partition(":")
+        yield module_name.strip(), func_name.strip() or "register_cli"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"d2r {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name, func_name in _SUBCOMMANDS:
+    seen = set()
+    for module_name, func_name in _registrations():
+        if (module_name, func_name) in seen:
+            continue
+        seen.add((module_name, func_name))
         try:
             module = importlib.import_module(module_name)
         except ImportError:  # an optional extra is not installed

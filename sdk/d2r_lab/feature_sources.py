@@ -23,9 +23,9 @@ import types
 
 import numpy as np
 
-from .errors import InputError, ModelError
-from .features import MIN_IMAGE_SIDE, Features, _l2_rows
-from .image import load_image
+from d2r.errors import InputError, ModelError
+from d2r.features import MIN_IMAGE_SIDE, Features, _l2_rows
+from d2r.image import load_image
 
 #: names handled here; any other name is looked up in the model manifest (xfeat, delf, ...).
 SOURCES = ("rootsift", "aliked")

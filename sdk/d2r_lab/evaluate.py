@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
+from d2r.errors import DatasetError, InputError  # noqa: F401  (DatasetError: re-exported)
 
 PROTOCOLS = ("easy", "medium", "hard")
 KAPPAS = (1, 5, 10)
@@ -60,10 +60,6 @@ __all__ = [
     "ranks_from_scores",
     "remove_junk",
 ]
-
-
-class DatasetError(InputError):
-    """A dataset folder is malformed: missing or invalid ``gnd.json``, missing images."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import D2RError, InputError
+from d2r.errors import ChecksumError, DownloadError, InputError
+
 from .evaluate import DatasetError
 
 __all__ = [
@@ -119,14 +120,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
-class DownloadError(D2RError, OSError):
-    """A file could not be downloaded (network, server answer); the message names the URL."""
-
-
-class ChecksumError(D2RError, ValueError):
-    """A downloaded file's sha256 differs from the expected one; the message names the file."""
-
-
 # --------------------------------------------------------------------------------------------
 # Progress
 # --------------------------------------------------------------------------------------------
@@ -198,13 +191,13 @@ def read_sha256sums(path) -> dict:
 
 
 def _write_sha256sums(path: Path, sums: dict) -> None:
-    from ._files import atomic_write
+    from d2r._files import atomic_write
 
     atomic_write(path, "".join(f"{h}  {n}\n" for n, h in sorted(sums.items())).encode())
 
 
 def _sha256(path: Path) -> str:
-    from ._files import sha256_file
+    from d2r._files import sha256_file
 
     return sha256_file(path)
 
@@ -492,7 +485,7 @@ class _Dest:
                                  "it is left untouched: choose another folder or move it away")
 
     def save(self) -> None:
-        from ._files import atomic_write
+        from d2r._files import atomic_write
 
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write(self.marker_path, json.dumps(self.marker, indent=1).encode())

@@ -21,13 +21,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluate, verify
-from .aggregate import aggregate
-from .codebook import Codebook
-from .errors import InputError
-from .features import Features
-from .image import load_image
-from .index import Index
+from d2r import verify
+from d2r.aggregate import aggregate
+from d2r.codebook import Codebook
+from d2r.errors import InputError
+from d2r.features import Features
+from d2r.image import load_image
+from d2r.index import Index
+
+from . import evaluate
 
 # Detector boxes are extracted down to this score (the paper's lowest threshold) and cached.
 DETECT_FLOOR = 0.1
@@ -209,7 +211,8 @@ def run(
     progress: True (bars on stderr), False, or a callable(what, done, total) that receives the
     same events (``"index"`` reaches total when the database is aggregated).
     """
-    from .engine import Engine
+    from d2r.engine import Engine
+
     from .feature_sources import SOURCES, make_extractor
 
     if kind not in EVAL_KINDS:
@@ -224,8 +227,8 @@ def run(
     if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "naive_rasmk", "rvlad") and source == "none":
         raise InputError(f"--kind {kind} needs regions (--regions rmac:L or detector:NAME@THRESH)")
     if features not in SOURCES:
-        from .engine import _ALIASES
-        from .manifest import load_manifest
+        from d2r.engine import _ALIASES
+        from d2r.manifest import load_manifest
 
         models = sorted({m.name for m in load_manifest().models if m.task == "local_features"})
         if _ALIASES.get(features, features) not in models:

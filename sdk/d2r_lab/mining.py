@@ -40,9 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import verify
-from ._files import atomic_write
-from .errors import InputError
+from d2r import verify
+from d2r._files import atomic_write
+from d2r.errors import InputError
+
 from .evaluation import _progress
 
 __all__ = [
@@ -222,11 +223,12 @@ def collect_evidence(
     neighbours; on by default: one-to-one matches keep a textured patch from piling up
     inliers on one feature), on top of the model's descriptor distance threshold.
     """
-    from .aggregate import aggregate
-    from .codebook import Codebook
-    from .engine import Engine
+    from d2r.aggregate import aggregate
+    from d2r.codebook import Codebook
+    from d2r.engine import Engine
+    from d2r.index import Index
+
     from .evaluation import cached_whole, feature_setting, open_cache
-    from .index import Index
 
     paths = _check_paths(image_paths, "images")
     qpaths = _check_paths(queries, "queries")

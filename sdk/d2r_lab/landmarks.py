@@ -13,7 +13,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from .errors import InputError
+from d2r.errors import InputError
 
 FINETUNE_MISSING = "this command needs the converters and TensorFlow: install them with pip install -e '.[convert]' ({})"
 

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                   f"[features {t['features']:.0f}, aggregation {t['aggregation']:.1f}, search {t['search']:.1f}, verify {t['verify']:.0f}]")
             for rank, hit in enumerate(res.hits, start=1):
                 mark = "ok" if hit.metadata["title"] == truth else "  "
-                print(f"  {mark} {rank}. {hit.metadata['title']:<22s} {hit.image_id}  score {hit.score:.3f}  inliers {res.inliers.get(hit.image_id, 0)}")
+                print(f"  {mark} {rank}. {hit.metadata['title']:<22s} {hit.image_id}  score {hit.score:.3f}  inliers {hit.inliers or 0}")
             rows.append((photo, [(SAMPLE / "collection" / h.image_id, h.metadata["title"] == truth) for h in res.hits]))
     print(f"\n{correct}/{len(visitors)} visitor photos recognised (top-1)")
 

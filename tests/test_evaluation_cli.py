@@ -32,20 +32,20 @@ def test_rmac_boxes_and_region_parsing():
     assert parse_regions("detector:ssd@0.3") == ("detector", ("ssd", 0.3))
     assert parse_regions("shuffled:landmark@0.1") == ("shuffled", ("landmark", 0.1))
     for bad in ("rmac:0", "rmac:x", "detector:ssd@high", "shuffled:ssd@x", "grid"):
-        with pytest.raises(d2r.InputError, match="--regions"):
+        with pytest.raises(d2r.InputError, match="regions"):
             parse_regions(bad)
 
 
 def test_eval_asmk_star_and_regions(dataset, tmp_path):
     cache = tmp_path / "cache"
-    plain = run(dataset, kind="asmk_star", codebook_size=128, cache_dir=cache, progress=False)
+    plain = run(dataset, features="xfeat", kind="asmk_star", codebook_size=128, cache_dir=cache, progress=False)
     assert plain["n_queries"] == 14 and plain["n_images"] == 42
     assert plain["map"]["medium"] > 60.0, plain["table"]
     assert set(plain["mp"]["medium"]) == {"1", "5", "10"}
     # A second run hits the feature cache and, with the same seed, gives the same numbers.
     cb_path = tmp_path / "cb.d2rcb"
     cached = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npz")}
-    again = run(dataset, kind="asmk_star", codebook_size=128, cache_dir=cache, progress=False)
+    again = run(dataset, features="xfeat", kind="asmk_star", codebook_size=128, cache_dir=cache, progress=False)
     assert again["map"] == plain["map"]
     assert cached and {p: p.stat().st_mtime_ns for p in cache.rglob("*.npz")} == cached  # nothing computed again
     # The other kinds on one codebook trained once (k-means dominates these small runs).
@@ -53,19 +53,19 @@ def test_eval_asmk_star_and_regions(dataset, tmp_path):
 
     with d2r.Engine.create(features="xfeat", detector=None, kind="asmk_star") as engine:
         engine.train_codebook(load_dataset(dataset).image_paths, size=128, progress=False).save(cb_path)
-    regional = run(dataset, kind="rasmk_star", regions="rmac:2", codebook=cb_path, cache_dir=cache, progress=False)
+    regional = run(dataset, features="xfeat", kind="rasmk_star", regions="rmac:2", codebook=cb_path, cache_dir=cache, progress=False)
     assert regional["regions_per_image"] > 1 and regional["map"]["medium"] > 50.0
     assert regional["options"]["codebook"] == str(cb_path)
-    d2r_max = run(dataset, kind="d2r_asmk_star", regions="rmac:1", codebook=cb_path, cache_dir=cache, progress=False)
+    d2r_max = run(dataset, features="xfeat", kind="d2r_asmk_star", regions="rmac:1", codebook=cb_path, cache_dir=cache, progress=False)
     assert d2r_max["map"]["medium"] > 50.0
-    vlad = run(dataset, kind="vlad", codebook_size=16, cache_dir=cache, progress=False)
+    vlad = run(dataset, features="xfeat", kind="vlad", codebook_size=16, cache_dir=cache, progress=False)
     assert vlad["map"]["medium"] > 20.0
-    verified = run(dataset, kind="asmk_star", codebook_size=128, cache_dir=cache, verify_top=2, limit=4, progress=False)
+    verified = run(dataset, features="xfeat", kind="asmk_star", codebook_size=128, cache_dir=cache, verify_top=2, limit=4, progress=False)
     assert verified["options"]["verify"] and verified["n_queries"] == 4
     assert "verify_ms_per_query" in verified["timings"]
     assert verified["options"]["verify_precision"] == "int8"
-    with pytest.raises(d2r.InputError, match="--verify-precision"):
-        run(dataset, kind="asmk_star", codebook=cb_path, cache_dir=cache, verify_top=2, verify_precision="fp16", progress=False)
+    with pytest.raises(d2r.InputError, match="verify_precision"):
+        run(dataset, features="xfeat", kind="asmk_star", codebook=cb_path, cache_dir=cache, verify_top=2, verify_precision="fp16", progress=False)
 
 
 def test_shuffled_boxes_control(dataset, tmp_path):
@@ -75,26 +75,26 @@ def test_shuffled_boxes_control(dataset, tmp_path):
         d = _derangement(n, seed=1)
         assert sorted(d.tolist()) == list(range(n)) and (d != np.arange(n)).all()
     cache = tmp_path / "cache"
-    kw = dict(kind="rasmk_star", codebook_size=64, cache_dir=cache, progress=False)
+    kw = dict(features="xfeat", kind="rasmk_star", codebook_size=64, cache_dir=cache, progress=False)
     det = run(dataset, regions="detector:landmark@0.1", **kw)
     ctl = run(dataset, regions="shuffled:landmark@0.1", **kw)
     # the same boxes, dealt to other images: the same number of regions over the database
     assert det["regions_per_image"] > 1.5
     assert ctl["regions_per_image"] == pytest.approx(det["regions_per_image"])
-    assert ctl["options"]["regions"] == "shuffled:landmark@0.1"
+    assert ctl["options"]["regions"] == "shuffled:ssd_mobilenetv2_landmark@0.1"
     assert ctl["index_bytes"] != det["index_bytes"] or ctl["map"] != det["map"]
     # --max-regions keeps the best boxes (the cached detections serve every cap)
     one = run(dataset, regions="detector:landmark@0.1", max_regions=1, **kw)
     assert 1.0 < one["regions_per_image"] <= 2.0 < det["regions_per_image"]
-    assert one["options"]["max_regions"] == 1 and det["options"]["max_regions"] == 25
-    with pytest.raises(d2r.InputError, match="--max-regions"):
+    assert one["options"]["max_regions"] == 1 and det["options"]["max_regions"] == 8  # d2r build's default
+    with pytest.raises(d2r.InputError, match="max_regions"):
         run(dataset, regions="detector:landmark@0.1", max_regions=26, **kw)
 
 
 def test_eval_cli_json(dataset, tmp_path):
     out = tmp_path / "res.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "d2r.cli", "eval", "--dataset", str(dataset), "--codebook-size", "64", "--quiet",
+        [sys.executable, "-m", "d2r.cli", "eval", "--dataset", str(dataset), "--features", "xfeat", "--codebook-size", "64", "--quiet",
          "--cache", str(tmp_path / "c"), "--limit", "5", "--json", str(out)],
         capture_output=True, text=True,
     )
@@ -106,7 +106,7 @@ def test_eval_cli_json(dataset, tmp_path):
     # The HTML report: one section per query, ten bordered thumbnails each, the summary table.
     report = tmp_path / "report.html"
     proc = subprocess.run(
-        [sys.executable, "-m", "d2r.cli", "eval", "--dataset", str(dataset), "--codebook-size", "64", "--quiet",
+        [sys.executable, "-m", "d2r.cli", "eval", "--dataset", str(dataset), "--features", "xfeat", "--codebook-size", "64", "--quiet",
          "--cache", str(tmp_path / "c"), "--limit", "3", "--report", str(report)],
         capture_output=True, text=True,
     )
@@ -132,10 +132,10 @@ def test_eval_cli_json(dataset, tmp_path):
 
 def test_eval_naive_rasmk_and_progress_callable(dataset, tmp_path):
     events = []
-    res = run(dataset, kind="naive_rasmk", regions="rmac:1", codebook_size=64, cache_dir=tmp_path / "c",
+    res = run(dataset, features="xfeat", kind="naive_rasmk", regions="rmac:1", codebook_size=64, cache_dir=tmp_path / "c",
               progress=lambda what, done, total: events.append((what, done, total)))
     assert res["options"]["kind"] == "naive_rasmk" and res["regions_per_image"] > 1
     assert res["map"]["medium"] > 30.0, res["table"]
     assert ("index", 42, 42) in events and ("query features", 14, 14) in events
     with pytest.raises(d2r.errors.InputError, match="needs regions"):
-        run(dataset, kind="naive_rasmk", regions="none", cache_dir=tmp_path / "c")
+        run(dataset, features="xfeat", kind="naive_rasmk", regions="none", cache_dir=tmp_path / "c")

@@ -232,7 +232,7 @@ class Kiosk:
         hit = res.hits[0]
         meta = hit.metadata if isinstance(hit.metadata, dict) else {}
         version = getattr(self.engine, "version_path", None)
-        return Announcement(name, said, hit.image_id, res.inliers.get(hit.image_id, 0), meta.get("description"),
+        return Announcement(name, said, hit.image_id, hit.inliers or 0, meta.get("description"),
                             version.name if version is not None else None)
 
     def run(self, stream, on_announce=None) -> list:

@@ -63,8 +63,8 @@ class Guide:
         # best photo of a *different* exhibit.
         best = res.hits[0]
         meta = best.metadata or {}
-        inliers = res.inliers.get(best.image_id, 0)
-        other = max((res.inliers.get(h.image_id, 0) for h in res.hits if (h.metadata or {}).get("title") != meta.get("title")), default=0)
+        inliers = best.inliers or 0
+        other = max((h.inliers or 0 for h in res.hits if (h.metadata or {}).get("title") != meta.get("title")), default=0)
         if inliers < self.min_inliers or inliers < self.margin * other:
             return Answer(str(photo), None, None, best.image_id, inliers, best.score, ms)
         return Answer(str(photo), meta.get("title"), meta.get("description"), best.image_id, inliers, best.score, ms)

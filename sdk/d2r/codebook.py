@@ -58,6 +58,23 @@ def auto_size(n_descriptors: int, max_size: int = AUTO_MAX_SIZE, per_word: int =
     return k
 
 
+def train_codebook(descriptors: np.ndarray, size: int | str = "auto", iterations: int = 20, seed: int = 0, n_images: int | None = None,
+                   progress=None) -> "Codebook":
+    """The codebook stage of the pipeline: K-means on a training sample (``size``: K, or
+    ``"auto"``, see :func:`auto_size`). ``Engine.train_codebook`` and ``d2r eval`` both call it
+    on a :class:`d2r.pipeline.DescriptorSample`."""
+    x = np.asarray(descriptors, np.float32)
+    if isinstance(size, str):
+        if size != "auto":
+            raise InputError(f"size: expected a number of words or 'auto', got {size!r}")
+        size = auto_size(len(x))
+    size = positive_int(size, "size")
+    if len(x) < size:
+        src = f" from {n_images} images" if n_images is not None else ""
+        raise InputError(f"images: {len(x)} descriptors{src} are fewer than the codebook size {size}; add images or lower size")
+    return Codebook.train(x, size=size, iterations=iterations, seed=seed, progress=progress)
+
+
 def _nearest(x: np.ndarray, c: np.ndarray, cnorm: np.ndarray, multiple: int):
     """Exact m-nearest codewords: (int32 [N, m] ids, float64 [N, m] squared distances)."""
     n = x.shape[0]

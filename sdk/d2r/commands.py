@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .config import BUILD_VERIFICATION_FEATURES
 from .errors import InputError
 from .manifest import DEFAULT_FEATURES
 
@@ -151,7 +152,7 @@ def cmd_query(args) -> int:
                 print(f"{image}  ({res.timings['total']:.0f} ms: features {res.timings['features']:.0f}, search {res.timings['search']:.1f})")
                 for rank, hit in enumerate(res.hits, start=1):
                     meta = f"  {json.dumps(hit.metadata, ensure_ascii=False)}" if hit.metadata else ""
-                    inl = f"  inliers {res.inliers[hit.image_id]}" if hit.image_id in res.inliers else ""
+                    inl = f"  inliers {hit.inliers}" if hit.inliers is not None else ""
                     print(f"  {rank:3d}. {hit.image_id}  {hit.score:.4f}{inl}{meta}")
     if args.json:
         out = {k: v.to_json() for k, v in results.items()}
@@ -182,7 +183,7 @@ def register_cli(sub) -> None:
                    help="train a codebook of K words on the folder (default auto: 8192, fewer when the folder gives under 39 descriptors per word)")
     g.add_argument("--codebook", help="use a codebook file trained elsewhere")
     b.add_argument("--metadata", help="CSV with an image_id (or file) column and any metadata columns")
-    b.add_argument("--verification-features", type=int, default=1000,
+    b.add_argument("--verification-features", type=int, default=BUILD_VERIFICATION_FEATURES,
                    help="whole-image features kept per image for `d2r query --verify` "
                         "(default 1000, about 68 KB per image with 64-D features (ALIKED-t16, XFeat); 0 to leave out)")
     b.add_argument("--seed", type=int, default=0)

@@ -10,6 +10,8 @@ from .manifest import DEFAULT_FEATURES
 
 ENGINE_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star")
 REGION_MODES = ("crop", "pool")
+# `d2r build` keeps this many whole-photo features per photo for `d2r query --verify`.
+BUILD_VERIFICATION_FEATURES = 1000
 
 
 @dataclass

@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeGuard, cast
 
@@ -43,16 +43,15 @@ from ._files import sha256_file as _sha256_file
 from ._progress import counter as _progress
 from ._progress import end_line as _end_progress_line
 from ._version import __version__
-from .aggregate import aggregate
-from .backends import load_model
-from .codebook import Codebook, auto_size
+from .codebook import Codebook, train_codebook
 from .config import ENGINE_KINDS, REGION_MODES, EngineConfig  # noqa: F401  (re-exported)
 from .errors import BundleError, D2RError, ImageError, InputError, ModelError
-from .features import Features, LocalFeatureExtractor
+from .features import Features
 from .image import load_image
 from .index import Index
 from .manifest import ALIASES as _ALIASES
 from .manifest import DEFAULT_FEATURES
+from .pipeline import CODEBOOK_SAMPLE, DescriptorSample, Pipeline, find_entry
 from .results import Hit, QueryResult
 
 if TYPE_CHECKING:  # verify is imported on first use
@@ -62,8 +61,6 @@ log = logging.getLogger("d2r")
 
 BUNDLE_FORMAT = "d2r-bundle"
 BUNDLE_VERSION = 1
-# When a model has no file of the requested precision, the nearest one is used instead.
-_PRECISION_FALLBACK = {"fp32": ("fp32", "fp16", "int8"), "fp16": ("fp16", "fp32", "int8"), "int8": ("int8", "fp16", "fp32")}
 
 
 def _canonical(obj) -> bytes:
@@ -79,30 +76,21 @@ def _manifest_module():
 class Engine:
     """Detect-to-Retrieve on a device: features, regions, aggregation, index, search.
 
-    Build with :meth:`create` (new collection) or :meth:`open` (a saved bundle). Close with
-    :meth:`close` or use as a context manager.
+    Made by one of two factories, MediaPipe-style: :meth:`create` (a new collection, from an
+    :class:`EngineConfig` or its fields) or :meth:`open` (a saved bundle). The constructor
+    loads nothing: it takes a ready :class:`d2r.pipeline.Pipeline`. Close with :meth:`close`
+    or use as a context manager.
     """
 
-    def __init__(self, config: EngineConfig, feature_entry, detector_entry, codebook: Codebook | None, index: Index | None,
+    def __init__(self, pipeline: Pipeline, codebook: Codebook | None = None, index: Index | None = None, *,
                  threads: int | None = None, accelerator: str = "cpu", bundle_path: Path | None = None, bundle_version: int = 0):
-        from .detect import Detector
-
-        self.config = config.check()
+        self.pipeline = pipeline
+        self.config = pipeline.config
         self.threads = threads
         self.accelerator = accelerator
-        self.feature_entry = feature_entry
-        self.detector_entry = detector_entry
-        self._feature_model = load_model(feature_entry.path, backend=config.backend, threads=threads, accelerator=accelerator)
-        self.extractor = LocalFeatureExtractor(
-            self._feature_model, scales=config.scales, max_features=config.max_features, score_threshold=config.score_threshold, entry=feature_entry,
-            fit=config.feature_fit,
-        )
-        self.detector = None
-        if detector_entry is not None:
-            self._detector_model = load_model(detector_entry.path, backend=config.backend, threads=threads, accelerator=accelerator)
-            self.detector = Detector(self._detector_model, threshold=config.detector_threshold, max_boxes=max(config.max_regions, 1), entry=detector_entry)
         self.codebook = codebook
         self.index = index
+        pipeline.set_codebook(codebook)
         self.bundle_path = bundle_path
         self.bundle_version = bundle_version
         # Verification features: packed bytes of images added in this session, and the side
@@ -115,52 +103,90 @@ class Engine:
         #: saved in bundle.json as ``skipped``.
         self.skipped: dict[str, str] = {}
 
+    # The pipeline's parts, by the names earlier versions used.
+    @property
+    def extractor(self):
+        return self.pipeline.features.extractor
+
+    @property
+    def detector(self):
+        return self.pipeline.regions.detector
+
+    @property
+    def feature_entry(self):
+        return self.pipeline.feature_entry
+
+    @property
+    def detector_entry(self):
+        return self.pipeline.detector_entry
+
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def create(
         cls,
-        features: str = DEFAULT_FEATURES,
+        options: EngineConfig | str | None = None,
         detector: str | None = "landmark",
         codebook: Codebook | None = None,
         kind: str = "rasmk_star",
         *,
+        features: str | None = None,
         backend: str = "tflite",
         precision: str = "int8",
         threads: int | None = None,
         accelerator: str = "cpu",
         manifest=None,
-        **options,
+        **fields,
     ) -> "Engine":
-        """A new, empty engine. ``options`` are :class:`EngineConfig` fields
+        """A new, empty engine.
+
+        options: an :class:`EngineConfig` (the whole pipeline; ``detector``, ``kind``,
+        ``backend``, ``precision`` and ``fields`` are then not allowed), or for short the
+        local-feature model's name (the first positional argument of earlier versions), or
+        None for the default. ``fields`` are other :class:`EngineConfig` fields
         (detector_threshold, max_regions, regions, pooling, alpha, tau, max_features, scales,
-        score_threshold, feature_fit, approximate_assignment)."""
-        unknown = set(options) - set(EngineConfig.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"unknown Engine option(s): {', '.join(sorted(unknown))}")
-        if detector in ("none", ""):
-            detector = None
-        if detector is not None:
-            detector = _ALIASES.get(detector, detector)
-        config = EngineConfig(features=features, detector=detector, kind=kind, backend=backend, precision=precision, **options).check()
-        man = _manifest_module().load_manifest(manifest) if not hasattr(manifest, "models") else manifest
-        feature_entry = _find_entry(man, config.features, "local_features", backend, precision)
-        detector_entry = _find_entry(man, config.detector, "detector", backend, precision) if config.detector else None
+        score_threshold, feature_fit, approximate_assignment, verification_features,
+        verification_words). Models are loaded here; ``threads`` and ``accelerator`` are
+        runtime settings, not part of the configuration.
+        """
+        if isinstance(options, EngineConfig):
+            if fields or features is not None or detector != "landmark" or kind != "rasmk_star" or backend != "tflite" or precision != "int8":
+                raise InputError("options: give either an EngineConfig or its fields as keywords, not both")
+            config = EngineConfig(**asdict(options))
+        else:
+            if options is not None and features is not None:
+                raise InputError("features: given twice (first argument and features=)")
+            unknown = set(fields) - set(EngineConfig.__dataclass_fields__)
+            if unknown:
+                raise InputError(f"unknown Engine option(s): {', '.join(sorted(unknown))}")
+            if detector in ("none", ""):
+                detector = None
+            if detector is not None:
+                detector = _ALIASES.get(detector, detector)
+            config = EngineConfig(features=options or features or DEFAULT_FEATURES, detector=detector, kind=kind, backend=backend,
+                                  precision=precision, **fields)
+        config.check()
         if codebook is not None and not isinstance(codebook, Codebook):
             raise InputError(f"codebook: expected a d2r.Codebook, got {type(codebook).__name__}")
-        engine = cls(config, feature_entry, detector_entry, codebook, None, threads, accelerator)
+        pipeline = Pipeline.load(config, manifest, threads=threads, accelerator=accelerator)
+        engine = cls(pipeline, codebook, None, threads=threads, accelerator=accelerator)
         if codebook is not None:
             engine._new_index()
         return engine
 
+    @classmethod
+    def _assemble(cls, config: EngineConfig, feature_entry, detector_entry, codebook, index, threads=None, accelerator="cpu",
+                  bundle_path=None, bundle_version=0) -> "Engine":
+        """An engine on the given manifest entries (a bundle's own models)."""
+        pipeline = Pipeline.load_entries(config, feature_entry, detector_entry, threads=threads, accelerator=accelerator)
+        return cls(pipeline, codebook, index, threads=threads, accelerator=accelerator, bundle_path=bundle_path,
+                   bundle_version=bundle_version)
+
     def _new_index(self):
-        index_kind = "asmk_star" if self.config.kind == "d2r_asmk_star" else self.config.kind
-        self.index = Index(self.codebook, kind=index_kind, alpha=self.config.alpha, tau=self.config.tau)
+        self.pipeline.set_codebook(self.codebook)
+        self.index = self.pipeline.require_aggregation().new_index()
 
     def close(self) -> None:
-        for attr in ("_feature_model", "_detector_model"):
-            model = getattr(self, attr, None)
-            if model is not None:
-                model.close()
+        self.pipeline.close()
         if self.index is not None:
             self.index.close()
         if self._vfile is not None:
@@ -179,7 +205,7 @@ class Engine:
     # -- features and regions -------------------------------------------------------------------
     def extract(self, image) -> Features:
         """Whole-image local features."""
-        return self.extractor.extract(image)
+        return self.pipeline.features(load_image(image))
 
     def regions(self, image) -> tuple[list, list]:
         """Database-side regions: (list of Features, list of boxes); region 0 is the whole image.
@@ -188,65 +214,39 @@ class Engine:
         region's features are re-extracted on the crop (``regions="crop"``, docs/algorithm.md
         section 2) or taken from the whole-image features inside the box (``"pool"``).
         """
-        rgb = load_image(image)
-        whole = self.extractor.extract(rgb)
-        feats, boxes = [whole], [np.array([0.0, 0.0, 1.0, 1.0], np.float32)]
-        if self.detector is None or self.config.max_regions == 0:
-            return feats, boxes
-        det = self.detector.detect(rgb)
-        h, w = rgb.shape[:2]
-        for box in det.boxes[: self.config.max_regions]:
-            if self.config.regions == "pool":
-                feats.append(whole.in_box(box, rgb.shape))
-            else:
-                ymin, xmin, ymax, xmax = (float(v) for v in box)
-                y0, x0 = int(np.floor(ymin * h)), int(np.floor(xmin * w))
-                y1, x1 = int(np.ceil(ymax * h)), int(np.ceil(xmax * w))
-                crop = rgb[max(y0, 0) : min(y1, h), max(x0, 0) : min(x1, w)]
-                sub = self.extractor.extract(crop) if crop.shape[0] and crop.shape[1] else Features.empty(whole.descriptors.shape[1])
-                sub.locations += np.array([max(y0, 0), max(x0, 0)], np.float32)
-                feats.append(sub)
-            boxes.append(box)
-        return feats, boxes
+        _, regions = self.pipeline.database_regions(image)
+        return regions.features, regions.boxes
 
     # -- codebook ---------------------------------------------------------------------------------
-    def train_codebook(self, images, size: int | str = "auto", iterations: int = 20, seed: int = 0, max_descriptors: int = 500_000, progress=True,
-                       on_error: str = "skip") -> Codebook:
+    def train_codebook(self, images, size: int | str = "auto", iterations: int = 20, seed: int = 0, max_descriptors: int = CODEBOOK_SAMPLE,
+                       progress=True, on_error: str = "skip") -> Codebook:
         """Train the codebook on whole-image features of ``images`` (paths or arrays).
 
         size: K, or ``"auto"`` (default): 8192 words, fewer when the images give fewer than 39
         descriptors per word (:func:`d2r.codebook.auto_size`; 512 for the 24 demo photos).
-        Uses at most ``max_descriptors`` (a uniform random sample). Replaces the engine's
-        codebook and starts an empty index (images added before are dropped: their words
-        belonged to the old codebook). on_error: ``"skip"`` (default) leaves out a photo that
-        cannot be read and records it in :attr:`skipped`; ``"raise"`` raises its
-        :class:`ImageError`.
+        Uses at most ``max_descriptors``: an equal share per image, drawn at random (seeded).
+        Replaces the engine's codebook and starts an empty index (images added before are
+        dropped: their words belonged to the old codebook). on_error: ``"skip"`` (default)
+        leaves out a photo that cannot be read and records it in :attr:`skipped`; ``"raise"``
+        raises its :class:`ImageError`.
         """
         images = list(images)
         _check_on_error(on_error)
         if not images:
             raise InputError("images: no images to train a codebook on")
         report = _progress(progress, "features", len(images))
-        descs = []
+        sample = DescriptorSample(len(images), max_descriptors, seed)
         for i, img in enumerate(images):
             try:
-                descs.append(self.extractor.extract(img).descriptors)
+                sample.add(self.extract(img).descriptors)
             except ImageError as exc:
                 if on_error == "raise":
                     raise
                 self._skip(img, i, exc)
             report(i + 1)
-        x = np.concatenate(descs) if descs else np.zeros((0, self.extractor.dim), np.float32)
-        if len(x) > max_descriptors:
-            x = x[np.sort(np.random.default_rng(seed).choice(len(x), max_descriptors, replace=False))]
-        if isinstance(size, str):
-            if size != "auto":
-                raise InputError(f"size: expected a number of words or 'auto', got {size!r}")
-            size = auto_size(len(x))
-        if len(x) < size:
-            raise InputError(f"images: {len(x)} descriptors from {len(images)} images are fewer than the codebook size {size}; add images or lower size")
         kreport = _progress(progress, "k-means", iterations)
-        self.codebook = Codebook.train(x, size=size, iterations=iterations, seed=seed, progress=lambda it, total, moved: kreport(it))
+        self.codebook = train_codebook(sample.array(self.pipeline.features.dim), size, iterations=iterations, seed=seed, n_images=len(images),
+                                       progress=lambda it, total, moved: kreport(it))
         self._new_index()
         return self.codebook
 
@@ -259,27 +259,14 @@ class Engine:
     def add_image(self, image, image_id: str, metadata=None) -> int:
         """Index one image; returns the number of regions stored (1 + detected boxes)."""
         codebook, index = self._require_index()
-        feats, _ = self.regions(image)
-        cfg = self.config
-        ap = cfg.approximate_assignment
-        if cfg.verification_features:
-            from .verify import LocalFeatures, pack_features
+        stage = self.pipeline.require_aggregation()
+        _, regions = self.pipeline.database_regions(image)
+        if self.config.verification_features:
+            from .verify import pack_features
 
-            top = feats[0]
-            n = cfg.verification_features
-            words = codebook.assign(top.descriptors[:n], approximate=ap) if cfg.verification_words else None
-            self._vfeats[image_id] = pack_features(LocalFeatures(top.locations[:n], top.descriptors[:n], words))
-        if cfg.kind == "rasmk_star":
-            sizes = [len(f) for f in feats]
-            allx = np.concatenate([f.descriptors for f in feats])
-            agg = aggregate(allx, codebook, kind="rasmk_star", region_sizes=sizes, approximate=ap)
-            index.add(image_id, agg, metadata=metadata)
-        elif cfg.kind == "asmk_star":
-            index.add(image_id, aggregate(feats[0].descriptors, codebook, kind="asmk_star", approximate=ap), metadata=metadata)
-        else:
-            aggs = [aggregate(f.descriptors, codebook, kind="asmk_star", approximate=ap) for f in feats]
-            index.add_regions(image_id, aggs, metadata=metadata)
-        return len(feats)
+            self._vfeats[image_id] = pack_features(self.pipeline.verification.database_features(regions.features[0], codebook))
+        stage.add(index, image_id, stage.database(regions), metadata)
+        return len(regions.features)
 
     def add_images(self, paths_or_images, ids=None, metadata=None, progress=True, on_error: str = "skip") -> list:
         """Index several images. ids default to the file names (without folder) of paths.
@@ -339,10 +326,8 @@ class Engine:
 
     # -- query ----------------------------------------------------------------------------------
     def match_distance(self) -> float:
-        """Putative-match distance for verification: from the model's ``match_min_cosine``
-        (unit descriptors: |a - b| = sqrt(2 - 2 cos)); 0.9 (DELF, docs/algorithm.md) otherwise."""
-        cos = (self.feature_entry.defaults or {}).get("match_min_cosine")
-        return float(np.sqrt(2.0 - 2.0 * cos)) if cos is not None else 0.9
+        """Putative-match distance for verification (see :func:`d2r.pipeline.match_distance`)."""
+        return self.pipeline.verification.max_distance
 
     def _verification_features(self, image_id: str):
         from .verify import unpack_features
@@ -358,19 +343,21 @@ class Engine:
 
         verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
         (docs/algorithm.md section 6); needs an engine built with ``verification_features > 0``.
+        Verified hits carry their inlier count (:attr:`d2r.Hit.inliers`).
         """
         top_k = positive_int(top_k, "top_k")
         verify_top = positive_int(verify_top, "verify_top")
         codebook, index = self._require_index()
+        stages = self.pipeline
         if verify and not self.config.verification_features:
             raise InputError("verify: this bundle stores no verification features (build it with verification_features=1000)")
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         rgb = load_image(image)
         t1 = time.perf_counter()
-        feats = self.extractor.extract(rgb)
+        feats = stages.features(rgb)
         t2 = time.perf_counter()
-        agg = aggregate(feats.descriptors, codebook, kind="asmk_star", approximate=self.config.approximate_assignment)
+        agg = stages.require_aggregation().query(feats)
         t3 = time.perf_counter()
         hits: list[Hit]
         if len(feats) == 0:  # a blank or tiny photo: nothing to compare, so nothing matches
@@ -379,24 +366,18 @@ class Engine:
             hits = index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling)
         t4 = time.perf_counter()
         t.update(load_image=(t1 - t0) * 1e3, features=(t2 - t1) * 1e3, aggregation=(t3 - t2) * 1e3, search=(t4 - t3) * 1e3)
-        inliers = {}
         if verify:
-            from .verify import LocalFeatures, rerank
+            from .verify import LocalFeatures
 
-            n = self.config.verification_features
-            words = None
-            if self.config.verification_words:
-                words = codebook.assign(feats.descriptors[:n], multiple=min(self.config.verification_words, codebook.size),
-                                             approximate=self.config.approximate_assignment)
-            q = LocalFeatures(feats.locations[:n], feats.descriptors[:n], words)
+            q = stages.verification.query_features(feats, codebook)
             none = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, feats.descriptors.shape[1]), np.float32))
             cands = [(h, h.score, (self._verification_features(h.image_id) or none) if i < verify_top else None) for i, h in enumerate(hits)]
-            ranked = rerank(q, cands, top_r=verify_top, max_distance=self.match_distance())
-            hits = [cast(Hit, r.id) for r in ranked]  # the ids given to rerank are the hits
-            inliers = {h.image_id: r.inliers for h, r in zip(hits, ranked) if r.inliers >= 0}
+            ranked = stages.verification.rerank(q, cands, verify_top)
+            # the ids given to rerank are the hits; a verified hit carries its inliers
+            hits = [replace(cast(Hit, r.id), inliers=int(r.inliers)) if r.inliers >= 0 else cast(Hit, r.id) for r in ranked]
             t["verify"] = (time.perf_counter() - t4) * 1e3
         t["total"] = (time.perf_counter() - t0) * 1e3
-        return QueryResult(list(hits[:top_k]), t, len(feats), {h.image_id: inliers[h.image_id] for h in hits[:top_k] if h.image_id in inliers})
+        return QueryResult(list(hits[:top_k]), t, len(feats))
 
     # -- bundles --------------------------------------------------------------------------------
     def save(self, path, version: int | None = None, *, protect=()) -> Path:
@@ -550,7 +531,7 @@ class Engine:
             index.close()
             raise
         try:
-            engine = cls(config, fe, de, codebook, index, threads, accelerator, bundle_path=path, bundle_version=info["version"])
+            engine = cls._assemble(config, fe, de, codebook, index, threads, accelerator, bundle_path=path, bundle_version=info["version"])
         except BundleError:
             index.close()
             raise
@@ -816,20 +797,4 @@ def _raw_entry(entry) -> dict:
     raise ModelError(f"{entry.path}: its manifest entry cannot be found next to it")
 
 
-def _find_entry(manifest, name: str, task: str, backend: str, precision: str):
-    name = _ALIASES.get(name, name)
-    cands = [m for m in manifest.models if m.name == name and m.format == backend]
-    if not cands:
-        names = sorted({m.name for m in manifest.models if m.task == task})
-        raise ModelError(f"{manifest.path}: no {backend} model named {name!r} (available {task} models: {names})")
-    if cands[0].task != task:
-        raise ModelError(f"{manifest.path}: model {name!r} is a {cands[0].task} model, not {task}")
-    for prec in _PRECISION_FALLBACK[precision]:
-        hits = [m for m in cands if m.precision == prec]
-        if hits:
-            if prec != precision:
-                log.info("d2r: model %r has no %s %s file; using %s", name, precision, backend, prec)
-            return hits[0]
-    raise ModelError(f"{manifest.path}: no {precision} {backend} file for model {name!r}")
-
-
+_find_entry = find_entry

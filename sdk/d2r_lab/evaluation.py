@@ -12,22 +12,27 @@ cells per image would multiply extraction time, and the grid is a baseline).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from d2r import verify
 from d2r.aggregate import aggregate
-from d2r.codebook import Codebook
+from d2r.codebook import Codebook, train_codebook
+from d2r.config import BUILD_VERIFICATION_FEATURES, ENGINE_KINDS, EngineConfig
 from d2r.errors import InputError
 from d2r.features import Features
 from d2r.image import load_image
 from d2r.index import Index
+from d2r.manifest import ALIASES
+from d2r.pipeline import CODEBOOK_SAMPLE, WHOLE_BOX, DescriptorSample, FeatureStage, Pipeline, Regions
 
 from . import evaluate
 
@@ -36,6 +41,9 @@ DETECT_FLOOR = 0.1
 # Detector boxes kept per image (the detector's own cap); ``--max-regions`` keeps fewer.
 MAX_REGIONS = 25
 EVAL_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star", "asmk", "rasmk", "naive_rasmk", "vlad", "rvlad")
+# Aggregations the Engine does not ship: the lab's baselines.
+LAB_KINDS = tuple(k for k in EVAL_KINDS if k not in ENGINE_KINDS)
+
 
 
 def rmac_boxes(height: int, width: int, levels: int) -> list:
@@ -70,7 +78,7 @@ def parse_regions(value: str):
         except ValueError:
             levels = 0
         if not 1 <= levels <= 5:
-            raise InputError(f"--regions: rmac:L needs L in 1..5, got {value!r}")
+            raise InputError(f"regions: rmac:L needs L in 1..5, got {value!r}")
         return "rmac", levels
     for source in ("detector", "shuffled"):
         if value.startswith(source + ":"):
@@ -78,9 +86,9 @@ def parse_regions(value: str):
             try:
                 t = float(thresh) if thresh else 0.1
             except ValueError:
-                raise InputError(f"--regions: expected {source}:NAME@THRESHOLD, got {value!r}") from None
+                raise InputError(f"regions: expected {source}:NAME@THRESHOLD, got {value!r}") from None
             return source, (name or "ssd", t)
-    raise InputError(f"--regions: expected none, rmac:L, detector:NAME@THRESH or shuffled:NAME@THRESH, got {value!r}")
+    raise InputError(f"regions: expected none, rmac:L, detector:NAME@THRESH or shuffled:NAME@THRESH, got {value!r}")
 
 
 def _derangement(n: int, seed: int) -> np.ndarray:
@@ -97,9 +105,9 @@ def parse_scales(value):
     try:
         out = tuple(float(v) for v in items)
     except (TypeError, ValueError):
-        raise InputError(f"--scales: expected comma-separated positive numbers, got {value!r}") from None
+        raise InputError(f"scales: expected comma-separated positive numbers, got {value!r}") from None
     if not out or any(not (0 < v <= 4) for v in out):
-        raise InputError(f"--scales: expected comma-separated numbers in (0, 4], got {value!r}")
+        raise InputError(f"scales: expected comma-separated numbers in (0, 4], got {value!r}")
     return out
 
 
@@ -176,112 +184,221 @@ def _unpack(d: dict) -> Features:
     return Features(d["locations"], d["descriptors"], d["scores"], d["scales"])
 
 
-def run(
-    dataset,
-    features: str = "xfeat",
-    precision: str = "int8",
-    backend: str = "tflite",
-    codebook=None,
-    codebook_size: int = 1024,
-    kind: str = "rasmk_star",
-    pooling: str = "max",
-    regions: str = "none",
-    verify_top: int = 0,
-    verify_words: int = 0,
-    verify_precision: str = "int8",
-    limit: int | None = None,
-    cache_dir=None,
-    seed: int = 0,
-    threads: int | None = None,
-    progress=True,
-    max_features: int | None = None,
-    scales=None,
-    score_threshold: float | None = None,
-    fit: str | None = None,
-    max_regions: int = MAX_REGIONS,
-) -> dict:
-    """Evaluate one method; returns the JSON-ready result (mAP in percent).
+@dataclass
+class Experiment:
+    """What ``d2r eval`` measures: the shipped pipeline's configuration (``pipeline``, the
+    :class:`d2r.config.EngineConfig` that ``d2r build`` stores in bundle.json), how the codebook
+    is made, whether the top is verified, and the lab's variants of a stage that the product
+    does not ship (each None = the pipeline's own stage).
 
-    features: a local-feature model of the manifest (``xfeat``) or a source of
-    :mod:`d2r.feature_sources` (``rootsift``, ``aliked``); max_features, scales and
-    score_threshold override the extractor's defaults (the manifest's for models); fit
-    (models only): ``canvas`` or ``longest``, see :class:`d2r.LocalFeatureExtractor`.
-    max_regions: detector regions: the best ``max_regions`` boxes above the threshold (25, all
-    the detector gives, by default; the Engine's default is 8).
+    feature_source: ``rootsift`` or ``aliked`` (torch): features without a converted model.
+    region_source: ``rmac:L`` (an R-MAC grid pooling whole-photo features) or
+        ``shuffled`` (the detector's boxes dealt to other photos: a control).
+    kind: an aggregation the Engine does not ship (``asmk``, ``rasmk``, ``naive_rasmk``, ``vlad``, ``rvlad``).
+    """
+
+    pipeline: EngineConfig = field(default_factory=lambda: EngineConfig(verification_features=BUILD_VERIFICATION_FEATURES))
+    codebook_size: int | str = "auto"
+    codebook: str | None = None
+    seed: int = 0
+    verify_top: int = 0
+    verify_precision: str = "int8"
+    feature_source: str | None = None
+    region_source: str | None = None
+    kind: str | None = None
+
+    def check(self) -> "Experiment":
+        self.pipeline.check()
+        if self.kind is not None and self.kind not in LAB_KINDS:
+            raise InputError(f"kind: expected one of {', '.join(EVAL_KINDS)}, got {self.kind!r}")
+        if self.region_source is not None:
+            source, _ = parse_regions(self.region_source)
+            if source not in ("rmac", "shuffled"):
+                raise InputError(f"region_source: expected rmac:L or shuffled, got {self.region_source!r} (detector regions are pipeline.detector)")
+        if self.feature_source is not None:
+            from .feature_sources import SOURCES
+
+            if self.feature_source not in SOURCES:
+                raise InputError(f"feature_source: expected one of {', '.join(SOURCES)}, got {self.feature_source!r}")
+        if self.region_source is not None and parse_regions(self.region_source)[0] == "shuffled" and not self.pipeline.detector:
+            raise InputError("region_source: the shuffled control deals the detector's boxes; the pipeline has no detector")
+        if not 0 <= int(self.pipeline.max_regions) <= MAX_REGIONS:
+            raise InputError(f"max_regions: expected 0 to {MAX_REGIONS} (the detector's own cap), got {self.pipeline.max_regions!r}")
+        if self.verify_precision not in verify.PRECISIONS:
+            raise InputError(f"verify_precision: expected one of {', '.join(verify.PRECISIONS)}, got {self.verify_precision!r}")
+        if self.verify_top and not self.pipeline.verification_features:
+            raise InputError("verify_top: the pipeline keeps no verification features (pipeline.verification_features is 0)")
+        kind = self.kind or self.pipeline.kind
+        if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "naive_rasmk", "rvlad") and not self.has_regions:
+            raise InputError(f"kind {kind} needs regions (a detector, or region_source rmac:L)")
+        return self
+
+    @property
+    def has_regions(self) -> bool:
+        if self.region_source is not None:
+            return True
+        return bool(self.pipeline.detector) and self.pipeline.max_regions > 0
+
+    def regions_label(self) -> str:
+        if self.region_source is not None:
+            src, param = parse_regions(self.region_source)
+            return f"rmac:{param}" if src == "rmac" else f"shuffled:{self.pipeline.detector}@{self.pipeline.detector_threshold:g}"
+        if not self.pipeline.detector:
+            return "none"
+        return f"detector:{self.pipeline.detector}@{self.pipeline.detector_threshold:g}"
+
+
+# The baselines of our comparisons, by name: changes to the default experiment (= what `d2r
+# build` ships with its defaults). benchmarks/RESULTS.md names its rows by these.
+PRESETS: dict[str, dict] = {
+    "default": {},
+    "asmk": {"detector": None, "kind": "asmk_star"},
+    "d2r-asmk": {"kind": "d2r_asmk_star"},
+    "xfeat": {"features": "xfeat"},
+    "xfeat-asmk": {"features": "xfeat", "detector": None, "kind": "asmk_star", "codebook_size": 1024},
+}
+
+
+def experiment(preset: str | None = None, base: Experiment | None = None, **changes) -> Experiment:
+    """An :class:`Experiment` from a preset (or ``base``) and changes given by name.
+
+    Changes: any :class:`EngineConfig` field (``features``, ``detector``, ``kind``, ...), any
+    Experiment field, and the shorthands ``features`` = a feature source (rootsift, aliked),
+    ``kind`` = a lab kind, ``regions`` = ``none`` | ``detector:NAME@T`` | ``rmac:L`` |
+    ``shuffled[:NAME@T]``, ``verify_words`` = ``verification_words``. None values are ignored.
+    """
+    from .feature_sources import SOURCES
+
+    if preset is not None and base is not None:
+        raise InputError("preset: give a preset or a base experiment, not both")
+    if preset is not None and preset not in PRESETS:
+        raise InputError(f"preset: expected one of {', '.join(PRESETS)}, got {preset!r}")
+    exp = copy.deepcopy(base) if base is not None else Experiment()
+    changes = {**PRESETS.get(preset or "", {}), **{k: v for k, v in changes.items() if v is not None}}
+    cfg = asdict(exp.pipeline)
+    fields = set(EngineConfig.__dataclass_fields__)
+    if "verify_words" in changes:
+        changes["verification_words"] = changes.pop("verify_words")
+    if "fit" in changes:
+        changes["feature_fit"] = changes.pop("fit")
+    if "regions" in changes and changes["regions"] not in ("crop", "pool"):
+        source, param = parse_regions(changes.pop("regions"))
+        if source == "none":
+            cfg["detector"], exp.region_source = None, None
+        elif source == "detector":
+            cfg["detector"], cfg["detector_threshold"], exp.region_source = ALIASES.get(param[0], param[0]), param[1], None
+        elif source == "rmac":
+            exp.region_source = f"rmac:{param}"
+        else:
+            cfg["detector"], cfg["detector_threshold"], exp.region_source = ALIASES.get(param[0], param[0]), param[1], "shuffled"
+    if changes.get("features") in SOURCES:
+        exp.feature_source = changes.pop("features")
+    elif "features" in changes:
+        exp.feature_source = None
+    if "kind" in changes:
+        kind = changes.pop("kind")
+        if kind in LAB_KINDS:
+            exp.kind = kind
+        else:
+            cfg["kind"], exp.kind = kind, None
+    if "scales" in changes and changes["scales"] is not None:
+        changes["scales"] = list(parse_scales(changes["scales"]))
+    for key, value in changes.items():
+        if key in fields:
+            cfg[key] = value
+        elif key in Experiment.__dataclass_fields__ and key != "pipeline":
+            setattr(exp, key, value)
+        else:
+            raise InputError(f"{key}: not a field of the pipeline configuration or of an experiment")
+    if cfg.get("detector") is not None:
+        cfg["detector"] = ALIASES.get(cfg["detector"], cfg["detector"])
+    exp.pipeline = EngineConfig(**cfg)
+    return exp.check()
+
+
+def experiment_of_bundle(path) -> Experiment:
+    """The experiment that evaluates what a bundle ships: its bundle.json's pipeline
+    configuration (the codebook is trained on the dataset, with the bundle's K unless changed)."""
+    from d2r.engine import read_bundle_info
+
+    info = read_bundle_info(path)
+    config = EngineConfig(**info["config"])
+    if not config.verification_features:
+        config.verification_features = BUILD_VERIFICATION_FEATURES
+    from d2r.codebook import Codebook
+
+    size = Codebook.load(Path(path) / "codebook.d2rcb").size
+    return Experiment(pipeline=config, codebook_size=size).check()
+
+
+def _cache_setting(pipeline: Pipeline, ex, feature_source) -> str:
+    if feature_source is None:
+        setting = feature_setting(pipeline.feature_entry.sha256, ex)
+    else:
+        setting = ex.setting
+    if pipeline.detector_entry is not None:
+        setting += f"|{pipeline.detector_entry.sha256}|{pipeline.regions.detector.threshold}"
+    return setting
+
+
+def run(dataset, experiment_: Experiment | str | None = None, *, limit: int | None = None, cache_dir=None, threads: int | None = None,
+        progress=True, **changes) -> dict:
+    """Evaluate one experiment on a dataset folder; the JSON-ready result (mAP in percent).
+
+    experiment_: an :class:`Experiment`, a preset name (:data:`PRESETS`), or None (the
+    default: what ``d2r build`` ships). ``changes`` are applied on top (see :func:`experiment`).
+    The database and queries run through the stage objects of :mod:`d2r.pipeline`, the same
+    ones :class:`d2r.Engine` runs; features, boxes and crops are cached on disk so that
+    sweeps are cheap (the cached crops are the region stage's own).
     progress: True (bars on stderr), False, or a callable(what, done, total) that receives the
     same events (``"index"`` reaches total when the database is aggregated).
     """
-    from d2r.engine import Engine
+    from .feature_sources import make_extractor
 
-    from .feature_sources import SOURCES, make_extractor
-
-    if kind not in EVAL_KINDS:
-        raise InputError(f"--kind: expected one of {', '.join(EVAL_KINDS)}, got {kind!r}")
-    source, param = parse_regions(regions)
-    if isinstance(max_regions, bool) or not isinstance(max_regions, (int, np.integer)) or not 0 <= max_regions <= MAX_REGIONS:
-        raise InputError(f"--max-regions: expected 0 to {MAX_REGIONS}, got {max_regions!r}")
-    if isinstance(verify_words, bool) or not isinstance(verify_words, (int, np.integer)) or not 0 <= verify_words <= 64:
-        raise InputError(f"--verify-words: expected 0 (exhaustive) to 64, got {verify_words!r}")
-    if verify_precision not in verify.PRECISIONS:
-        raise InputError(f"--verify-precision: expected one of {', '.join(verify.PRECISIONS)}, got {verify_precision!r}")
-    if kind in ("rasmk_star", "d2r_asmk_star", "rasmk", "naive_rasmk", "rvlad") and source == "none":
-        raise InputError(f"--kind {kind} needs regions (--regions rmac:L or detector:NAME@THRESH)")
-    if features not in SOURCES:
-        from d2r.engine import _ALIASES
-        from d2r.manifest import load_manifest
-
-        models = sorted({m.name for m in load_manifest().models if m.task == "local_features"})
-        if _ALIASES.get(features, features) not in models:
-            raise InputError(f"--features: unknown {features!r}; expected a local-feature model of the manifest "
-                             f"({', '.join(models)}) or a feature source ({', '.join(SOURCES)})")
+    if isinstance(experiment_, Experiment):
+        exp = experiment(base=experiment_, **changes) if changes else experiment_.check()
+    else:
+        exp = experiment(experiment_, **changes)
+    cfg = exp.pipeline
+    kind = exp.kind or cfg.kind
     ds = evaluate.load_dataset(dataset)
     timings = {}
     t0 = time.perf_counter()
-    detector = param[0] if source in ("detector", "shuffled") else None
+    region_source = parse_regions(exp.region_source)[0] if exp.region_source else ("detector" if exp.has_regions else "none")
     # Boxes are detected (and cached) down to DETECT_FLOOR whatever the threshold asked for, and
-    # filtered by score when read: one extraction serves every threshold >= the floor (NMS keeps
-    # a box only against higher-scoring boxes, so the boxes above t are the same either way).
-    detect_at = min(param[1], DETECT_FLOOR) if detector else DETECT_FLOOR
-    if scales is not None:
-        scales = parse_scales(scales)
-    overrides = {"max_features": max_features, "scales": scales, "score_threshold": score_threshold}
-    if features in SOURCES and fit not in (None, "canvas"):
-        raise InputError(f"--fit: only for feature models; {features} resizes to a longest side of 640 px")
-    if features in SOURCES:
-        # The engine still provides the detector (and is built on the default model).
-        ex = make_extractor(features, threads=threads, **overrides)
-        engine = Engine.create(features="xfeat", detector=detector, kind="asmk_star", backend=backend, precision=precision,
-                               threads=threads, detector_threshold=detect_at, max_regions=MAX_REGIONS)
-        setting = ex.setting
+    # selected by score by the region stage: one extraction serves every threshold >= the floor
+    # (NMS keeps a box only against higher-scoring boxes, so the boxes above t are the same).
+    if exp.feature_source is None:
+        pipeline = Pipeline.load(cfg, threads=threads, detector_threshold=DETECT_FLOOR, detector_max_boxes=MAX_REGIONS)
+        ex = pipeline.features.extractor
     else:
-        engine = Engine.create(features=features, detector=detector, kind="asmk_star", backend=backend, precision=precision,
-                               threads=threads, detector_threshold=detect_at, max_regions=MAX_REGIONS,
-                               feature_fit=fit or "canvas", **{k: v for k, v in overrides.items() if v is not None})
-        ex = engine.extractor
-        setting = feature_setting(engine.feature_entry.sha256, ex)
-    if engine.detector_entry is not None:
-        setting += f"|{engine.detector_entry.sha256}|{engine.config.detector_threshold}"
-    cache = open_cache(cache_dir, setting)
+        ex = make_extractor(exp.feature_source, threads=threads, max_features=cfg.max_features, scales=cfg.scales,
+                            score_threshold=cfg.score_threshold)
+        # the detector still comes from the models (on the default feature model's manifest)
+        host = Pipeline.load(replace(cfg, features="xfeat", scales=None, max_features=None, score_threshold=None, feature_fit="canvas"),
+                             threads=threads, detector_threshold=DETECT_FLOOR, detector_max_boxes=MAX_REGIONS)
+        pipeline = Pipeline.compose(cfg, FeatureStage(ex), host.regions.detector, None, host.detector_entry, host._models)
+    try:
+        return _run(ds, exp, pipeline, ex, kind, region_source, limit, cache_dir, progress, timings, t0)
+    finally:
+        pipeline.close()
 
+
+def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: str, limit, cache_dir, progress, timings, t0) -> dict:
+    cfg = exp.pipeline
+    stage = pipeline.regions
+    cache = open_cache(cache_dir, _cache_setting(pipeline, ex, exp.feature_source))
     db_paths = ds.image_paths
-    q_paths = ds.query_paths
-    if limit:
-        q_paths = q_paths[:limit]
+    q_paths = ds.query_paths[:limit] if limit else ds.query_paths
     report = _progress(progress)
 
     def whole(p):
         return cached_whole(cache, ex, p)
 
     def crops(rgb, boxes, out):
-        """Features of each normalised box's crop, in image coordinates, into ``out``."""
-        h, w = rgb.shape[:2]
+        """The region stage's crop features of each box, packed into ``out``."""
         for i, box in enumerate(boxes):
-            y0, x0 = int(np.floor(box[0] * h)), int(np.floor(box[1] * w))
-            y1, x1 = int(np.ceil(box[2] * h)), int(np.ceil(box[3] * w))
-            crop = rgb[y0:y1, x0:x1]
-            f = ex.extract(crop) if crop.shape[0] and crop.shape[1] else Features.empty(ex.dim)
-            f.locations = f.locations + np.array([y0, x0], np.float32)
-            for k, v in _pack(f).items():
+            for k, v in _pack(stage.crop(rgb, box)).items():
                 out[f"r{i}_{k}"] = v
         return out
 
@@ -291,51 +408,60 @@ def run(
     def detections(p):
         def compute():
             rgb = load_image(p)
-            det = engine.detector.detect(rgb)
+            det = stage.detect(rgb)
             out = {"boxes": det.boxes.astype(np.float32), "scores": det.scores.astype(np.float32), "n": np.array([len(det)])}
-            return crops(rgb, det.boxes, out)
+            return crops(rgb, det.boxes, out) if cfg.regions == "crop" else out
 
-        return cache.get(p, "detector", compute)
+        return cache.get(p, "detector" if cfg.regions == "crop" else "detector-boxes", compute)
 
-    def detected_regions(p):
+    def selected(d) -> np.ndarray:
+        n = int(d["n"][0])
+        return np.flatnonzero(d["scores"][:n] >= stage.threshold)[: stage.max_regions]
+
+    def detected_regions(p, f, shape):
         d = detections(p)
-        return unpack_regions(d, [i for i in range(int(d["n"][0])) if d["scores"][i] >= param[1]][:max_regions])
+        keep = selected(d)
+        if cfg.regions == "pool":
+            return [f.in_box(b, shape) for b in d["boxes"][keep]]
+        return unpack_regions(d, keep)
 
     # The shuffled control: image k takes the boxes of image donor[k] (a derangement, fixed seed).
-    if source == "shuffled" and len(ds.image_paths) < 2:
-        raise InputError(f"--regions {regions}: the shuffled control needs at least 2 database images")
-    donor = _derangement(len(ds.image_paths), seed=12345) if source == "shuffled" else None
-    db_index = {str(p): k for k, p in enumerate(ds.image_paths)}
+    if region_source == "shuffled" and len(db_paths) < 2:
+        raise InputError(f"region_source {exp.region_source}: the shuffled control needs at least 2 database images")
+    donor = _derangement(len(db_paths), seed=12345) if region_source == "shuffled" else None
+    db_index = {str(p): k for k, p in enumerate(db_paths)}
 
     def shuffled_regions(p):
-        d = detections(ds.image_paths[donor[db_index[str(p)]]])
-        boxes = d["boxes"][d["scores"] >= param[1]][:max_regions].astype(np.float32).reshape(-1, 4)
+        d = detections(db_paths[donor[db_index[str(p)]]])
+        boxes = d["boxes"][selected(d)].astype(np.float32).reshape(-1, 4)
         tag = "boxes-" + hashlib.sha256(boxes.tobytes()).hexdigest()[:16]
         got = cache.get(p, tag, lambda: crops(load_image(p), boxes, {"n": np.array([len(boxes)])}))
         return unpack_regions(got, range(int(got["n"][0])))
 
-    def regions_of(p, f, shape):
-        if source == "none":
-            return []
-        if source == "rmac":
-            return [f.in_box(b, shape) for b in rmac_boxes(shape[0], shape[1], param)]
-        if source == "shuffled":
-            return shuffled_regions(p)
-        return detected_regions(p)
+    def regions_of(p, f, shape) -> Regions:
+        if region_source == "none" or kind in ("asmk_star", "asmk", "vlad"):
+            boxes, feats = [], []
+        elif region_source == "rmac":
+            boxes = rmac_boxes(shape[0], shape[1], parse_regions(exp.region_source)[1])
+            feats = [f.in_box(b, shape) for b in boxes]
+        elif region_source == "shuffled":
+            feats = shuffled_regions(p)
+            boxes = [None] * len(feats)
+        else:
+            feats = detected_regions(p, f, shape)
+            boxes = [None] * len(feats)
+        return Regions([f, *feats], [WHOLE_BOX, *boxes])
 
-    # Pass 1: features (and regions) of every image into the disk cache; only a bounded
-    # sample of descriptors stays in memory, for the codebook.
-    rng = np.random.default_rng(seed)
-    per_image = -(-500_000 // max(len(db_paths), 1))
-    sample = []
+    # Pass 1: features (and regions) of every image into the disk cache; only the codebook's
+    # bounded sample of descriptors stays in memory.
+    sample = DescriptorSample(len(db_paths), CODEBOOK_SAMPLE, exp.seed) if exp.codebook is None else None
     n_regions = []
     for i, p in enumerate(db_paths):
         f, shape = whole(p)
-        if codebook is None:
-            take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else np.zeros(0, np.int64)
-            sample.append(f.descriptors[np.sort(take)])
-        n_regions.append(1 + len(regions_of(p, f, shape)))
-        report("database features" + (" and regions" if source != "none" else ""), i + 1, len(db_paths))
+        if sample is not None:
+            sample.add(f.descriptors)
+        n_regions.append(len(regions_of(p, f, shape).features))
+        report("database features" + (" and regions" if region_source != "none" else ""), i + 1, len(db_paths))
     q_feats = []
     for i, p in enumerate(q_paths):
         q_feats.append(whole(p)[0])
@@ -343,40 +469,40 @@ def run(
     timings["features_s"] = time.perf_counter() - t0
 
     t2 = time.perf_counter()
-    if codebook is None:
-        x = np.concatenate(sample)
-        del sample
-        cb = Codebook.train(x, size=codebook_size, seed=seed, progress=lambda it, n, moved: report("k-means", it, n))
-        codebook_source = f"trained on the database, K={codebook_size}, seed {seed}"
+    if sample is not None:
+        cb = train_codebook(sample.array(ex.dim), exp.codebook_size, seed=exp.seed, n_images=len(db_paths),
+                            progress=lambda it, n, moved: report("k-means", it, n))
+        codebook_source = f"trained on the database, K={cb.size}, seed {exp.seed}"
     else:
-        cb = codebook if isinstance(codebook, Codebook) else Codebook.load(codebook)
-        codebook_source = str(codebook)
+        cb = Codebook.load(exp.codebook)
+        codebook_source = str(exp.codebook)
+    pipeline.set_codebook(cb)
+    agg_stage = pipeline.require_aggregation()
     timings["codebook_s"] = time.perf_counter() - t2
 
-    # Pass 2: aggregate image by image from the cache.
+    # Pass 2: aggregate image by image from the cache, into the pipeline's index.
     t3 = time.perf_counter()
-    binary = kind in ("asmk_star", "rasmk_star", "d2r_asmk_star")
-    qkind = "asmk_star" if binary else "vlad" if "vlad" in kind else "asmk"
     index = None
     vectors = None
     if kind in ("vlad", "rvlad"):
         vectors = np.zeros((len(db_paths), cb.size * cb.dim), np.float32)
+    elif kind in ENGINE_KINDS:
+        index = agg_stage.new_index()
     else:
-        index = Index(cb, kind="asmk_star" if kind == "d2r_asmk_star" else ("asmk" if kind == "asmk" else kind))
+        index = Index(cb, kind=kind)
     for i, p in enumerate(db_paths):
         f, shape = whole(p)
-        allf = [f] + regions_of(p, f, shape)
-        sizes = [len(r) for r in allf]
-        if kind == "vlad":
+        regions = regions_of(p, f, shape)
+        if kind in ENGINE_KINDS:
+            agg_stage.add(index, str(i), agg_stage.database(regions))
+        elif kind == "vlad":
             vectors[i] = aggregate(f.descriptors, cb, kind="vlad").vector
         elif kind == "rvlad":
-            vectors[i] = aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind="rvlad", region_sizes=sizes).vector
-        elif kind in ("asmk_star", "asmk"):
+            vectors[i] = aggregate(np.concatenate([r.descriptors for r in regions.features]), cb, kind="rvlad", region_sizes=regions.sizes).vector
+        elif kind == "asmk":
             index.add(str(i), aggregate(f.descriptors, cb, kind=kind))
-        elif kind in ("rasmk_star", "rasmk", "naive_rasmk"):
-            index.add(str(i), aggregate(np.concatenate([r.descriptors for r in allf]), cb, kind=kind, region_sizes=sizes))
-        else:
-            index.add_regions(str(i), [aggregate(r.descriptors, cb, kind="asmk_star") for r in allf])
+        else:  # rasmk, naive_rasmk
+            index.add(str(i), aggregate(np.concatenate([r.descriptors for r in regions.features]), cb, kind=kind, region_sizes=regions.sizes))
         report("index", i + 1, len(db_paths))
     if index is not None:
         tmp = Path(cache.dir) / f"index-{os.getpid()}.d2ri"
@@ -393,12 +519,12 @@ def run(
     q_times = []
     for f in q_feats:
         tq = time.perf_counter()
-        q = aggregate(f.descriptors, cb, kind=qkind)
         if vectors is not None:
-            scores = vectors @ q.vector
+            scores = vectors @ aggregate(f.descriptors, cb, kind="vlad").vector
             ranks.append(np.argsort(-scores.astype(np.float64), kind="stable"))
         else:
-            hits = index.search(q, top_k=n, pooling=pooling)
+            q = agg_stage.query(f) if kind in ENGINE_KINDS else aggregate(f.descriptors, cb, kind="asmk")
+            hits = index.search(q, top_k=n, pooling=cfg.pooling) if len(f) else []
             order = [int(h.image_id) for h in hits]
             seen = set(order)
             ranks.append(np.array(order + [i for i in range(n) if i not in seen], dtype=np.int64))
@@ -406,34 +532,25 @@ def run(
     timings["query_ms_median"] = float(np.median(q_times)) if q_times else 0.0
 
     gnd = ds.gnd[: len(q_paths)]
-    if verify_top:
+    per_protocol = {}
+    if exp.verify_top:
         tv = time.perf_counter()
-        per_protocol = {}
+        vstage = pipeline.verification
         loaded = {}
-        # Unit descriptors of another source: docs/algorithm.md's 0.9 (untuned for them).
-        match_distance = engine.match_distance() if features not in SOURCES else 0.9
 
         def vfeats(c):
-            # docs/algorithm.md section 6 verifies with whole-image features; the top 1000 by score.
-            # With verify_words, each keeps its nearest codeword and matching stays within words.
             if c not in loaded:
-                f = whole(db_paths[c])[0]
-                words = cb.assign(f.descriptors[:1000]) if verify_words else None
-                loaded[c] = verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000], words)
+                loaded[c] = vstage.database_features(whole(db_paths[c])[0], cb)
             return loaded[c]
 
-        q_verify = []
-        for f in q_feats:
-            words = cb.assign(f.descriptors[:1000], multiple=min(verify_words, cb.size)) if verify_words else None
-            q_verify.append(verify.LocalFeatures(f.locations[:1000], f.descriptors[:1000], words))
-
+        q_verify = [vstage.query_features(f, cb) for f in q_feats]
         for protocol in evaluate.PROTOCOLS:
             _, junk = evaluate.protocol_lists(gnd, protocol)
             out = []
             for qi, (qv, r) in enumerate(zip(q_verify, ranks)):
                 clean = evaluate.remove_junk(r, junk[qi])
-                cands = [(int(c), float(-k), vfeats(int(c)) if k < verify_top else None) for k, c in enumerate(clean)]
-                rr = verify.rerank(qv, cands, top_r=verify_top, max_distance=match_distance, precision=verify_precision)
+                cands = [(int(c), float(-k), vfeats(int(c)) if k < exp.verify_top else None) for k, c in enumerate(clean)]
+                rr = vstage.rerank(qv, cands, exp.verify_top, precision=exp.verify_precision)
                 out.append(np.array([x.id for x in rr], dtype=np.int64))
             per_protocol[protocol] = out
         timings["verify_ms_per_query"] = (time.perf_counter() - tv) * 1e3 / max(1, len(q_feats) * 3)
@@ -441,20 +558,21 @@ def run(
     else:
         result = evaluate.compute_map(ranks, gnd)
     timings["search_s"] = time.perf_counter() - t4
-    engine.close()
     regions_per_image = float(np.mean(n_regions)) if n_regions else 1.0
     out = result.to_dict()
+    regional = region_source in ("detector", "shuffled") and kind not in ("asmk_star", "asmk", "vlad")
     return {
         "dataset": str(ds.root),
         "options": {
-            "features": features, "precision": precision, "backend": backend, "codebook": codebook_source,
-            "codebook_size": cb.size, "kind": kind, "pooling": pooling, "regions": regions,
-            "max_regions": int(max_regions) if source in ("detector", "shuffled") else None,
-            "verify": bool(verify_top), "verify_words": int(verify_words) if verify_top else None,
-            "verify_precision": verify_precision if verify_top else None,
+            "features": exp.feature_source or cfg.features, "precision": cfg.precision, "backend": cfg.backend, "codebook": codebook_source,
+            "codebook_size": cb.size, "kind": kind, "pooling": cfg.pooling, "regions": exp.regions_label(),
+            "region_mode": cfg.regions, "max_regions": int(cfg.max_regions) if regional else None,
+            "verify": bool(exp.verify_top), "verify_words": int(cfg.verification_words) if exp.verify_top else None,
+            "verify_precision": exp.verify_precision if exp.verify_top else None,
             "max_features": ex.max_features, "scales": list(ex.scales), "score_threshold": ex.score_threshold,
             "fit": getattr(ex, "fit", None),
-            "seed": seed,
+            "seed": exp.seed,
+            "pipeline": asdict(cfg),
         },
         "map": out["map"],
         "mp": {p: out["mp"][p] for p in ("easy", "medium", "hard")},
@@ -467,11 +585,13 @@ def run(
         "timings": timings,
         "table": result.table(),
         "_codebook": cb,  # for sweeps that reuse it (benchmarks/bench_features.py); not in the JSON
+        "_rankings": ranks,  # every query's full ranking of the database (positions in imlist), before verification
+        "_verified": per_protocol,  # with verification: protocol -> each query's re-ranked list (junk removed)
         # For --report: the Medium ranking of each query (junk kept, as shown to a user).
         "_report": {
             "queries": [str(p) for p in q_paths],
             "images": [str(p) for p in db_paths],
-            "rankings": [np.asarray(r[:20]).tolist() for r in (per_protocol["medium"] if verify_top else ranks)],
+            "rankings": [np.asarray(r[:20]).tolist() for r in (per_protocol["medium"] if exp.verify_top else ranks)],
             "gnd": [{k: np.asarray(g[k]).tolist() for k in ("easy", "hard", "junk")} for g in gnd],
             "ap_medium": [None if np.isnan(v) else float(v) for v in result.protocols["medium"].aps],
         },
@@ -562,10 +682,36 @@ def parse_seeds(value) -> list:
     try:
         seeds = [int(v) for v in str(value).split(",")]
     except ValueError:
-        raise InputError(f"--seed: expected an integer or comma-separated integers, got {value!r}") from None
+        raise InputError(f"seed: expected an integer or comma-separated integers, got {value!r}") from None
     if len(set(seeds)) != len(seeds):
-        raise InputError(f"--seed: repeated seed in {value!r}")
+        raise InputError(f"seed: repeated seed in {value!r}")
     return seeds
+
+
+def experiment_from_args(args, seed: int) -> Experiment:
+    """The command line's experiment: a preset or a bundle's configuration, then the flags
+    given (a flag left out changes nothing). Flag values are checked here, once."""
+    if args.config and args.preset:
+        raise InputError("--config and --preset: give one of them")
+    base = experiment_of_bundle(args.config) if args.config else None
+    changes = dict(
+        features=args.features, precision=args.precision, backend=args.backend, codebook=args.codebook, codebook_size=args.codebook_size,
+        kind=args.kind, pooling=args.pooling, regions=args.regions, region_mode=None, max_regions=args.max_regions,
+        verify_top=100 if args.verify else None, verify_words=args.verify_words, verify_precision=args.verify_precision,
+        max_features=args.max_features, scales=args.scales, score_threshold=args.score_threshold, fit=args.fit, seed=seed,
+    )
+    changes.pop("region_mode")
+    if args.codebook:
+        changes["codebook_size"] = None
+    try:
+        return experiment(args.preset if base is None else None, base=base, **changes)
+    except InputError as exc:  # name the flag: "max_regions: ..." -> "--max-regions: ..."
+        field_name, sep, rest = str(exc).partition(": ")
+        flag = {"verification_words": "verify-words", "feature_fit": "fit", "feature_source": "features", "region_source": "regions",
+                "verify_top": "verify"}.get(field_name, field_name.replace("_", "-"))
+        if sep and " " not in field_name:
+            raise InputError(f"--{flag}: {rest}") from exc
+        raise
 
 
 def cmd_eval(args) -> int:
@@ -576,14 +722,8 @@ def cmd_eval(args) -> int:
         raise InputError("--report: one seed at a time")
     results = []
     for seed in seeds:
-        res = run(
-            args.dataset, features=args.features, precision=args.precision, backend=args.backend,
-            codebook=args.codebook, codebook_size=args.codebook_size, kind=args.kind, pooling=args.pooling,
-            regions=args.regions, verify_top=100 if args.verify else 0, verify_words=args.verify_words,
-            verify_precision=args.verify_precision, limit=args.limit, cache_dir=args.cache,
-            seed=seed, threads=args.threads, progress=not args.quiet, max_features=args.max_features,
-            scales=args.scales, score_threshold=args.score_threshold, fit=args.fit, max_regions=args.max_regions,
-        )
+        exp = experiment_from_args(args, seed)
+        res = run(args.dataset, exp, limit=args.limit, cache_dir=args.cache, threads=args.threads, progress=not args.quiet)
         o = res["options"]
         print(f"{res['dataset']}: {res['n_queries']} queries, {res['n_images']} images; {o['features']} {o['precision']} {o['backend']} "
               f"({o['max_features']} features, scales {','.join(f'{v:g}' for v in o['scales'])}, threshold {o['score_threshold']:g}), "
@@ -606,32 +746,44 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _codebook_size(value: str):
+    if value == "auto":
+        return value
+    from d2r.commands import _positive_int
+
+    return _positive_int(value)
+
+
 def register_cli(sub) -> None:
-    e = sub.add_parser("eval", help="evaluate a retrieval method on a dataset folder (gnd.json, db/, queries/)")
+    e = sub.add_parser("eval", help="evaluate the pipeline (what d2r build ships, or a preset or variant) on a dataset folder "
+                                    "(gnd.json, db/, queries/)")
     e.add_argument("--dataset", required=True, help="folder in the roxford5k-mini layout")
-    e.add_argument("--features", default="xfeat",
-                   help="a local-feature model of the manifest (xfeat, aliked_t16, aliked_n16) or a source: rootsift, aliked "
-                        "(default xfeat: the baseline of the comparison; the SDK default is aliked_t16)")
+    e.add_argument("--preset", choices=list(PRESETS),
+                   help="start from a named baseline instead of the default pipeline (default: what `d2r build` ships)")
+    e.add_argument("--config", metavar="BUNDLE", help="start from a bundle's pipeline configuration (its bundle.json) and codebook size")
+    e.add_argument("--features", help="a local-feature model of the manifest (aliked_t16: the default, xfeat, aliked_n16) or a lab "
+                                      "source: rootsift, aliked (torch)")
     e.add_argument("--max-features", type=int, help="keep the N best features per image (default: the model's or source's)")
     e.add_argument("--scales", help="image pyramid, comma-separated, e.g. 0.5,0.707,1,1.414 (model sources; >1 runs in tiles)")
     e.add_argument("--score-threshold", type=float, help="minimum keypoint score (default: the model's or source's)")
     e.add_argument("--fit", choices=["canvas", "longest"], help="feature models: scale 1 fits the image into the model input (canvas, "
                    "default) or sets its longest side to the input's (longest: portrait photos at full resolution, in tiles)")
-    e.add_argument("--precision", default="int8", choices=["fp32", "fp16", "int8"])
-    e.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
+    e.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="model files to prefer (default int8, as d2r build)")
+    e.add_argument("--backend", choices=["tflite", "onnx"])
     g = e.add_mutually_exclusive_group()
     g.add_argument("--codebook", help="codebook file trained elsewhere")
-    g.add_argument("--codebook-size", type=int, default=1024, help="train a codebook of K words on the database (default 1024)")
-    e.add_argument("--kind", default="asmk_star", choices=list(EVAL_KINDS))
-    e.add_argument("--pooling", default="max", choices=["max", "avg"], help="regional search (d2r_asmk_star): max or mean over regions")
-    e.add_argument("--regions", default="none",
-                   help="none | rmac:L | detector:NAME@THRESH | shuffled:NAME@THRESH (control: another image's boxes)")
-    e.add_argument("--max-regions", type=int, default=MAX_REGIONS,
-                   help=f"detector regions: the best N boxes above the threshold per image (default {MAX_REGIONS}; d2r build keeps 8)")
+    g.add_argument("--codebook-size", type=_codebook_size,
+                   help="train a codebook of K words on the database (default auto, as d2r build: 8192, fewer for small databases)")
+    e.add_argument("--kind", choices=list(EVAL_KINDS), help="aggregation (default rasmk_star, as d2r build)")
+    e.add_argument("--pooling", choices=["max", "avg"], help="regional search (d2r_asmk_star): max or mean over regions")
+    e.add_argument("--regions", help="none | detector:NAME@THRESH (default detector:landmark@0.1, as d2r build) | rmac:L | "
+                                     "shuffled:NAME@THRESH (control: another image's boxes)")
+    e.add_argument("--max-regions", type=int, help=f"detector regions: the best N boxes above the threshold per image (default 8, as "
+                                                   f"d2r build; at most {MAX_REGIONS})")
     e.add_argument("--verify", action="store_true", help="spatial verification of the top 100")
-    e.add_argument("--verify-words", type=int, default=0, metavar="M",
+    e.add_argument("--verify-words", type=int, metavar="M",
                    help="verification matches a query feature only with features of its M nearest visual words (default 0: exhaustive; faster, loses inliers)")
-    e.add_argument("--verify-precision", default="int8", choices=list(verify.PRECISIONS),
+    e.add_argument("--verify-precision", choices=list(verify.PRECISIONS),
                    help="exhaustive matching of verification: int8 codes (default, integer GEMM) or fp32")
     e.add_argument("--limit", type=int, help="only the first N queries (quick runs)")
     e.add_argument("--cache", help="feature cache folder (default ~/.cache/d2r/eval)")

@@ -223,10 +223,9 @@ def collect_evidence(
     neighbours; on by default: one-to-one matches keep a textured patch from piling up
     inliers on one feature), on top of the model's descriptor distance threshold.
     """
-    from d2r.aggregate import aggregate
-    from d2r.codebook import Codebook
-    from d2r.engine import Engine
-    from d2r.index import Index
+    from d2r.codebook import Codebook, train_codebook
+    from d2r.config import EngineConfig
+    from d2r.pipeline import CODEBOOK_SAMPLE, WHOLE_BOX, DescriptorSample, Pipeline, Regions
 
     from .evaluation import cached_whole, feature_setting, open_cache
 
@@ -254,50 +253,50 @@ def collect_evidence(
     report = _progress(progress)
     timings = {}
     t0 = time.perf_counter()
-    engine = Engine.create(features=features, detector=None, kind="asmk_star", backend=backend, precision=precision, threads=threads)
+    # The pipeline's stages: whole-photo features, ASMK* aggregation and index, verification features.
+    config = EngineConfig(features=features, detector=None, kind="asmk_star", backend=backend, precision=precision,
+                          verification_features=verify_features)
+    pipeline = Pipeline.load(config, threads=threads)
     try:
-        ex = engine.extractor
-        match_distance = engine.match_distance()
+        ex = pipeline.features.extractor
+        match_distance = pipeline.verification.max_distance
         # The same key as d2r eval's, so features extracted by either are shared.
-        cache = open_cache(cache_dir, feature_setting(engine.feature_entry.sha256, ex))
+        cache = open_cache(cache_dir, feature_setting(pipeline.feature_entry.sha256, ex))
 
         def whole(p):
             return cached_whole(cache, ex, p)
 
-        rng = np.random.default_rng(seed)
-        per_image = -(-500_000 // len(paths))
-        sample, vfeats, shapes = [], [], []
+        sample = DescriptorSample(len(paths), CODEBOOK_SAMPLE, seed) if codebook is None else None
+        vfeats, shapes = [], []
         for i, p in enumerate(paths):
             f, shape = whole(p)
             shapes.append(shape)
             # Features come sorted by score: verification uses the strongest, like d2r eval.
-            vfeats.append(verify.LocalFeatures(f.locations[:verify_features], f.descriptors[:verify_features]))
-            if codebook is None:
-                take = rng.choice(len(f), size=min(len(f), per_image), replace=False) if len(f) else np.zeros(0, np.int64)
-                sample.append(f.descriptors[np.sort(take)])
+            vfeats.append(pipeline.verification.database_features(f, None))
+            if sample is not None:
+                sample.add(f.descriptors)
             report("features", i + 1, len(paths))
         timings["features_s"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        if codebook is None:
-            x = np.concatenate(sample)
-            del sample
-            if len(x) < codebook_size:
-                raise InputError(f"images: {len(x)} descriptors from {len(paths)} images are fewer than the codebook size {codebook_size}; lower codebook_size")
-            cb = Codebook.train(x, size=codebook_size, seed=seed, progress=lambda it, n, moved: report("k-means", it, n))
+        if sample is not None:
+            cb = train_codebook(sample.array(ex.dim), codebook_size, seed=seed, n_images=len(paths),
+                                progress=lambda it, n, moved: report("k-means", it, n))
             codebook_source = f"trained on the collection, K={codebook_size}, seed {seed}"
         else:
             cb = codebook if isinstance(codebook, Codebook) else Codebook.load(codebook)
             codebook_source = str(codebook) if not isinstance(codebook, Codebook) else f"given, K={cb.size}"
+        pipeline.set_codebook(cb)
+        stage = pipeline.require_aggregation()
         timings["codebook_s"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        index = Index(cb, kind="asmk_star")
+        index = stage.new_index()
         aggs = []
         for i, p in enumerate(paths):
-            agg = aggregate(whole(p)[0].descriptors, cb, kind="asmk_star")
+            agg = stage.database(Regions([whole(p)[0]], [WHOLE_BOX]))
             aggs.append(agg)
-            index.add(str(i), agg)
+            stage.add(index, str(i), agg)
             report("index", i + 1, len(paths))
         timings["index_s"] = time.perf_counter() - t2
 
@@ -324,8 +323,8 @@ def collect_evidence(
         out_queries = []
         for i, p in enumerate(qpaths):
             f, shape = whole(p)
-            lf = verify.LocalFeatures(f.locations[:verify_features], f.descriptors[:verify_features])
-            out_queries.append(evidence_of(lf, shape, aggregate(f.descriptors, cb, kind="asmk_star"), None))
+            lf = pipeline.verification.query_features(f, None)
+            out_queries.append(evidence_of(lf, shape, stage.query(f), None))
             report("queries", i + 1, len(qpaths))
         timings["verification_s"] = time.perf_counter() - t3
         index.close()
@@ -336,7 +335,7 @@ def collect_evidence(
             "ransac_threshold_px": verify.RESIDUAL_THRESHOLD, "seed": seed,
         }
     finally:
-        engine.close()
+        pipeline.close()
     return {"images": out_images, "queries": out_queries, "settings": settings, "timings": timings, "codebook": cb}
 
 

@@ -190,7 +190,7 @@ def cmd_show(args) -> int:
         res = engine.query(args.image, top_k=args.top_k, verify=args.verify)
         draw_query(engine, args.image, res, out, images_dir=args.images_dir)
     for rank, hit in enumerate(res.hits, start=1):
-        inl = f"  inliers {res.inliers[hit.image_id]}" if hit.image_id in res.inliers else ""
+        inl = f"  inliers {hit.inliers}" if hit.inliers is not None else ""
         print(f"  {rank:3d}. {hit.image_id}  {hit.score:.4f}{inl}")
     print(f"picture: {out}")
     return 0

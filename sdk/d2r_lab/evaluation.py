@@ -211,16 +211,16 @@ class Experiment:
         self.pipeline.check()
         if self.kind is not None and self.kind not in LAB_KINDS:
             raise InputError(f"kind: expected one of {', '.join(EVAL_KINDS)}, got {self.kind!r}")
-        if self.region_source is not None:
+        if self.region_source is not None and self.region_source != "shuffled":
             source, _ = parse_regions(self.region_source)
-            if source not in ("rmac", "shuffled"):
+            if source != "rmac":
                 raise InputError(f"region_source: expected rmac:L or shuffled, got {self.region_source!r} (detector regions are pipeline.detector)")
         if self.feature_source is not None:
             from .feature_sources import SOURCES
 
             if self.feature_source not in SOURCES:
                 raise InputError(f"feature_source: expected one of {', '.join(SOURCES)}, got {self.feature_source!r}")
-        if self.region_source is not None and parse_regions(self.region_source)[0] == "shuffled" and not self.pipeline.detector:
+        if self.region_source == "shuffled" and not self.pipeline.detector:
             raise InputError("region_source: the shuffled control deals the detector's boxes; the pipeline has no detector")
         if not 0 <= int(self.pipeline.max_regions) <= MAX_REGIONS:
             raise InputError(f"max_regions: expected 0 to {MAX_REGIONS} (the detector's own cap), got {self.pipeline.max_regions!r}")
@@ -240,9 +240,10 @@ class Experiment:
         return bool(self.pipeline.detector) and self.pipeline.max_regions > 0
 
     def regions_label(self) -> str:
+        if self.region_source == "shuffled":
+            return f"shuffled:{self.pipeline.detector}@{self.pipeline.detector_threshold:g}"
         if self.region_source is not None:
-            src, param = parse_regions(self.region_source)
-            return f"rmac:{param}" if src == "rmac" else f"shuffled:{self.pipeline.detector}@{self.pipeline.detector_threshold:g}"
+            return self.region_source
         if not self.pipeline.detector:
             return "none"
         return f"detector:{self.pipeline.detector}@{self.pipeline.detector_threshold:g}"
@@ -364,7 +365,12 @@ def run(dataset, experiment_: Experiment | str | None = None, *, limit: int | No
     ds = evaluate.load_dataset(dataset)
     timings = {}
     t0 = time.perf_counter()
-    region_source = parse_regions(exp.region_source)[0] if exp.region_source else ("detector" if exp.has_regions else "none")
+    if exp.region_source == "shuffled":
+        region_source = "shuffled"
+    elif exp.region_source:
+        region_source = parse_regions(exp.region_source)[0]
+    else:
+        region_source = "detector" if exp.has_regions else "none"
     # Boxes are detected (and cached) down to DETECT_FLOOR whatever the threshold asked for, and
     # selected by score by the region stage: one extraction serves every threshold >= the floor
     # (NMS keeps a box only against higher-scoring boxes, so the boxes above t are the same).

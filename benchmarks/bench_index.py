@@ -243,16 +243,17 @@ def bench_integrity(path, cb, queries, reps=5, opens=9):
     for _ in range(reps):
         gc.collect()
         handles = {m: d2r.Index.open(path, mmap=True, codebook=cb, verify=modes[m]) for m in ("off", "default")}
-        lazy = handles["default"]._word_ok is not None
+        word_check = handles["default"]._store.word_check  # d2r.index.format.WordCheck, or None
+        lazy = word_check is not None
         spent = [0.0]
-        check = handles["default"]._check_words
 
-        def timed(words, check=check, spent=spent):
+        def timed(words, check=word_check.check if lazy else None, spent=spent):
             t = time.perf_counter()
             check(words)
             spent[0] += time.perf_counter() - t
 
-        handles["default"]._check_words = timed  # time the crc32 checks inside the first pass
+        if lazy:
+            word_check.check = timed  # time the crc32 checks inside the first pass
         for out in (first, second):
             total = {"off": 0.0, "default": 0.0}
             for i, q in enumerate(queries):
@@ -267,10 +268,9 @@ def bench_integrity(path, cb, queries, reps=5, opens=9):
         for h in handles.values():
             h.close()
     idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=False)
-    idx._word_crc = idx._data[idx._sections["ivf_word_crc32"][0]:][: 4 * K].view("<u4")
-    idx._word_ok = np.zeros(K, dtype=np.bool_)
+    word_check = idx._file.word_check()  # the lazy check, nothing checked yet
     t = time.perf_counter()
-    idx._check_words(np.arange(K))
+    word_check.check(np.arange(K))
     t_crc = time.perf_counter() - t
     t = time.perf_counter()
     idx.verify()

@@ -90,14 +90,14 @@ def time_rerank(dim, n_features, repeat, precision="int8"):
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
     # Breakdown, stage by stage on the same data: CPU time, best of `repeat` passes per stage.
-    side = verify._query_side(verify.LocalFeatures(query.locations, query.descriptors), precision)
+    side = verify.matching._query_side(verify.LocalFeatures(query.locations, query.descriptors), precision)
     stages = np.full((repeat, 3), np.inf)
     n_matches = []
     for rep in range(repeat):
         t = np.zeros(3)
         for _, _, c in cands:
             t0 = time.process_time()
-            block = verify._distance_block(side, c)  # the GEMM (and |b|^2 or the code norms)
+            block = verify.matching._distance_block(side, c)  # the GEMM (and |b|^2 or the code norms)
             t1 = time.process_time()
             m = verify_kernels.nearest_neighbours(*block, 0.81, 0.0, False)
             t2 = time.process_time()
@@ -353,7 +353,7 @@ def words_table(folder, limit, cache, ratio=None, multiples=(1, 3, 5), size=1024
             cpu.append(time.process_time() - c0)
             norm = np.einsum("ij,ij->i", q_by[m][qi].descriptors, q_by[m][qi].descriptors)
             for i in pos:
-                mt = verify._match_features(q_by[m][qi], cands_db[i], norm, verify._match_params(0.9, ratio, False), True)
+                mt = verify.matching._match_features(q_by[m][qi], cands_db[i], norm, verify.matching._match_params(0.9, ratio, False), True)
                 n_matches.append(len(mt))
                 pos_inl.append(verify.ransac_affine(q_by[m][qi].locations, cands_db[i].locations, mt).inliers)
         scores = np.zeros((nq, ds.n_images))

@@ -87,7 +87,7 @@ def test_binary_search_equals_brute_force(dim, regions):
     _, idx, db = build(rng, k, dim, 60, kind="rasmk_star", regions=regions)
     check(idx, db, rng, k, dim, "rasmk_star")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(d2r.index, "PARALLEL_MIN_ENTRIES", 0)
+        mp.setattr(d2r.index.search, "PARALLEL_MIN_ENTRIES", 0)
         check(idx, db, rng, k, dim, "rasmk_star", n_queries=2)
     # Removing images (ties and order of the rest unchanged).
     for i in (0, 5, 17, 59):
@@ -104,7 +104,7 @@ def test_float_search_equals_brute_force(kind, monkeypatch):
     k, dim = 16, 4
     _, idx, db = build(rng, k, dim, 40, kind=kind, regions=True)
     check(idx, db, rng, k, dim, kind)
-    monkeypatch.setattr(d2r.index, "PARALLEL_MIN_ENTRIES", 0)  # the parallel kernel too
+    monkeypatch.setattr(d2r.index.search, "PARALLEL_MIN_ENTRIES", 0)  # the parallel kernel too
     check(idx, db, rng, k, dim, kind, n_queries=2)
 
 
@@ -179,8 +179,8 @@ def test_many_blocks_and_threads(tmp_path, monkeypatch):
     want_delta = [("extra" if i == n else str(i), float(want_delta_all[i])) for i in order]
     default = numba.get_num_threads()
     try:
-        for min_entries in (d2r.index.PARALLEL_MIN_ENTRIES, 0):  # 0: always the parallel kernel
-            monkeypatch.setattr(d2r.index, "PARALLEL_MIN_ENTRIES", min_entries)
+        for min_entries in (d2r.index.search.PARALLEL_MIN_ENTRIES, 0):  # 0: always the parallel kernel
+            monkeypatch.setattr(d2r.index.search, "PARALLEL_MIN_ENTRIES", min_entries)
             for threads in sorted({1, 2, default}):
                 numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
                 for index in (idx, opened):
@@ -188,9 +188,9 @@ def test_many_blocks_and_threads(tmp_path, monkeypatch):
                 assert [(h.image_id, h.score) for h in opened_delta.search(q, top_k=50)] == want_delta
     finally:
         numba.set_num_threads(default)
-    assert opened._base.n_blocks == 2
+    assert opened._store.base.n_blocks == 2
     # Any number of item chunks (chunk edges inside and across blocks) gives the same scores.
-    b = opened._base
+    b = opened._store.base
     table = d2r.kernels.selectivity_table(dim, 3.0, 0.0)
     qc = np.ascontiguousarray(q.codes).view(np.uint64)
     ref = None

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r import index as index_mod
+from d2r.index import format as index_mod
 
 from test_index import check, make_codebook, oracle, random_agg
 

@@ -21,9 +21,9 @@ import pytest
 
 import d2r
 from d2r import _files
-from d2r import index as index_mod
 from d2r.cli import main as cli_main
 from d2r.engine import BundleError, Engine, check_bundle_target
+from d2r.index import format as index_mod
 
 from test_index import make_codebook, random_agg
 from test_index_format import small_index
@@ -500,7 +500,7 @@ def test_lazy_check_of_a_large_file_at_save_and_from_threads(tmp_path, monkeypat
     queries = [random_agg(rng, 32, 16, n) for n in (32, 4, 10)]
     expected = results(d2r.Index.open(good, verify=True), queries)
     opened = d2r.Index.open(good)
-    assert opened._word_ok is not None and not opened._word_ok.any()  # nothing checked at open
+    assert opened._store.word_check is not None and not opened._store.word_check.ok.any()  # nothing checked at open
     out, errors = [], []
 
     def work():
@@ -516,7 +516,7 @@ def test_lazy_check_of_a_large_file_at_save_and_from_threads(tmp_path, monkeypat
     for th in threads:
         th.join(60)
     assert not errors and len(out) == 20 and all(r == expected for r in out)
-    assert opened._word_ok.all()
+    assert opened._store.word_check.ok.all()
     # A flipped code: a save of the opened file refuses to copy it into a new file.
     data = bytearray(good.read_bytes())
     off, length = layout(bytes(data))["ivf_codes"][0]

@@ -516,10 +516,10 @@ def test_word_matching_kernel_equals_oracle(ratio, mutual):
     c = LocalFeatures(np.zeros((150, 2)), b, cw)
     got = verify_kernels.word_matches(a, qw, b, cw, 0.81, ratio or 0.0, mutual)
     if ratio is None:
-        assert np.array_equal(got, verify._match_features(q, c, None, verify._match_params(0.9, ratio, mutual), True))
+        assert np.array_equal(got, verify.matching._match_features(q, c, None, verify.matching._match_params(0.9, ratio, mutual), True))
     else:
         with pytest.raises(d2r.InputError, match="ratio"):
-            verify._match_features(q, c, None, verify._match_params(0.9, ratio, mutual), True)
+            verify.matching._match_features(q, c, None, verify.matching._match_params(0.9, ratio, mutual), True)
     ref = brute_force_word_match(a, qw, b, cw, 0.9, ratio, mutual)
     assert 0 < len(ref) and np.array_equal(got, ref)
     # no partner outside the shared words
@@ -643,7 +643,7 @@ def test_features_files_with_8_bit_codes_still_match_exactly():
     d = unit(rng.normal(size=(50, 64)))
     loc = rng.uniform(0, 100, size=(50, 2))
     codes8 = np.rint(d * (127 / np.abs(d).max(axis=1, keepdims=True))).astype("<i1")
-    old = verify._HEADER.pack(b"VF", 1, 1, 50, 64) + np.rint(loc).astype("<u2").tobytes() + codes8.tobytes()
+    old = verify.file._HEADER.pack(b"VF", 1, 1, 50, 64) + np.rint(loc).astype("<u2").tobytes() + codes8.tobytes()
     back = verify.unpack_features(old)
     stored, inv = back.codes()
     assert np.abs(stored.astype(np.int16)).max() == 63

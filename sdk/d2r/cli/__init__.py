@@ -25,7 +25,7 @@ _SUBCOMMANDS: list[tuple[str, str]] = [
     ("d2r.datasets", "register_cli"),
     ("d2r.evaluation", "register_cli"),
     ("d2r.landmarks", "register_cli"),
-    ("d2r.sync", "register_cli"),
+    ("d2r.cli.sync", "register_cli"),
     ("d2r_server.cli", "register_cli"),
     ("d2r_convert.cli", "register_cli"),
 ]

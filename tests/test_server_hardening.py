@@ -32,7 +32,7 @@ pytest.importorskip("flask")
 pytest.importorskip("waitress")
 pytest.importorskip("cryptography")
 
-from d2r.engine import _canonical  # noqa: E402
+from d2r.bundle.folder import canonical as _canonical  # noqa: E402
 from d2r.sync import Destination, SyncClient, SyncError, generate_keypair  # noqa: E402
 from d2r_server.client import AdminClient  # noqa: E402
 from d2r_server.testing import ADMIN_TOKEN, Collection, ServerThread, free_port, tuf_keys  # noqa: E402

@@ -46,7 +46,7 @@ def create_app(config: dict | None = None) -> Flask:
     if app.config.get("PUBLISHER_PUBLIC_KEY"):
         raise ValueError("PUBLISHER_PUBLIC_KEY: gone with issue 16; each collection's TUF root names its keys "
                          "(d2r collection create), and every publish is verified against them")
-    from d2r.sync import COLLECTION_NAME
+    from d2r.bundle.tuf import COLLECTION_NAME
 
     from .repository import CollectionRepository, load_online_signer
 

@@ -15,7 +15,7 @@ ADMIN_TOKEN_ENV = "D2R_ADMIN_TOKEN"
 def _admin_token(args, required: bool = True) -> str:
     """The admin token from --admin-token-file/--token-file (warned if group/world-readable), the
     D2R_ADMIN_TOKEN environment variable, or --token (visible in `ps`: warned)."""
-    from d2r.sync import resolve_token
+    from d2r.cli.common import resolve_token
 
     path = getattr(args, "admin_token_file", None) or getattr(args, "token_file", None)
     token = resolve_token(getattr(args, "token", None), path, ADMIN_TOKEN_ENV, "admin token")
@@ -32,7 +32,7 @@ def _cli_serve(args) -> int:
 
     import waitress
 
-    from d2r.sync import parse_interval
+    from d2r.cli.common import parse_interval
 
     from .app import create_app
     from .serving import waitress_options
@@ -42,7 +42,7 @@ def _cli_serve(args) -> int:
                          "every publish is verified against them")
     if args.keep is not None and args.keep < 1:
         raise InputError(f"--keep: expected a number of versions >= 1, got {args.keep}")
-    ts = parse_interval(args.timestamp_expiry)
+    ts = parse_interval(args.timestamp_expiry, "--timestamp-expiry")
     config = {"DATA_DIR": args.data, "ADMIN_TOKEN": _admin_token(args),
               "MAX_BUNDLE_BYTES": int(args.max_bundle_mb * 1024 * 1024), "KEEP_VERSIONS": args.keep,
               "TIMESTAMP_EXPIRY": ts, "SNAPSHOT_EXPIRY": max(7 * 86400, 2 * ts), "DELTAS_EXPIRY": max(7 * 86400, 2 * ts)}
@@ -74,8 +74,12 @@ def _cli_serve(args) -> int:
 
         # waitress on a loopback port of its own; the TLS front on the public address.
         inner = waitress.create_server(app, host="127.0.0.1", port=0, url_scheme="https", **options)
-        TLSFront(args.host, args.port, args.tls_cert, args.tls_key, inner.effective_port, options["connection_limit"],
-                 args.idle_timeout).serve_forever_in_thread()
+        try:
+            front = TLSFront(args.host, args.port, args.tls_cert, args.tls_key, inner.effective_port,
+                             options["connection_limit"], args.idle_timeout)
+        except InputError as exc:
+            raise InputError(f"--tls-cert / --tls-key: {exc}") from None
+        front.serve_forever_in_thread()
         print(f"d2r serve: data {args.data}, listening on https://{args.host}:{args.port} ({limits})",
               file=sys.stderr, flush=True)
         inner.run()
@@ -89,7 +93,7 @@ def _cli_serve(args) -> int:
 
 
 def _cli_keygen(args) -> int:
-    from d2r.sync import generate_keypair
+    from d2r.bundle.keys import generate_keypair
 
     priv, pub = generate_keypair(args.output)
     print(f"private key: {priv} (keep it secret: a root key offline, a targets key with the publisher)\n"

@@ -13,9 +13,20 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from d2r._tuf import DELTAS_ROLE, ROOT_EXPIRY, TARGETS_EXPIRY, bundle_info_of, bundle_target, expiry, private_signer, public_key, tuf_modules
-from d2r.errors import InputError
-from d2r.sync import ARCHIVE_MEDIA_TYPE, COLLECTION_NAME, SyncError, pack_bundle
+from d2r.bundle.archive import ARCHIVE_MEDIA_TYPE, pack_bundle
+from d2r.bundle.tuf import (
+    COLLECTION_NAME,
+    DELTAS_ROLE,
+    ROOT_EXPIRY,
+    TARGETS_EXPIRY,
+    bundle_info_of,
+    bundle_target,
+    expiry,
+    private_signer,
+    public_key,
+    tuf_modules,
+)
+from d2r.errors import InputError, SyncError
 
 TARGETS_HEADER = "X-D2R-Targets"
 

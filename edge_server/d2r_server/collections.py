@@ -13,12 +13,13 @@ import shutil
 
 from flask import Blueprint, abort, current_app, g, jsonify, request, send_file, url_for
 
-from d2r._tuf import DELTA_TARGET, delta_target
+from d2r.bundle.archive import ARCHIVE_MEDIA_TYPE, unpack_bundle
+from d2r.bundle.delta import make_delta
+from d2r.bundle.folder import MAX_VERSION, is_version
+from d2r.bundle.tuf import COLLECTION_NAME, DELTA_TARGET, delta_target
 from d2r.errors import D2RError
-from d2r.sync import ARCHIVE_MEDIA_TYPE, COLLECTION_NAME, MAX_VERSION, is_version, unpack_bundle
 
 from .auth import require_admin, require_reader
-from .delta import make_delta
 from .repository import RepositoryError
 from .storage import now
 

@@ -7,7 +7,7 @@ import secrets
 
 from flask import Blueprint, current_app, jsonify, request
 
-from d2r.sync import COLLECTION_NAME
+from d2r.bundle.tuf import COLLECTION_NAME
 
 from .auth import new_device_token, require_admin, token_hash
 from .storage import now

@@ -23,7 +23,7 @@ import os
 import threading
 from pathlib import Path
 
-from d2r._tuf import BUNDLE_TARGET, DELTAS_EXPIRY, DELTAS_ROLE, SNAPSHOT_EXPIRY, TIMESTAMP_EXPIRY, bundle_info_of, expiry, tuf_modules, utcnow
+from d2r.bundle.tuf import BUNDLE_TARGET, DELTAS_EXPIRY, DELTAS_ROLE, SNAPSHOT_EXPIRY, TIMESTAMP_EXPIRY, bundle_info_of, expiry, tuf_modules, utcnow
 from d2r.errors import InputError
 
 MAX_METADATA_BYTES = 1 << 20
@@ -50,8 +50,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def load_online_signer(keys_dir: Path):
     """The server's online Ed25519 key (made on first start, mode 0600): signs snapshot,
     timestamp and deltas of every collection."""
-    from d2r._tuf import private_signer
-    from d2r.sync import generate_keypair
+    from d2r.bundle.keys import generate_keypair
+    from d2r.bundle.tuf import private_signer
 
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = keys_dir / "online.key"

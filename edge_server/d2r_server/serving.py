@@ -82,7 +82,7 @@ class TLSFront:
         except (OSError, ssl.SSLError) as exc:
             from d2r.errors import InputError
 
-            raise InputError(f"--tls-cert {cert} / --tls-key {key}: cannot load the certificate and key ({exc})") from None
+            raise InputError(f"{cert} / {key}: cannot load the TLS certificate chain and its private key ({exc})") from None
         self.host, self.port, self.upstream_port = host, int(port), int(upstream_port)
         self.limit, self.idle, self.handshake = int(connection_limit), float(idle_timeout), float(handshake_timeout)
         self.active = 0

@@ -1,5 +1,9 @@
 """Helpers for tests and benchmarks: synthetic bundles (no models needed), a real waitress
-server on loopback in a thread, and a TCP proxy that drops or corrupts responses."""
+server on loopback in a thread, and a TCP proxy that drops or corrupts responses.
+
+The one server module that uses the device runtime beyond :mod:`d2r.bundle`: it builds real
+bundles with ``d2r.Codebook``, ``d2r.Index`` and ``d2r.aggregate``, as a publisher would
+(tests/test_server_imports.py lets it; the server itself never imports this module)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 import d2r
-from d2r.engine import BUNDLE_FORMAT, BUNDLE_VERSION, EngineConfig, _canonical
+from d2r.bundle.folder import write_bundle_json
+from d2r.config import EngineConfig
 
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
 
@@ -47,12 +52,7 @@ def write_bundle(path, index: d2r.Index, codebook: d2r.Codebook, version: int, e
     for rel, data in (extra_files or {}).items():
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp / rel).write_bytes(data)
-    files = {}
-    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        files[f.relative_to(tmp).as_posix()] = {"sha256": hashlib.sha256(f.read_bytes()).hexdigest(), "size": f.stat().st_size}
-    body = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_VERSION,
+    write_bundle_json(tmp, {
         "version": int(version),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "d2r_version": d2r.__version__,
@@ -60,10 +60,7 @@ def write_bundle(path, index: d2r.Index, codebook: d2r.Codebook, version: int, e
         "models": {"features": None, "detector": None},
         "codebook_sha256": codebook.checksum,
         "n_images": len(index),
-        "files": files,
-    }
-    body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
-    (tmp / "bundle.json").write_text(json.dumps(body, indent=1) + "\n")
+    })
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -94,7 +91,7 @@ class Collection:
 
 def tuf_keys(folder) -> dict:
     """A collection's key files in ``folder`` (made once): {"root": ..., "targets": ...}."""
-    from d2r.sync import generate_keypair
+    from d2r.bundle.keys import generate_keypair
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

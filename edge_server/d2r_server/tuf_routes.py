@@ -8,7 +8,7 @@ import re
 
 from flask import Blueprint, current_app, jsonify, send_file
 
-from d2r.sync import COLLECTION_NAME
+from d2r.bundle.tuf import COLLECTION_NAME
 
 from .auth import require_admin, require_reader
 

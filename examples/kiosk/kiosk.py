@@ -286,14 +286,15 @@ def main(argv=None) -> int:
         if args.bundle:
             engine = d2r.Engine.open(args.bundle, threads=args.threads, warm_up=True)
         else:
-            from d2r.sync import LiveBundle, SyncClient, parse_interval
+            from d2r.cli.common import parse_interval
+            from d2r.sync import LiveBundle, SyncClient
 
             if args.server:
                 if not (args.collection and args.token_file and args.root):
                     raise d2r.InputError("--server needs --collection, --token-file and --root")
                 token = Path(args.token_file).read_text().strip()
                 client = SyncClient(args.server, args.collection, token, args.dest, args.root, log=log)
-                syncer = Syncer(client, parse_interval(args.sync_every), log)
+                syncer = Syncer(client, parse_interval(args.sync_every, "--sync-every"), log)
                 syncer.sync_once()  # before the first frame: a fresh kiosk has no bundle yet
                 syncer.start()
             engine = LiveBundle(args.dest, opener=lambda p: d2r.Engine.open(p, threads=args.threads, warm_up=True))

@@ -7,42 +7,33 @@
     engine.save("museum.d2r"); engine = d2r.Engine.open("museum.d2r")
 
 A bundle is a folder holding everything a device needs, with one ``bundle.json`` that lists
-the pipeline configuration, every file with its sha256 and size, and a checksum of itself:
-
-    museum.d2r/bundle.json       configuration, files, version, checksum
-    museum.d2r/index.d2ri        the R-ASMK* (or ASMK*) index (memory-mapped on open)
-    museum.d2r/codebook.d2rcb    the visual words
-    museum.d2r/models/           the model files used and their manifest entries
-
-A folder (not one archive) so that the index is memory-mapped in place and a sync can swap a
-whole version by one rename. ``save`` writes a new folder beside the target and swaps it in;
-a reader never sees a half-written bundle. ``save`` replaces only a d2r bundle (or an empty
-folder): see :func:`check_bundle_target`.
+the pipeline configuration, every file with its sha256 and size, and a checksum of itself
+(the format: :mod:`d2r.bundle`). ``save`` writes a new folder beside the target and swaps it
+in; a reader never sees a half-written bundle. ``save`` replaces only a d2r bundle (or an
+empty folder): see :func:`d2r.bundle.check_bundle_target`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeGuard, cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from ._checks import positive_int
-from ._files import clean_stale, fsync_dir, temp_path
-from ._files import sha256_file as _sha256_file
+from ._files import clean_stale
 from ._progress import counter as _progress
 from ._progress import end_line as _end_progress_line
 from ._version import __version__
+from .bundle import folder as _bundle
+from .bundle.folder import BUNDLE_FORMAT, BUNDLE_VERSION, check_bundle_target, read_bundle_info  # noqa: F401  (re-exported)
 from .codebook import Codebook, train_codebook
 from .config import ENGINE_KINDS, REGION_MODES, EngineConfig  # noqa: F401  (re-exported)
 from .errors import BundleError, D2RError, ImageError, InputError, ModelError
@@ -59,12 +50,6 @@ if TYPE_CHECKING:  # verify is imported on first use
 
 log = logging.getLogger("d2r")
 
-BUNDLE_FORMAT = "d2r-bundle"
-BUNDLE_VERSION = 1
-
-
-def _canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _manifest_module():
@@ -395,13 +380,7 @@ class Engine:
         codebook, index = self._require_index()
         path = Path(path)
         version = int(version if version is not None else self.bundle_version + 1)
-        parent = path.parent if str(path.parent) else Path(".")
-        parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(path)
-        check_bundle_target(path, protect)
-        tmp = temp_path(path)
-        tmp.mkdir()
-        try:
+        with _bundle.writing(path, protect) as tmp:
             index.save(tmp / "index.d2ri")
             codebook.save(tmp / "codebook.d2rcb")
             if self.config.verification_features:
@@ -425,13 +404,7 @@ class Engine:
                 raw["file"] = Path(entry.file).name
                 entries.append(raw)
             (tmp / "models" / "manifest.json").write_text(json.dumps({"schema_version": 1, "models": entries}, indent=1) + "\n")
-            files = {}
-            for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-                rel = f.relative_to(tmp).as_posix()
-                files[rel] = {"sha256": _sha256_file(f), "size": f.stat().st_size}
-            body = {
-                "format": BUNDLE_FORMAT,
-                "format_version": BUNDLE_VERSION,
+            _bundle.write_bundle_json(tmp, {
                 "version": version,
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "d2r_version": __version__,
@@ -440,17 +413,7 @@ class Engine:
                 "codebook_sha256": codebook.checksum,
                 "n_images": len(index),
                 "skipped": dict(sorted(self.skipped.items())),
-                "files": files,
-            }
-            body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
-            with open(tmp / "bundle.json", "w") as fh:
-                fh.write(json.dumps(body, indent=1) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            _swap_in(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            })
         self.bundle_path = path
         self.bundle_version = version
         return path
@@ -474,7 +437,7 @@ class Engine:
         def bad(field, problem):
             return BundleError(f"{path}: bundle.json: {field}: {problem}")
 
-        config = _config_from(path, info["config"])
+        config = _bundle.config_from(path, info["config"])
         needed = ["index.d2ri", "codebook.d2rcb", "models/manifest.json"]
         if config.verification_features:
             needed += ["features.d2rv", "features.ids.json"]
@@ -482,14 +445,7 @@ class Engine:
             if rel not in info["files"]:
                 why = f" (config.verification_features is {config.verification_features})" if rel.startswith("features.") else ""
                 raise bad("files", f"does not list {rel}{why}")
-        for rel, meta in info["files"].items():
-            f = path / rel
-            if not f.is_file():
-                raise BundleError(f"{path}: file {rel} listed in bundle.json is missing")
-            if f.stat().st_size != meta["size"]:
-                raise BundleError(f"{path}: file {rel} has {f.stat().st_size} bytes, bundle.json (files.{rel}.size) says {meta['size']}")
-            if verify and _sha256_file(f) != meta["sha256"]:
-                raise BundleError(f"{path}: file {rel} was altered (sha256 differs from bundle.json's files.{rel}.sha256)")
+        _bundle.check_files(path, info, hashes=verify)
         try:
             codebook = Codebook.load(path / "codebook.d2rcb")
         except D2RError as exc:
@@ -570,214 +526,6 @@ class Engine:
         else:
             self.query(texture(0), top_k=1, verify=bool(self.config.verification_features), verify_top=1)
         return time.perf_counter() - t0
-
-
-def check_bundle_target(path, protect=()) -> None:
-    """Refuse a bundle target that is not ours to replace; :class:`BundleError` naming it.
-
-    ``path`` may be missing, an empty folder, or a d2r bundle (``bundle.json`` of format
-    ``d2r-bundle``) that holds nothing but bundle.json and the files it lists (and the folder
-    caches ``.DS_Store`` / ``Thumbs.db`` that file browsers leave): saving replaces the whole
-    folder, so a file of the user's inside it would be lost. Refused as well: a
-    symbolic link, a file, and a folder that is, or holds, one of ``protect`` (the source
-    photos). Nothing is changed.
-    """
-    path = Path(path)
-    real = Path(os.path.abspath(path)).resolve()
-    for src in protect or ():
-        s = Path(os.path.abspath(src)).resolve()
-        if real == s:
-            raise BundleError(f"{path}: is the source folder {src}; d2r does not replace it by a bundle (choose another output folder)")
-        if real in s.parents:
-            raise BundleError(f"{path}: holds the source folder {src}; d2r does not replace it by a bundle (choose another output folder)")
-    if os.path.islink(path):
-        raise BundleError(f"{path}: is a symbolic link; d2r does not replace it by a bundle (save to the folder it points to)")
-    if not os.path.lexists(path):
-        return
-    if not path.is_dir():
-        raise BundleError(f"{path}: exists and is not a folder; d2r does not replace it by a bundle (choose another name)")
-    try:
-        names = os.listdir(path)
-    except OSError as exc:
-        raise BundleError(f"{path}: exists and cannot be listed ({exc.strerror or exc}); not replacing it") from exc
-    if not names:
-        return
-    if "bundle.json" not in names:
-        raise BundleError(f"{path}: exists, is not empty and is not a d2r bundle (no bundle.json); d2r does not replace it "
-                          "(choose a new or empty folder)")
-    try:
-        info = json.loads((path / "bundle.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: its bundle.json is unreadable ({exc}), so it is not recognisably a d2r bundle; "
-                          "d2r does not replace it") from exc
-    files = info.get("files") if isinstance(info, dict) else None
-    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT or not isinstance(files, dict):
-        raise BundleError(f"{path}: its bundle.json is not a d2r bundle's; d2r does not replace the folder")
-    listed = {"bundle.json"} | {k for k in files if isinstance(k, str)}
-    parents = {p.as_posix() for rel in listed for p in Path(rel).parents if str(p) != "."}
-    extra = []
-    for root, dirs, fnames in os.walk(path):
-        rel_root = Path(root).relative_to(path)
-        for d in list(dirs):
-            rel = (rel_root / d).as_posix()
-            if rel not in parents or os.path.islink(os.path.join(root, d)):
-                extra.append(rel + "/")
-                dirs.remove(d)
-        for f in fnames:
-            rel = (rel_root / f).as_posix()
-            if f in _BROWSER_CACHES and not os.path.islink(os.path.join(root, f)):
-                continue
-            if rel not in listed or os.path.islink(os.path.join(root, f)):
-                extra.append(rel)
-    if extra:
-        extra.sort()
-        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
-        raise BundleError(f"{path}: holds files that are not part of the d2r bundle ({', '.join(extra[:5])}{more}); "
-                          "d2r does not delete them (move them out or choose another folder)")
-
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-# Files that macOS Finder and Windows Explorer drop into folders a user looks at.
-_BROWSER_CACHES = frozenset({".DS_Store", "Thumbs.db"})
-
-
-def _json_type(v) -> str:
-    if v is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}.get(
-        type(v), type(v).__name__)
-
-
-def _is_int(v) -> TypeGuard[int]:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def read_bundle_info(path) -> dict:
-    """Parse and check ``bundle.json`` of a bundle folder; :class:`BundleError` if it is bad
-    (the message names the field). The types of every field are checked, config included."""
-    path = Path(path)
-    if not path.is_dir():
-        raise BundleError(f"{path}: no such bundle folder")
-    try:
-        info = json.loads((path / "bundle.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{path}: not a d2r bundle (no bundle.json)") from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: bundle.json is unreadable ({exc})") from exc
-
-    def bad(field, problem):
-        return BundleError(f"{path}: bundle.json: {field}: {problem}")
-
-    if not isinstance(info, dict):
-        raise BundleError(f"{path}: not a d2r bundle (bundle.json holds {_json_type(info)}, not an object)")
-    if info.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{path}: not a d2r bundle (bundle.json format {info.get('format')!r}, expected {BUNDLE_FORMAT!r})")
-    fv = info.get("format_version")
-    if not _is_int(fv) or fv < 1:
-        raise bad("format_version", f"expected a positive integer, got {fv!r}")
-    if fv > BUNDLE_VERSION:
-        raise BundleError(f"{path}: bundle format version {fv!r} (bundle.json format_version) is newer than this d2r reads "
-                          f"({BUNDLE_VERSION}); upgrade d2r")
-    claimed = info.pop("checksum", None)
-    if not isinstance(claimed, str) or claimed != hashlib.sha256(_canonical(info)).hexdigest():
-        raise BundleError(f"{path}: bundle.json checksum mismatch (field checksum: edited or corrupt)")
-    info["checksum"] = claimed
-    for key in ("version", "config", "files", "codebook_sha256"):
-        if key not in info:
-            raise bad(key, "missing")
-    if not _is_int(info["version"]) or info["version"] < 0:
-        raise bad("version", f"expected an integer >= 0, got {info['version']!r}")
-    for key in ("created", "d2r_version"):
-        if key in info and not isinstance(info[key], str):
-            raise bad(key, f"expected a string, got {_json_type(info[key])}")
-    if "n_images" in info and (not _is_int(info["n_images"]) or info["n_images"] < 0):
-        raise bad("n_images", f"expected an integer >= 0, got {info['n_images']!r}")
-    if "skipped" in info and (not isinstance(info["skipped"], dict)
-                              or not all(isinstance(v, str) for v in info["skipped"].values())):
-        raise bad("skipped", f"expected an object of photo name -> reason, got {_json_type(info['skipped'])}")
-    if not isinstance(info["codebook_sha256"], str) or not _HEX64.fullmatch(info["codebook_sha256"]):
-        raise bad("codebook_sha256", f"expected 64 hex digits, got {info['codebook_sha256']!r}")
-    if "models" in info:
-        models = info["models"]
-        if not isinstance(models, dict):
-            raise bad("models", f"expected an object, got {_json_type(models)}")
-        for key, v in models.items():
-            if v is not None and not isinstance(v, str):
-                raise bad(f"models.{key}", f"expected a file name or null, got {_json_type(v)}")
-    files = info["files"]
-    if not isinstance(files, dict):
-        raise bad("files", f"expected an object, got {_json_type(files)}")
-    for rel, meta in files.items():
-        parts = rel.split("/")
-        if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel or any(p in ("", ".", "..") for p in parts):
-            raise BundleError(f"{path}: bundle.json names a file outside the bundle or with an unsafe path (files.{rel!r})")
-        if not isinstance(meta, dict):
-            raise bad(f"files.{rel}", f"expected an object with sha256 and size, got {_json_type(meta)}")
-        if not isinstance(meta.get("sha256"), str) or not _HEX64.fullmatch(meta["sha256"]):
-            raise bad(f"files.{rel}.sha256", f"expected 64 hex digits, got {meta.get('sha256')!r}")
-        if not _is_int(meta.get("size")) or meta["size"] < 0:
-            raise bad(f"files.{rel}.size", f"expected an integer >= 0, got {meta.get('size')!r}")
-    _config_from(path, info["config"])
-    return info
-
-
-def _config_types() -> dict:
-    """EngineConfig field -> accepted JSON types, from the dataclass's annotations."""
-    out = {}
-    for name, f in EngineConfig.__dataclass_fields__.items():
-        out[name] = {t.strip() for t in str(f.type).split("|")}
-    return out
-
-
-def _config_from(path, cfg) -> EngineConfig:
-    """The :class:`EngineConfig` of bundle.json's ``config``, every field's type and value
-    checked (missing fields take their defaults: bundles of older d2r versions)."""
-
-    def bad(field, problem):
-        return BundleError(f"{path}: bundle.json: {field}: {problem}")
-
-    if not isinstance(cfg, dict):
-        raise bad("config", f"expected an object, got {_json_type(cfg)}")
-    types = _config_types()
-    for key, v in cfg.items():
-        if key not in types:
-            raise bad(f"config.{key}", "unknown field (a bundle of a newer d2r?)")
-        want = types[key]
-        ok = ((v is None and "None" in want) or (isinstance(v, bool) and "bool" in want)
-              or (_is_int(v) and ("int" in want or "float" in want)) or (isinstance(v, float) and "float" in want and math.isfinite(v))
-              or (isinstance(v, str) and "str" in want)
-              or (isinstance(v, list) and "list" in want and all(_is_number(x) for x in v))
-              or (isinstance(v, dict) and "dict" in want)
-              or not want & {"None", "bool", "int", "float", "str", "list", "dict"})
-        if not ok:
-            raise bad(f"config.{key}", f"expected {' or '.join(sorted(want))}, got {_json_type(v)} {v!r}"[:300])
-    try:
-        return EngineConfig(**cfg).check()
-    except InputError as exc:  # its message starts with the field's name
-        raise BundleError(f"{path}: bundle.json: config.{exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise bad("config", str(exc)) from exc
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Replace folder ``path`` by ``tmp`` with renames only (old version removed afterwards).
-
-    A crash between the two renames leaves ``path`` missing and the old version beside it
-    under a ``.d2r-old-`` name: the next save or open of ``path`` renames it back."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if os.path.lexists(path):
-        old = temp_path(path, "old")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        fsync_dir(parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-        fsync_dir(parent)
 
 
 def _check_on_error(value) -> None:

@@ -35,6 +35,32 @@ class BundleError(D2RError, ValueError):
     """A bundle folder is missing files, altered, of an unknown version or inconsistent."""
 
 
+class ArchiveError(D2RError, ValueError):
+    """A bundle or delta archive is malformed, unsafe (paths outside the bundle) or does not
+    match its bundle.json."""
+
+
+class SyncError(D2RError, RuntimeError):
+    """A sync could not complete (server unreachable, refused, corrupt or unverifiable data).
+    The active bundle is unchanged when this is raised."""
+
+
+class SignatureError(SyncError):
+    """TUF refused the repository's metadata: not signed by the keys of the pinned root, a
+    rollback to older metadata, or a target that does not match its signed length and hashes."""
+
+
+class StaleMetadataError(SyncError):
+    """The repository's TUF metadata has expired (a freeze: the server or a mirror keeps serving
+    old metadata, or stopped re-signing). The active bundle is kept; ``version`` is it and
+    ``stale_seconds`` how long ago the device last verified fresh metadata (None: never)."""
+
+    def __init__(self, message: str, version: int | None, stale_seconds: float | None):
+        super().__init__(message)
+        self.version = version
+        self.stale_seconds = stale_seconds
+
+
 # Errors of the lab tools (d2r_lab): here too, so that every error class of d2r is in one module.
 class DatasetError(InputError):
     """A dataset folder is malformed: missing or invalid ``gnd.json``, missing images."""

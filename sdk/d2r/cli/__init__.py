@@ -24,7 +24,7 @@ _SUBCOMMANDS: list[tuple[str, str]] = [
     ("d2r.codebook", "register_cli"),
     ("d2r.commands", "register_cli"),
     ("d2r.warmup", "register_cli"),
-    ("d2r.sync", "register_cli"),
+    ("d2r.cli.sync", "register_cli"),
 ]
 # Commands of other packages: entry points ``NAME = module:function`` in this group.
 ENTRY_POINT_GROUP = "d2r.commands"

@@ -1,6 +1,7 @@
 """What d2r's publisher, edge server and devices agree on about The Update Framework (TUF,
-``pip install tuf``, the reference implementation python-tuf): target names, the ``custom``
-fields of a bundle target, key loading, expiry periods. docs/sync-protocol.md explains the roles.
+``pip install tuf``, the reference implementation python-tuf): collection names, target names,
+the ``custom`` fields of a bundle target, signers of key files, expiry periods.
+docs/sync-protocol.md explains the roles. ``tuf`` is imported on use (:func:`tuf_modules`).
 
 Targets of a collection's repository::
 
@@ -16,13 +17,15 @@ import datetime as dt
 import re
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import D2RError, InputError
+from .folder import MAX_VERSION
 
+# A collection name: \A...\Z, not ^...$ ("$" also matches before a final newline: "museum\n" is not a name).
+COLLECTION_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 BUNDLE_TARGET = re.compile(r"\Abundles/([1-9][0-9]{0,18})\.tar\Z")
 DELTA_TARGET = re.compile(r"\Adeltas/([1-9][0-9]{0,18})-([1-9][0-9]{0,18})\.tar\Z")
 DELTAS_ROLE = "deltas"
 SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
-MAX_VERSION = 2**63 - 1
 
 # Default lifetimes (seconds). Offline roles are long-lived; online ones short, so that a server
 # or mirror that stops updating (a freeze) is noticed within a day.
@@ -39,8 +42,6 @@ def tuf_modules():
         import securesystemslib.signer as signer
         import tuf.api.metadata as metadata
     except ImportError:  # pragma: no cover - depends on the installation
-        from .errors import D2RError
-
         raise D2RError("secure updates need The Update Framework: pip install tuf cryptography") from None
     return metadata, signer
 
@@ -63,7 +64,7 @@ def delta_target(from_version: int, to_version: int) -> str:
 
 def public_key(path):
     """The securesystemslib key of an Ed25519 public (KEYFILE.pub) or private key file."""
-    from .sync import load_private_key, load_public_key
+    from .keys import load_private_key, load_public_key
 
     _, signer = tuf_modules()
     path = Path(path)
@@ -74,7 +75,7 @@ def public_key(path):
 
 def private_signer(path):
     """A securesystemslib signer for an Ed25519 private key file (``d2r keygen``)."""
-    from .sync import load_private_key
+    from .keys import load_private_key
 
     _, signer = tuf_modules()
     return signer.CryptoSigner(load_private_key(path))

@@ -195,7 +195,7 @@ def test_cli_writes_a_valid_boxes_file(collection, tmp_path, capsys):
 
 
 def test_finetune_without_the_converters_says_what_to_install(monkeypatch, capsys):
-    from d2r_lab import landmarks
+    from d2r_lab.cli import detector as landmarks
 
     monkeypatch.setattr(landmarks, "_finetune_module", lambda: (None, "No module named 'd2r_convert'"))
     rc = cli.main(["detector", "finetune", "--images", "photos", "--boxes", "boxes.json", "-o", "out"])

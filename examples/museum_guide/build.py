@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import d2r
-from d2r.commands import list_images, read_metadata_csv
 from d2r.engine import read_bundle_info
+from d2r.photos import list_images, read_metadata_csv
 
 HERE = Path(__file__).resolve().parent
 SAMPLE = HERE.parent / "sample"

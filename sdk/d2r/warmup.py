@@ -14,14 +14,12 @@ int8 spatial verification.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import D2RError
 from .manifest import DEFAULT_FEATURES
 
 # a photo-like texture: smooth blobs at several scales, so every model finds keypoints
@@ -68,19 +66,3 @@ def warm_up(features=(DEFAULT_FEATURES,), backend: str = "tflite", log=None) -> 
         if log is not None:
             log(f"warmed up {name} in {seconds[name]:.1f} s")
     return seconds
-
-
-def _cmd(args) -> int:
-    names = [n.strip() for n in args.features.split(",") if n.strip()]
-    if not names:
-        raise D2RError("--features: name at least one local-feature model")
-    warm_up(names, backend=args.backend, log=lambda m: print(m, file=sys.stderr))
-    return 0
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("warmup", help="compile the Numba kernels once after install, so the first query is as fast as the next")
-    p.add_argument("--features", default=DEFAULT_FEATURES,
-                   help=f"comma-separated local-feature models to warm up (default {DEFAULT_FEATURES})")
-    p.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
-    p.set_defaults(func=_cmd)

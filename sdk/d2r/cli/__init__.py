@@ -1,8 +1,10 @@
 """The ``d2r`` command line.
 
-The device runtime's commands are registered here through ``_SUBCOMMANDS``: ``(module,
-function)`` pairs whose function takes the argparse sub-parsers object and adds its parser with
-``set_defaults(func=...)``. The packages beside the runtime (``d2r_lab``: evaluation and
+Each command is one small module of this package (``build``, ``query``, ``codebook``,
+``warmup``, ``sync``): it adds its parser, parses the flags into the library's configuration
+objects (checked once, here) and calls the library, whose errors name parameters, never flags.
+They are registered through ``_SUBCOMMANDS``: ``(module, function)`` pairs whose function takes
+the argparse sub-parsers object and adds its parser with ``set_defaults(func=...)``. The packages beside the runtime (``d2r_lab``: evaluation and
 research tools; ``d2r_convert``: model converters; ``d2r_server``: the edge server) add their
 commands through the ``d2r.commands`` entry-point group of their distribution, so this package
 never names them. A command whose module cannot be imported (an extra not installed) is left
@@ -21,9 +23,10 @@ from ..errors import D2RError
 
 # The runtime's own commands: (module, registration function).
 _SUBCOMMANDS: list[tuple[str, str]] = [
-    ("d2r.codebook", "register_cli"),
-    ("d2r.commands", "register_cli"),
-    ("d2r.warmup", "register_cli"),
+    ("d2r.cli.codebook", "register"),
+    ("d2r.cli.build", "register"),
+    ("d2r.cli.query", "register"),
+    ("d2r.cli.warmup", "register"),
     ("d2r.cli.sync", "register_cli"),
 ]
 # Commands of other packages: entry points ``NAME = module:function`` in this group.

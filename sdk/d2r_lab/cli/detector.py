@@ -19,7 +19,7 @@ FINETUNE_MISSING = "this command needs the converters and TensorFlow: install th
 
 
 def _cmd_mine(args) -> int:
-    from . import mining
+    from .. import mining
 
     paths, root = mining.list_images(args.images)
     queries: list = []

@@ -467,7 +467,7 @@ class _Dest:
         self.root = root
         self.marker_path = root / MARKER
         if root.exists() and not root.is_dir():
-            raise InputError(f"--dest {root}: exists and is not a folder")
+            raise InputError(f"dest {root}: exists and is not a folder")
         marker = None
         if self.marker_path.exists():
             try:
@@ -476,12 +476,12 @@ class _Dest:
             except (OSError, ValueError, AssertionError) as exc:
                 raise InputError(f"{self.marker_path}: unreadable ({exc}); it is not ours to fix: move it away") from exc
             if marker.get("dataset") != dataset:
-                raise InputError(f"--dest {root}: holds {marker.get('dataset')!r}, not {dataset!r}; choose another folder")
+                raise InputError(f"dest {root}: holds {marker.get('dataset')!r}, not {dataset!r}; choose another folder")
         self.marker = marker or {"tool": "d2r datasets download", "dataset": dataset, "created": [], "converted": False}
         for name in OUR_PATHS:
             p = root / name
             if (p.exists() or p.is_symlink()) and name not in self.marker["created"]:
-                raise InputError(f"--dest {root}: {p} exists and was not made by d2r datasets; "
+                raise InputError(f"dest {root}: {p} exists and was not made by d2r datasets; "
                                  "it is left untouched: choose another folder or move it away")
 
     def save(self) -> None:
@@ -600,7 +600,7 @@ def download(dataset: str, dest, mirror: str | None = None, checksums: dict | No
     if dataset not in DATASETS:
         raise InputError(f"dataset: expected one of {', '.join(DATASETS)}, got {dataset!r}")
     if mirror is not None and not re.match(r"^https?://", mirror):
-        raise InputError(f"--mirror: expected an http:// or https:// URL, got {mirror!r}")
+        raise InputError(f"mirror: expected an http:// or https:// URL, got {mirror!r}")
     src = DATASETS[dataset]
     root = Path(dest)
     d = _Dest(root, dataset)
@@ -771,7 +771,7 @@ def make_mini(src, dest, size: int = 640, step: int = 5, negatives: int = 5, que
         raise DatasetError(f"{full_dir}: no full image of {len(no_full)} selected query(ies) ({', '.join(no_full[:5])}); "
                            "the subset scales each query like the database, which needs the whole image")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise InputError(f"--dest {dest}: exists and is not an empty folder; it is left untouched")
+        raise InputError(f"dest {dest}: exists and is not an empty folder; it is left untouched")
     sel = select_subset(ds.names, ds.query_names, gnd, qsel, step=step, negatives=negatives)
     remap = {old: new for new, old in enumerate(sel)}
 

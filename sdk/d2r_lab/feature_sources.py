@@ -32,7 +32,7 @@ SOURCES = ("rootsift", "aliked")
 
 
 def _missing(package: str, source: str, exc: Exception) -> ModelError:
-    return ModelError(f"--features {source}: needs the Python package {package!r} (pip install {package}); import failed: {exc}")
+    return ModelError(f"feature source {source}: needs the Python package {package!r} (pip install {package}); import failed: {exc}")
 
 
 def _fit_longest(rgb: np.ndarray, longest: int):
@@ -252,4 +252,4 @@ def make_extractor(name: str, max_features=None, scales=None, score_threshold=No
         return RootSIFTExtractor(max_features=max_features, score_threshold=score_threshold, threads=threads, scales=scales)
     if name == "aliked":
         return AlikedExtractor(max_features=max_features, score_threshold=score_threshold, threads=threads, scales=scales)
-    raise InputError(f"--features: {name!r} is not a feature source ({', '.join(SOURCES)})")
+    raise InputError(f"features: {name!r} is not a feature source ({', '.join(SOURCES)})")

@@ -104,7 +104,7 @@ def draw_query(engine, image, result, out, images_dir=None, top: int | None = No
 
     out = Path(out)
     if out.suffix.lower() != ".png":
-        raise InputError(f"{out}: --show writes a PNG picture; give a file name ending in .png")
+        raise InputError(f"{out}: the picture is a PNG file; give a file name ending in .png")
     hits = list(result.hits[: top if top is not None else len(result.hits)])
     q_rgb = load_image(image)
     font, small = _font(16), _font(13)

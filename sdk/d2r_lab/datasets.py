@@ -6,7 +6,7 @@ A lab tool: nothing the runtime imports on a query imports this module.
 Buildings / Paris images tarballs of the VGG site and ``gnd_<dataset>.pkl`` of the CMP revisitop
 site), resumes a broken transfer with an HTTP Range request on ``<name>.part``, checks every
 file's sha256 and only then converts to the folder layout ``d2r eval --dataset`` reads
-(:func:`d2r.evaluate.load_dataset`)::
+(:func:`d2r_lab.evaluate.load_dataset`)::
 
     DEST/gnd.json      imlist, qimlist, gnd[i] = {bbx, easy, hard, junk}, query_source
     DEST/db/           the database images, the archive's JPEG bytes unchanged
@@ -820,7 +820,7 @@ def make_mini(src, dest, size: int = 640, step: int = 5, negatives: int = 5, que
             "gnd": out_gnd,
             "query_source": ["cropped_from_full"] * len(qsel),
             "subset": {"source": raw.get("dataset", str(src)), "size": size, "step": step, "negatives": negatives,
-                       "rule": "d2r.datasets.select_subset", "source_query_source": [source[q] for q in qsel] if source else None},
+                       "rule": "d2r_lab.datasets.select_subset", "source_query_source": [source[q] for q in qsel] if source else None},
         }
         (stage / "gnd.json").write_text(json.dumps(out))
         if dest.exists():

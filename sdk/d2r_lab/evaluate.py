@@ -16,8 +16,8 @@ positive; a positive missing from a (truncated) ranking adds 0, so truncation is
 Queries without positives are skipped. mP@k is the precision at k with k capped at the rank of
 the last retrieved positive. Every mean is reported in percent::
 
-    ds = d2r.evaluate.load_dataset("../shared/data/roxford5k-mini")
-    result = d2r.evaluate.compute_map(ranks, ds.gnd)   # ranks[q]: database indices, best first
+    ds = d2r_lab.evaluate.load_dataset("../shared/data/roxford5k-mini")
+    result = d2r_lab.evaluate.compute_map(ranks, ds.gnd)   # ranks[q]: database indices, best first
     result.map["medium"], result.mp["hard"][10]
 
 ``ranks`` holds one row per query (unlike the revisitop code, whose array is [database, query]).

@@ -1,13 +1,15 @@
-"""``d2r eval``: run one retrieval method on a dataset folder and score it (Revisited protocol).
+"""``d2r eval``: run one experiment on a dataset folder and score it (Revisited protocol).
 
-The method is the SDK's own pipeline: local features from a converted model (cached on disk,
-so sweeps over codebooks, kinds and regions are cheap), a codebook trained on the database
-(or loaded), aggregation of a kind, regions from an R-MAC grid or a detector, the index, and
-optional spatial verification of the top 100. Metrics come from :mod:`d2r.evaluate`.
+An :class:`Experiment` is the pipeline ``d2r build`` ships (an :class:`d2r.config.EngineConfig`,
+the same defaults), how its codebook is made, whether the top is verified, and at most a few
+lab variants that sit in a stage's slot (feature sources without a converted model, an R-MAC
+grid or another photo's boxes as regions, the non-binary kinds). :func:`run` runs it through the
+stage objects of :mod:`d2r.pipeline`, the ones :class:`d2r.Engine` runs, with whole-photo
+features, detector boxes and crop features cached on disk so that sweeps over codebooks, kinds,
+thresholds and box counts are cheap. Metrics come from :mod:`d2r_lab.evaluate`.
 
-Region features: detector boxes re-extract features on each crop (docs/algorithm.md section 2);
-R-MAC grid cells pool the whole-image features that fall inside them (a grid of up to 14
-cells per image would multiply extraction time, and the grid is a baseline).
+R-MAC grid cells pool the whole-image features that fall inside them (a grid of up to 14 cells
+per image would multiply extraction time, and the grid is a baseline).
 """
 
 from __future__ import annotations

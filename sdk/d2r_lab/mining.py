@@ -19,7 +19,7 @@ it is one vote among the supporting neighbours. Repeated structure (windows, arc
 RANSAC a wrong model with some inliers; ``min_inliers`` and the voting keep those rare. Sky
 and foliage have few stable features, so they rarely hold inliers.
 
-    result = d2r.mining.mine_boxes(paths, root="photos/", top_k=20, min_inliers=25)
+    result = d2r_lab.mining.mine_boxes(paths, root="photos/", top_k=20, min_inliers=25)
     result["images"][0]["box"]  # [ymin, xmin, ymax, xmax] in [0, 1], or None
 
 Images outside the collection (``queries=``) are searched and verified against it the same

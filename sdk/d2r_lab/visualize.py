@@ -1,7 +1,7 @@
 """One picture of a query and its answer (``d2r query BUNDLE IMAGE --show out.png``); Pillow only.
 
     res = engine.query(photo, top_k=3, verify=True)
-    d2r.visualize.draw_query(engine, photo, res, "out.png", images_dir="photos/")
+    d2r_lab.visualize.draw_query(engine, photo, res, "out.png", images_dir="photos/")
 
 The picture has a header row with the query photo and the boxes the detector finds in it,
 then one row per result: the query again beside the result's photo with the detector regions

@@ -3,7 +3,7 @@
     d2r detector mine-boxes IMAGES -o boxes.json     # boxes by retrieval + spatial verification
     d2r detector finetune --images DIR --boxes boxes.json -o ...   # needs the [convert] extra
 
-``mine-boxes`` is :func:`d2r.mining.mine_boxes` (core install). ``finetune`` comes from
+``mine-boxes`` is :func:`d2r_lab.mining.mine_boxes` (core install). ``finetune`` comes from
 ``d2r_convert.finetune`` (TensorFlow); without it the command says which extra to install.
 """
 

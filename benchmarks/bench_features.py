@@ -158,7 +158,7 @@ def sweep(args, names, seeds):
                 todo.insert(0, ("asmk_star", "none"))
             for kind, reg in todo:
                 t0 = time.perf_counter()
-                res = run(args.dataset, kind=kind, regions=reg, codebook=cb, codebook_size=args.k, seed=seed, threads=1,
+                res = run(args.dataset, kind=kind, regions=reg, max_regions=25, codebook=cb, codebook_size=args.k, seed=seed, threads=1,
                           cache_dir=args.cache, progress=False, **o)
                 cb = res["_codebook"]
                 row = {"setting": name, "seed": seed, "k": args.k, "kind": kind, "regions": reg,

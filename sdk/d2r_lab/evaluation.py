@@ -200,7 +200,7 @@ class Experiment:
 
     pipeline: EngineConfig = field(default_factory=lambda: EngineConfig(verification_features=BUILD_VERIFICATION_FEATURES))
     codebook_size: int | str = "auto"
-    codebook: str | None = None
+    codebook: str | Codebook | None = None
     seed: int = 0
     verify_top: int = 0
     verify_precision: str = "int8"
@@ -480,6 +480,9 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         cb = train_codebook(sample.array(ex.dim), exp.codebook_size, seed=exp.seed, n_images=len(db_paths),
                             progress=lambda it, n, moved: report("k-means", it, n))
         codebook_source = f"trained on the database, K={cb.size}, seed {exp.seed}"
+    elif isinstance(exp.codebook, Codebook):
+        cb = exp.codebook
+        codebook_source = f"given, K={cb.size}"
     else:
         cb = Codebook.load(exp.codebook)
         codebook_source = str(exp.codebook)

@@ -6,24 +6,22 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(value: str) -> int:
+def _int_at_least(value: str, low: int) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {n}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {value!r}") from None
+    if n < low:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {n}")
     return n
+
+
+def positive_int(value: str) -> int:
+    return _int_at_least(value, 1)
 
 
 def non_negative_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {n}")
-    return n
+    return _int_at_least(value, 0)
 
 
 def codebook_size(value: str):

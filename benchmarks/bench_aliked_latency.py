@@ -4,7 +4,7 @@
         [--settings aliked_n16:tflite:fp16,aliked_n16:onnx:fp32,aliked_t16:tflite:fp16]
 
 One 640x480 photo (``all_souls_000000.jpg`` resized, exactly the 480x640 canvas), up to 2000
-features. Per setting and round: the model run, ``d2r.aliked.detect`` and ``d2r.aliked.describe``
+features. Per setting and round: the model run, ``d2r.features.aliked.detect`` and ``.describe``
 timed apart, then a whole ``LocalFeatureExtractor.extract`` (resize, canvas, model, decoding,
 sorting). XFeat int8 (TFLite, up to 4096 features, the default) runs in the same rounds as the
 baseline; "x" is the median per-round ratio of the whole extraction to XFeat's. Median ms.
@@ -34,7 +34,7 @@ def main() -> None:
     from PIL import Image
 
     import d2r
-    from d2r import aliked
+    from d2r.features import aliked
 
     with Image.open(Path(args.dataset) / "db" / "all_souls_000000.jpg") as im:
         rgb = np.asarray(im.convert("RGB").resize((640, 480), Image.BILINEAR))
@@ -64,11 +64,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 outs = ex.model.run(x)
                 t1 = time.perf_counter()
-                named = {n: outs[i] for n, i in ex._out.items()}
+                named = {n: outs[i] for n, i in ex.decoder.outputs.items()}
                 f = [np.ascontiguousarray(named[f"feature_map_{i}"][0], dtype=np.float32) for i in (1, 2, 3, 4)]
                 kx, ky, _ = aliked.detect(named["score_map"][0, :, :, 0], ex.score_threshold, ex.max_features)
                 t2 = time.perf_counter()
-                aliked.describe(ex.aliked_head, *f, kx, ky)
+                aliked.describe(ex.decoder.head, *f, kx, ky)
                 t3 = time.perf_counter()
                 feats = ex.extract(rgb)
                 t4 = time.perf_counter()

@@ -18,7 +18,7 @@ entries are written under the derived setting's own key.
 
 ``--latency``: extraction time per 640x480 photo (median and minimum of --runs runs after 3
 warm-ups, 1 and 2 threads): XFeat in LiteRT (TFLite) with our keypoint decoding, SIFT in
-OpenCV, ALIKED in torch or converted (LiteRT / ONNX Runtime + d2r.aliked); plus bytes per feature (float32 descriptor; int8 + (y, x) as in the
+OpenCV, ALIKED in torch or converted (LiteRT / ONNX Runtime + d2r.features.aliked); plus bytes per feature (float32 descriptor; int8 + (y, x) as in the
 verification side file).
 """
 
@@ -57,7 +57,7 @@ SETTINGS = {
     "rootsift-4096": dict(features="rootsift", max_features=4096),
     "aliked-1000": dict(features="aliked", max_features=1000, derive="aliked-2000"),
     "aliked-2000": dict(features="aliked", max_features=2000),
-    # the converted ALIKED-n16 (d2r convert aliked): dense graph in LiteRT / ONNX Runtime, DKD + SDDH in d2r.aliked
+    # the converted ALIKED-n16 (d2r convert aliked): dense graph in LiteRT / ONNX Runtime, DKD + SDDH in d2r.features.aliked
     "aliked_n16-fp16-2000": dict(features="aliked_n16", precision="fp16", max_features=2000),
     "aliked_n16-fp16-1000": dict(features="aliked_n16", precision="fp16", max_features=1000, derive="aliked_n16-fp16-2000"),
     "aliked_n16-onnx-fp32-2000": dict(features="aliked_n16", backend="onnx", precision="fp32", max_features=2000),

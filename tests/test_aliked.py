@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import d2r
-from d2r import aliked as host
+from d2r.features import aliked as host
 from d2r.manifest import load_manifest
 
 from shared_data import landmark_photo
@@ -235,7 +235,7 @@ def test_engine_bundle_carries_the_head(tmp_path):
     path = engine.save(tmp_path / "aliked.d2r")
     assert (path / "models" / "aliked_n16_sddh.npz").is_file()
     opened = d2r.Engine.open(path, threads=1)
-    assert opened.extractor.aliked_head is not None
+    assert opened.extractor.decoder.family == "aliked" and opened.extractor.decoder.head is not None
     for p in images[:3]:
         assert opened.query(p, top_k=1).hits[0].image_id == p.name
 

@@ -59,7 +59,7 @@ def test_entries_carry_the_runtime_contract(manifest):
             assert m.decoding["box_scale"] == [10.0, 10.0, 5.0, 5.0] == m.anchors["box_scale"]
             assert [m.decoding["scales"][k] for k in "yxhw"] == m.decoding["box_scale"]
         elif m.geometry.get("decoding") == "aliked":
-            # dense maps in the file, keypoints and descriptor head on the host (d2r.aliked)
+            # dense maps in the file, keypoints and descriptor head on the host (d2r.features.aliked)
             assert m.output("score_map").shape[1:3] == m.input.shape[1:3]
             assert m.head.get("file") and m.head.get("sha256") and m.defaults["max_features"] > 0
         else:

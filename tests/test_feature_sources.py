@@ -70,7 +70,7 @@ def test_settings_and_cache_keys_differ():
         assert feature_setting(a.feature_entry.sha256, ex) == f"{a.feature_entry.sha256}|{ex.scales}|{ex.max_features}|{ex.score_threshold}"
     assert parse_scales("0.5,0.707,1,1.414") == (0.5, 0.707, 1.0, 1.414)
     for bad in ("0.5,x", "0", "-1", "9"):
-        with pytest.raises(d2r.InputError, match="--scales"):
+        with pytest.raises(d2r.InputError, match="scales"):
             parse_scales(bad)
     assert parse_seeds("0,1,2") == [0, 1, 2]
     for bad in ("a", "1,1"):

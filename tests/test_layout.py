@@ -98,6 +98,37 @@ def test_the_index_file_format_does_not_import_search():
     assert not any(m.startswith("d2r.index") for m in _absolute_imports(fmt))
 
 
+# Which modules of d2r.features may import which: each model family's decoder stands alone
+# (it knows its own outputs only), the extractor (core) holds the registry of decoders.
+FEATURES_IMPORTS = {
+    "xfeat.py": set(),
+    "aliked.py": set(),
+    "delf.py": set(),
+    "core.py": {"aliked", "delf", "xfeat"},
+    "__init__.py": {"core"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FEATURES_IMPORTS))
+def test_features_modules_import_only_their_layer(name):
+    got = _relative_imports(SDK / "features" / name) - {".."}
+    assert got <= FEATURES_IMPORTS[name], f"d2r/features/{name} imports {sorted(got - FEATURES_IMPORTS[name])} beyond its layer"
+
+
+def test_every_features_module_has_a_layer():
+    assert set(_modules(SDK / "features")) == set(FEATURES_IMPORTS)
+
+
+def test_every_model_family_decoder_is_registered():
+    # A decoder module that the registry does not name would never be used.
+    core = ast.parse((SDK / "features" / "core.py").read_text(encoding="utf-8"))
+    registry = next(n for n in core.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == "DECODERS")
+    named = {n.id for n in ast.walk(registry.value) if isinstance(n, ast.Name)}
+    for family in ("xfeat", "aliked", "delf"):
+        classes = {n.name for n in ast.parse((SDK / "features" / f"{family}.py").read_text(encoding="utf-8")).body
+                   if isinstance(n, ast.ClassDef) and n.name.endswith("Decoder")}
+        assert len(classes) == 1 and classes <= named, f"d2r/features/{family}.py: decoder {sorted(classes)} not in DECODERS"
+
 def test_kernel_modules_do_not_import_each_other():
     # Numba's cache invalidation looks at a kernel's own file only: a kernel that calls a kernel
     # of another file keeps its stale compiled code when that file changes.

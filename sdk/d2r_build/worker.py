@@ -1,0 +1,83 @@
+"""A worker of the distributed build: one Ray actor per CPU, holding one loaded
+:class:`d2r.pipeline.Pipeline` for its whole life (models load once, not per photo).
+
+The class itself is plain Python (the driver wraps it with ``ray.remote``), so it runs and is
+tested the same without a cluster. Each method takes one batch of photos and writes its shard
+(:mod:`d2r_build.shards`); a batch done twice (a task retried after a worker died) writes once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+
+from d2r.codebook import Codebook
+from d2r.config import EngineConfig
+from d2r.errors import ImageError
+from d2r.pipeline import Pipeline
+
+from .shards import PhotoShard, ShardFolder
+
+
+class PhotoWorker:
+    """Features and regions of batches of photos, then their aggregations."""
+
+    def __init__(self, config: dict, threads: int | None = 1):
+        self.config = EngineConfig(**config).check()
+        self.pipeline = Pipeline.load(self.config, threads=threads)
+        self._codebook_key: tuple | None = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def features(self, shards: str, batch: int, photos: list[tuple[str, str]]) -> dict:
+        """Features and regions of ``photos`` ((image id, path) each) into feature shard ``batch``.
+        A photo that cannot be read is recorded with its error (as ``Engine.add_images`` skips it)."""
+        t0 = time.perf_counter()
+        out = []
+        for name, path in photos:
+            try:
+                _, regions = self.pipeline.database_regions(path)
+            except ImageError as exc:
+                out.append(PhotoShard(name, str(exc), None))
+            else:
+                out.append(PhotoShard(name, None, regions))
+        ShardFolder(shards).write_features(batch, out)
+        return {"batch": batch, "pid": os.getpid(), "photos": len(photos), "seconds": time.perf_counter() - t0}
+
+    def aggregate(self, shards: str, batch: int) -> dict:
+        """Aggregations (and packed verification features) of feature shard ``batch`` with the
+        build's codebook, into aggregation shard ``batch``."""
+        t0 = time.perf_counter()
+        folder = ShardFolder(shards)
+        self._use_codebook(folder)
+        stage = self.pipeline.require_aggregation()
+        codebook = stage.codebook
+        records: list[tuple] = []
+        for photo in folder.read_features(batch):
+            if photo.regions is None:
+                records.append((photo.name, None, None))
+                continue
+            packed = None
+            if self.config.verification_features:
+                from d2r.verify import pack_features
+
+                packed = pack_features(self.pipeline.verification.database_features(photo.regions.features[0], codebook))
+            records.append((photo.name, stage.database(photo.regions), packed))
+        folder.write_aggregated(batch, records)
+        return {"batch": batch, "pid": os.getpid(), "photos": len(records), "seconds": time.perf_counter() - t0}
+
+    def _use_codebook(self, folder: ShardFolder) -> None:
+        st = folder.codebook_path.stat()
+        key = (str(folder.codebook_path), st.st_mtime_ns, st.st_size)
+        if key != self._codebook_key:
+            self.pipeline.set_codebook(Codebook.load(folder.codebook_path))
+            self._codebook_key = key
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+def config_dict(config: EngineConfig) -> dict:
+    return asdict(config)

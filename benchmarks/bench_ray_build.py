@@ -33,6 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the local cluster on 127.0.0.1
+TMP = Path(tempfile.mkdtemp(prefix="d2r-bench-ray-"))
+os.environ["RAY_TMPDIR"] = str(TMP)  # Ray's files go there, not to /tmp/ray
 
 from d2r.config import EngineConfig  # noqa: E402
 from d2r.engine import Engine  # noqa: E402
@@ -67,7 +69,7 @@ def main():
 
     photos = ukbench_images()[: args.photos]
     config = EngineConfig(features=args.features, detector="ssd_mobilenetv2_landmark", verification_features=1000).check()
-    tmp = Path(tempfile.mkdtemp(prefix="d2r-bench-ray-"))
+    tmp = TMP
     print(f"# d2r build throughput, {len(photos)} UKBench photos, {args.features} + landmark detector (crop), "
           f"median of {args.repeats}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, ray {ray.__version__}")
     t0 = time.perf_counter()

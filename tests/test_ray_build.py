@@ -48,9 +48,9 @@ def photos(tmp_path_factory):
     return folder
 
 
-def d2r_cli(*args, timeout=300):
-    env = {**os.environ, **LOOPBACK, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+def d2r_cli(*args, cwd=None, timeout=300):
+    env = {**os.environ, **LOOPBACK, "PYTHONPATH": os.pathsep.join(str(Path(p).absolute()) for p in sys.path)}
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def same_files(a: Path, b: Path) -> dict:
@@ -59,9 +59,10 @@ def same_files(a: Path, b: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def single(photos, tmp_path_factory):
-    """The single-machine build (no --ray): the reference."""
+    """The single-machine build (no --ray): the reference. The photos are given by a relative
+    path, as people type them (the reason a photo is skipped names it so)."""
     out = tmp_path_factory.mktemp("single") / "single.d2r"
-    run = d2r_cli("build", photos, "-o", out, *FAST)
+    run = d2r_cli("build", "photos", "-o", out, *FAST, cwd=photos.parent)
     assert run.returncode == 0, run.stderr
     return out, run
 
@@ -70,16 +71,19 @@ def single(photos, tmp_path_factory):
 def cluster():
     """A Ray cluster on 127.0.0.1: a head without CPUs (it only coordinates) and one worker node
     with one CPU, so every worker of a build runs in the worker node's processes."""
-    saved = {k: os.environ.get(k) for k in LOOPBACK}
-    os.environ.update(LOOPBACK)  # before ray is imported: it reads this at import
+    temp = tempfile.mkdtemp(prefix="d2r-ray-")  # short: Ray's socket paths live under it
+    # RAY_TMPDIR: Ray's files (sessions, the current cluster's address) go there, not to /tmp/ray
+    env = {**LOOPBACK, "RAY_TMPDIR": temp}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # before ray is imported: it reads LOOPBACK at import
     ray = pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    temp = tempfile.mkdtemp(prefix="d2r-ray-")  # short: Ray's socket paths live under it
     c = None
     try:
         c = Cluster(initialize_head=True, shutdown_at_exit=True,
-                    head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False, "temp_dir": temp})
+                    head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+                                    "temp_dir": os.path.join(temp, "ray")})
         c.add_node(num_cpus=1, node_ip_address="127.0.0.1")
         assert c.address.startswith("127.0.0.1:")
         yield c
@@ -105,7 +109,8 @@ def cli_config(photos, out):
 def test_the_index_built_on_ray_is_the_single_machine_index_byte_for_byte(photos, single, cluster, tmp_path):
     ref, ref_run = single
     out = tmp_path / "ray.d2r"
-    run = d2r_cli("build", photos, "-o", out, *FAST, "--ray", cluster.address)
+    # a relative path: the workers run in another folder than the driver
+    run = d2r_cli("build", "photos", "-o", out, *FAST, "--ray", cluster.address, cwd=photos.parent)
     assert run.returncode == 0, run.stderr
     assert "1 Ray worker(s)" in run.stdout and "photos/s" in run.stdout
     assert same_files(ref, out) == dict.fromkeys(BUNDLE_FILES, True)
@@ -113,6 +118,7 @@ def test_the_index_built_on_ray_is_the_single_machine_index_byte_for_byte(photos
     assert info["n_images"] == ref_info["n_images"] == 9
     # the corrupt photo is skipped and listed as a single-machine build lists it
     assert info["skipped"] == ref_info["skipped"] and list(info["skipped"]) == ["broken.jpg"]
+    assert info["skipped"]["broken.jpg"].startswith("photos/broken.jpg: ")
     assert "skipped 1 photo(s)" in run.stderr and "broken.jpg" in run.stderr
     assert info["config"] == ref_info["config"]
     # progress: photos per second and time left
@@ -142,7 +148,7 @@ def test_a_worker_killed_in_the_middle_of_the_build_is_restarted(photos, single,
     assert killed[0] in report.worker_pids
     assert report.computed == {"features": 5, "aggregated": 5}
     assert same_files(ref, out) == dict.fromkeys(BUNDLE_FILES, True)
-    assert report.skipped == json.loads((ref / "bundle.json").read_text())["skipped"]
+    assert list(report.skipped) == list(json.loads((ref / "bundle.json").read_text())["skipped"]) == ["broken.jpg"]
 
 
 class Interrupted(Exception):

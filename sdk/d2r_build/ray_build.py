@@ -162,7 +162,8 @@ class RayBuild:
         self.metadata = metadata
         self.on_error = on_error
         self.resume = bool(resume)
-        self.folder = ShardFolder(shards if shards is not None else default_folder(self.output))
+        # absolute: the workers' working folder is not the driver's
+        self.folder = ShardFolder(Path(shards if shards is not None else default_folder(self.output)).absolute())
         self.batch_size = int(batch_size)
         self.threads = threads
         self.progress = Progress(progress)
@@ -178,11 +179,14 @@ class RayBuild:
     def plan(self) -> dict:
         origin = ({"given": self.codebook.checksum} if self.codebook is not None else
                   {"size": self.codebook_size, "seed": self.seed, "max_descriptors": CODEBOOK_SAMPLE, "iterations": CODEBOOK_ITERATIONS})
-        return {"photos": [str(p) for p in self.images], "config": asdict(self.config), "batch_size": self.batch_size, "codebook": origin}
+        return {"photos": [str(p.absolute()) for p in self.images], "config": asdict(self.config), "batch_size": self.batch_size,
+                "codebook": origin}
 
-    def batch(self, b: int) -> list[tuple[str, str]]:
+    def batch(self, b: int) -> list[tuple[str, str, str]]:
+        """(image id, absolute path, the path as given) of each photo of batch ``b``: workers read
+        the absolute path and name the given one in errors, as a single-machine build does."""
         lo = b * self.batch_size
-        return [(self.ids[i], str(self.images[i])) for i in range(lo, min(lo + self.batch_size, len(self.images)))]
+        return [(self.ids[i], str(self.images[i].absolute()), str(self.images[i])) for i in range(lo, min(lo + self.batch_size, len(self.images)))]
 
     # -- the build ------------------------------------------------------------------------------
     def run(self) -> BuildReport:
@@ -191,9 +195,9 @@ class RayBuild:
         if self.folder.root.resolve() == self.output.resolve():
             raise InputError(f"shards: {self.folder.root} is the bundle folder itself")
         self._import_ray()  # a missing extra is said before any folder is made
-        self.folder.start(self.plan(), self.resume)
         try:
-            self._connect()
+            self._connect()  # an unreachable cluster leaves no shard folder behind
+            self.folder.start(self.plan(), self.resume)
             self._start_workers()
             self._phase("features", lambda actor, b: actor.features.remote(str(self.folder.root), b, self.batch(b)), self._check_photos)
             codebook = self._codebook()

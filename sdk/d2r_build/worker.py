@@ -31,16 +31,18 @@ class PhotoWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def features(self, shards: str, batch: int, photos: list[tuple[str, str]]) -> dict:
-        """Features and regions of ``photos`` ((image id, path) each) into feature shard ``batch``.
-        A photo that cannot be read is recorded with its error (as ``Engine.add_images`` skips it)."""
+    def features(self, shards: str, batch: int, photos: list[tuple[str, str, str]]) -> dict:
+        """Features and regions of ``photos`` ((image id, absolute path, path as the user gave
+        it) each) into feature shard ``batch``. A photo that cannot be read is recorded with its
+        error, naming the path as given (the words ``Engine.add_images`` records when it skips it)."""
         t0 = time.perf_counter()
         out = []
-        for name, path in photos:
+        for name, path, shown in photos:
             try:
                 _, regions = self.pipeline.database_regions(path)
             except ImageError as exc:
-                out.append(PhotoShard(name, str(exc), None))
+                why = str(exc)
+                out.append(PhotoShard(name, shown + why[len(path):] if why.startswith(path) else why, None))
             else:
                 out.append(PhotoShard(name, None, regions))
         ShardFolder(shards).write_features(batch, out)

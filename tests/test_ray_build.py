@@ -151,6 +151,22 @@ def test_a_worker_killed_in_the_middle_of_the_build_is_restarted(photos, single,
     assert list(report.skipped) == list(json.loads((ref / "bundle.json").read_text())["skipped"]) == ["broken.jpg"]
 
 
+@pytest.mark.slow
+def test_given_a_codebook_the_workers_aggregate_in_the_same_pass_and_store_no_features(photos, single, cluster, tmp_path):
+    from d2r.codebook import Codebook
+    from d2r_build.ray_build import RayBuild
+
+    ref, _ = single
+    out = tmp_path / "given.d2r"
+    stages = set()
+    report = RayBuild(list_images(photos), out, cli_config(photos, out), address=cluster.address, codebook=Codebook.load(ref / "codebook.d2rcb"),
+                      batch_size=2, progress=lambda stage, done, total: stages.add(stage), timeout=120).run()
+    assert stages == {"features + aggregation", "merge"}
+    assert report.computed == {"aggregated": 5}  # no feature shards, no codebook training
+    assert same_files(ref, out) == dict.fromkeys(BUNDLE_FILES, True)
+    assert list(report.skipped) == ["broken.jpg"]
+
+
 class Interrupted(Exception):
     pass
 

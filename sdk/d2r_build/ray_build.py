@@ -199,9 +199,14 @@ class RayBuild:
             self._connect()  # an unreachable cluster leaves no shard folder behind
             self.folder.start(self.plan(), self.resume)
             self._start_workers()
-            self._phase("features", lambda actor, b: actor.features.remote(str(self.folder.root), b, self.batch(b)), self._check_photos)
-            codebook = self._codebook()
-            self._phase("aggregated", lambda actor, b: actor.aggregate.remote(str(self.folder.root), b))
+            root = str(self.folder.root)
+            if self.codebook is not None:  # one pass: features, regions, aggregation; no feature shards
+                codebook = self._codebook()
+                self._phase("aggregated", lambda actor, b: actor.build.remote(root, b, self.batch(b)), self._check_photos)
+            else:
+                self._phase("features", lambda actor, b: actor.features.remote(root, b, self.batch(b)), self._check_photos)
+                codebook = self._codebook()
+                self._phase("aggregated", lambda actor, b: actor.aggregate.remote(root, b))
             self._stop_workers()
             self._merge(codebook)
         finally:
@@ -286,7 +291,8 @@ class RayBuild:
         self.report.reused[kind] = len(done)
         self.report.computed[kind] = 0
         photos_done = sum(len(self.batch(b)) for b in done)
-        self.progress.start("features" if kind == "features" else "aggregation", photos_done, len(self.images))
+        stage = "features" if kind == "features" else "aggregation" if self.codebook is None else "features + aggregation"
+        self.progress.start(stage, photos_done, len(self.images))
         pending: dict = {}  # ref -> (batch, actor number)
         load = [0] * len(self.actors)
         while todo or pending:
@@ -311,12 +317,16 @@ class RayBuild:
 
     def _check_photos(self, b: int) -> None:
         """Say which photos of batch ``b`` could not be read; raise for the first with on_error="raise"."""
-        for item in self.folder.photos(b):
-            if item["error"] is not None:
+        if self.codebook is None:
+            errors = [(item["name"], item["error"]) for item in self.folder.photos(b)]
+        else:
+            errors = [(name, error) for name, error, _, _ in self.folder.read_aggregated(b)]
+        for name, error in errors:
+            if error is not None:
                 if self.on_error == "raise":
-                    raise ImageError(item["error"])
+                    raise ImageError(error)
                 self.progress.end_line()
-                log.warning("d2r: skipped %s: %s", item["name"], item["error"])
+                log.warning("d2r: skipped %s: %s", name, error)
 
     def _codebook(self) -> Codebook:
         path = self.folder.codebook_path
@@ -353,11 +363,11 @@ class RayBuild:
         n = 0
         with Engine.create(self.config, codebook=codebook, threads=self.threads) as engine:
             for b in range(self.n_batches):
-                for (name, aggregated, packed), item in zip(self.folder.read_aggregated(b), self.folder.photos(b)):
-                    if item["error"] is not None:
+                for name, error, aggregated, packed in self.folder.read_aggregated(b):
+                    if error is not None:
                         if self.on_error == "raise":
-                            raise ImageError(item["error"])
-                        skipped[name] = item["error"]
+                            raise ImageError(error)
+                        skipped[name] = error
                     else:
                         engine.add_aggregated(name, aggregated, self._meta(name), packed)
                     n += 1

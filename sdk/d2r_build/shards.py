@@ -6,7 +6,11 @@ that every node of the cluster sees.
     features/000012/       batch 12's features and regions (``photos.json`` and one .npy per
                            field of :class:`d2r.features.Features`, every region concatenated)
     codebook.d2rcb         the codebook (trained on the driver from the feature shards, or given)
-    aggregated/000012.pkl  batch 12's aggregations and packed verification features
+    aggregated/000012.pkl  batch 12's aggregations and packed verification features (and the
+                           errors of the photos left out)
+
+A build given its codebook writes no feature shards: its workers aggregate each photo as soon
+as its regions are extracted.
 
 Every shard is written under a temporary name and renamed into place, so a shard that exists is
 complete: a killed build resumes from the shards it finds (``--resume``), and a batch that a
@@ -185,7 +189,8 @@ class ShardFolder:
 
     # -- aggregation shards -----------------------------------------------------------------------
     def write_aggregated(self, batch: int, records: list) -> None:
-        """``records``: (name, aggregated or None, packed verification features or None) per photo."""
+        """``records``: (name, error or None, aggregated or None, packed verification features or
+        None) per photo."""
         final = self.root / "aggregated" / f"{batch_name(batch)}.pkl"
         if not final.exists():
             _write_atomic(final, pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL))

@@ -36,15 +36,7 @@ class PhotoWorker:
         it) each) into feature shard ``batch``. A photo that cannot be read is recorded with its
         error, naming the path as given (the words ``Engine.add_images`` records when it skips it)."""
         t0 = time.perf_counter()
-        out = []
-        for name, path, shown in photos:
-            try:
-                _, regions = self.pipeline.database_regions(path)
-            except ImageError as exc:
-                why = str(exc)
-                out.append(PhotoShard(name, shown + why[len(path):] if why.startswith(path) else why, None))
-            else:
-                out.append(PhotoShard(name, None, regions))
+        out = [self._regions(name, path, shown) for name, path, shown in photos]
         ShardFolder(shards).write_features(batch, out)
         return {"batch": batch, "pid": os.getpid(), "photos": len(photos), "seconds": time.perf_counter() - t0}
 
@@ -54,21 +46,39 @@ class PhotoWorker:
         t0 = time.perf_counter()
         folder = ShardFolder(shards)
         self._use_codebook(folder)
-        stage = self.pipeline.require_aggregation()
-        codebook = stage.codebook
-        records: list[tuple] = []
-        for photo in folder.read_features(batch):
-            if photo.regions is None:
-                records.append((photo.name, None, None))
-                continue
-            packed = None
-            if self.config.verification_features:
-                from d2r.verify import pack_features
-
-                packed = pack_features(self.pipeline.verification.database_features(photo.regions.features[0], codebook))
-            records.append((photo.name, stage.database(photo.regions), packed))
+        records = [self._aggregate(photo) for photo in folder.read_features(batch)]
         folder.write_aggregated(batch, records)
         return {"batch": batch, "pid": os.getpid(), "photos": len(records), "seconds": time.perf_counter() - t0}
+
+    def build(self, shards: str, batch: int, photos: list[tuple[str, str, str]]) -> dict:
+        """:meth:`features` and :meth:`aggregate` in one go, for a build whose codebook is given:
+        only the aggregation shard is written (the features are never stored)."""
+        t0 = time.perf_counter()
+        folder = ShardFolder(shards)
+        self._use_codebook(folder)
+        records = [self._aggregate(self._regions(name, path, shown)) for name, path, shown in photos]
+        folder.write_aggregated(batch, records)
+        return {"batch": batch, "pid": os.getpid(), "photos": len(records), "seconds": time.perf_counter() - t0}
+
+    def _regions(self, name: str, path: str, shown: str) -> PhotoShard:
+        try:
+            _, regions = self.pipeline.database_regions(path)
+        except ImageError as exc:
+            why = str(exc)
+            return PhotoShard(name, shown + why[len(path):] if why.startswith(path) else why, None)
+        return PhotoShard(name, None, regions)
+
+    def _aggregate(self, photo: PhotoShard) -> tuple:
+        """(name, error, aggregated, packed verification features) of one photo."""
+        if photo.regions is None:
+            return (photo.name, photo.error, None, None)
+        stage = self.pipeline.require_aggregation()
+        packed = None
+        if self.config.verification_features:
+            from d2r.verify import pack_features
+
+            packed = pack_features(self.pipeline.verification.database_features(photo.regions.features[0], stage.codebook))
+        return (photo.name, None, stage.database(photo.regions), packed)
 
     def _use_codebook(self, folder: ShardFolder) -> None:
         st = folder.codebook_path.stat()

@@ -218,6 +218,22 @@ def test_a_strict_build_on_ray_stops_at_the_bad_photo(photos, cluster, tmp_path)
 
 # -- without a cluster -------------------------------------------------------------------------------
 
+@pytest.mark.slow
+def test_an_address_where_no_cluster_listens_fails_at_once_and_leaves_nothing(photos, tmp_path):
+    import socket
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "nowhere.d2r"
+    run = d2r_cli("build", photos, "-o", out, *FAST, "--ray", f"127.0.0.1:{port}", timeout=60)
+    assert run.returncode == 1 and f"no Ray cluster answers at 127.0.0.1:{port}" in run.stderr, run.stderr
+    assert not out.exists() and not (tmp_path / "nowhere.d2r.shards").exists()
+    run = d2r_cli("build", photos, "-o", out, *FAST, "--ray", "head-without-port", timeout=60)
+    assert run.returncode == 1 and "expected 'auto' or HOST:PORT" in run.stderr, run.stderr
+
+
 def test_the_shard_folder_of_another_build_or_of_nobody_is_never_used_nor_removed(tmp_path):
     from d2r_build.shards import ShardFolder
 

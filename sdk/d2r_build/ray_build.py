@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -106,6 +107,19 @@ class Progress:
         if self.open:
             print(file=sys.stderr, flush=True)
             self.open = False
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A ``host:port`` address must accept a connection (``ray://`` client addresses are left to Ray)."""
+    if "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InputError(f"address: expected 'auto' or HOST:PORT of a Ray head (ray start --head prints it), got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(f"address: no Ray cluster answers at {address} ({exc.strerror or exc})") from None
 
 
 def _duration(seconds: float) -> str:
@@ -230,6 +244,8 @@ class RayBuild:
         if ray.is_initialized():  # the caller connected already (a notebook, a test)
             return
         kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        if self.address != "auto":
+            _check_reachable(self.address)  # ray.init retries an address where nothing listens for minutes
         try:
             if self.address == "auto":
                 ray.init(num_cpus=self.n_workers or os.cpu_count() or 1, object_store_memory=300 * 2**20, **kwargs)

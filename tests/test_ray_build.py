@@ -266,3 +266,16 @@ def test_the_ray_flags_need_ray_and_are_refused_without_it(tmp_path):
             args.func(args)
     assert main(["build", str(photos), "-o", str(tmp_path / "o.d2r"), "--resume"]) == 1
     assert not (tmp_path / "o.d2r").exists()
+
+
+def test_without_ray_installed_the_flag_says_which_extra_to_install(tmp_path, monkeypatch, capsys):
+    from d2r.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(ukbench_images()[0], photos)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
+    assert main(["build", str(photos), "-o", str(tmp_path / "o.d2r"), "--ray", "auto"]) == 1
+    err = capsys.readouterr().err
+    assert "d2r build: error: --ray: a distributed build needs the 'ray' extra: pip install 'd2r[ray]'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]

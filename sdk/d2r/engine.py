@@ -243,15 +243,32 @@ class Engine:
 
     def add_image(self, image, image_id: str, metadata=None) -> int:
         """Index one image; returns the number of regions stored (1 + detected boxes)."""
-        codebook, index = self._require_index()
+        codebook, _ = self._require_index()
         stage = self.pipeline.require_aggregation()
         _, regions = self.pipeline.database_regions(image)
+        packed = None
         if self.config.verification_features:
             from .verify import pack_features
 
-            self._vfeats[image_id] = pack_features(self.pipeline.verification.database_features(regions.features[0], codebook))
-        stage.add(index, image_id, stage.database(regions), metadata)
+            packed = pack_features(self.pipeline.verification.database_features(regions.features[0], codebook))
+        self.add_aggregated(image_id, stage.database(regions), metadata, packed)
         return len(regions.features)
+
+    def add_aggregated(self, image_id: str, aggregated, metadata=None, verification: bytes | None = None) -> None:
+        """Index one image whose regions were aggregated elsewhere (:meth:`add_image` does both;
+        a distributed build's workers aggregate and its driver adds, in the same order).
+
+        aggregated: what ``pipeline.aggregation.database(regions)`` returns with this engine's
+        codebook; verification: the image's packed verification features
+        (:func:`d2r.verify.pack_features`), required when the configuration keeps them.
+        """
+        _, index = self._require_index()
+        if self.config.verification_features and not isinstance(verification, (bytes, bytearray)):
+            raise InputError(f"verification: image {image_id!r} needs its packed verification features "
+                             f"(verification_features is {self.config.verification_features})")
+        self.pipeline.require_aggregation().add(index, image_id, aggregated, metadata)
+        if verification is not None:  # after the index took it (a duplicate id changes nothing)
+            self._vfeats[image_id] = bytes(verification)
 
     def add_images(self, paths_or_images, ids=None, metadata=None, progress=True, on_error: str = "skip") -> list:
         """Index several images. ids default to the file names (without folder) of paths.

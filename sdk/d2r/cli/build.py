@@ -7,8 +7,9 @@ import time
 from pathlib import Path
 
 from ..config import BUILD_VERIFICATION_FEATURES, EngineConfig
+from ..errors import InputError
 from ..manifest import ALIASES, DEFAULT_FEATURES
-from ._types import codebook_size, detector_spec, non_negative_int
+from ._types import codebook_size, detector_spec, non_negative_int, positive_int
 
 
 def config_from_args(args) -> EngineConfig:
@@ -38,6 +39,11 @@ def run(args) -> int:
             print(f"d2r build: warning: {args.metadata}: {line}", file=sys.stderr)
     on_error = "raise" if args.strict else "skip"
     t0 = time.perf_counter()
+    if args.ray:
+        return _run_on_ray(args, config, images, codebook, metadata, on_error, t0)
+    if args.resume or args.shards or args.ray_workers:
+        flag = "--resume" if args.resume else "--shards" if args.shards else "--ray-workers"
+        raise InputError(f"{flag}: only with --ray (a distributed build)")
     with Engine.create(config, codebook=codebook, threads=args.threads) as engine:
         if codebook is None:
             engine.train_codebook(images, size=args.codebook_size, seed=args.seed, on_error=on_error)
@@ -45,13 +51,38 @@ def run(args) -> int:
         engine.save(args.output, protect=[args.images])
         n = len(engine.index) if engine.index is not None else 0
         skipped = dict(engine.skipped)
-    print(f"wrote {args.output}: {n} images, kind {config.kind}, in {time.perf_counter() - t0:.1f} s")
+    _report(args, config, n, skipped, time.perf_counter() - t0)
+    return 0
+
+
+def _run_on_ray(args, config, images, codebook, metadata, on_error, t0) -> int:
+    """The same build on a Ray cluster (the d2r_build package, imported only here: the device
+    runtime never imports Ray)."""
+    import importlib
+
+    try:
+        ray_build = importlib.import_module("d2r_build.ray_build")
+        importlib.import_module("ray")
+    except ImportError as exc:
+        raise InputError(f"--ray: a distributed build needs the 'ray' extra: pip install 'd2r[ray]' ({exc})") from None
+    report = ray_build.build(images, args.output, config, address=args.ray, workers=args.ray_workers, codebook=codebook,
+                             codebook_size=args.codebook_size, seed=args.seed, metadata=metadata, on_error=on_error, resume=args.resume,
+                             shards=args.shards, threads=args.threads or 1, protect=[args.images])
+    reused = sum(report.reused.values())
+    if reused:
+        print(f"resumed: {reused} shard(s) of the interrupted build reused, {sum(report.computed.values())} computed")
+    print(f"{report.workers} Ray worker(s), {report.photos_per_second:.2f} photos/s")
+    _report(args, config, report.n_images, report.skipped, time.perf_counter() - t0)
+    return 0
+
+
+def _report(args, config, n: int, skipped: dict, seconds: float) -> None:
+    print(f"wrote {args.output}: {n} images, kind {config.kind}, in {seconds:.1f} s")
     if skipped:
         print(f"skipped {len(skipped)} photo(s) that could not be read (listed in {Path(args.output) / 'bundle.json'}, 'skipped'):",
               file=sys.stderr)
         for name, why in skipped.items():
             print(f"  {name}: {why}", file=sys.stderr)
-    return 0
 
 
 def register(sub) -> None:
@@ -79,4 +110,13 @@ def register(sub) -> None:
     b.add_argument("--threads", type=int)
     b.add_argument("--strict", action="store_true",
                    help="stop at the first photo that cannot be read (default: skip it, list it at the end and in bundle.json)")
+    r = b.add_argument_group("distributed build (needs the 'ray' extra: pip install 'd2r[ray]')")
+    r.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="build on a Ray cluster: 'auto' starts one on this machine, ADDRESS (host:port, as `ray start --head` prints) "
+                        "joins a running one; the index is byte for byte the one built without --ray")
+    r.add_argument("--ray-workers", type=positive_int, metavar="N", help="workers to start (default: one per CPU of the cluster)")
+    r.add_argument("--shards", metavar="DIR",
+                   help="folder for the features, regions and aggregations of the workers, on a file system every node sees "
+                        "(default OUTPUT.shards beside the bundle; removed when the bundle is written)")
+    r.add_argument("--resume", action="store_true", help="continue a --ray build that was killed, from its shards")
     b.set_defaults(func=run)

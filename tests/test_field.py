@@ -154,7 +154,7 @@ def test_a_missing_accelerator_warns_once_per_model_without_tracebacks(tmp_path)
         "import d2r, numpy as np\n"
         "e = d2r.Engine.create(features='xfeat', detector='ssd', accelerator='gpu')\n"
         "e.extract(np.zeros((64, 64, 3), np.uint8))\n"
-        "print(e._feature_model.accelerator, e._detector_model.accelerator)\n"
+        "print(e.extractor.model.accelerator, e.detector.model.accelerator)\n"
         "del e\n"
     )
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -121,18 +121,34 @@ def row_sqnorms(a):
 
 
 @njit(cache=True, nogil=True)
+def _sqdist_to_all(xt, c, out):
+    """out[i] = exact float64 squared distance of sample i to c, with xt float32 [D, N] the
+    transposed samples: the loop runs over samples innermost (vectorised) and adds the D terms
+    of each distance in the same order as :func:`_exact_sqdist`, so the sums are bit-identical."""
+    out[:] = 0.0
+    for j in range(xt.shape[0]):
+        cj = np.float64(c[j])
+        row = xt[j]
+        for i in range(xt.shape[1]):
+            d = np.float64(row[i]) - cj
+            out[i] += d * d
+
+
+@njit(cache=True, nogil=True)
 def kmeanspp_seed(x, k, rng_uniform):
     """k-means++ seeding (Arthur & Vassilvitskii, D^2 sampling) on float32 [N, D] samples.
 
     rng_uniform: float64 [k] uniform draws in [0, 1) supplied by the caller (determinism).
-    Returns int64 [k] sample indices. O(N * k * D) work.
+    Returns int64 [k] sample indices. O(N * k * D) work, on a transposed copy of the samples
+    (4 * N * D bytes) so that each pass is vectorised over samples.
     """
     n = x.shape[0]
+    xt = np.ascontiguousarray(x.T)
     chosen = np.empty(k, dtype=np.int64)
     chosen[0] = min(int(rng_uniform[0] * n), n - 1)
     mind = np.empty(n)
-    for i in range(n):
-        mind[i] = _exact_sqdist(x[i], x[chosen[0]])
+    dist = np.empty(n)
+    _sqdist_to_all(xt, x[chosen[0]], mind)
     for t in range(1, k):
         total = 0.0
         for i in range(n):
@@ -150,11 +166,10 @@ def kmeanspp_seed(x, k, rng_uniform):
                     pick = i
                     break
             chosen[t] = pick
-        c = x[chosen[t]]
+        _sqdist_to_all(xt, x[chosen[t]], dist)
         for i in range(n):
-            d = _exact_sqdist(x[i], c)
-            if d < mind[i]:
-                mind[i] = d
+            if dist[i] < mind[i]:
+                mind[i] = dist[i]
     return chosen
 
 

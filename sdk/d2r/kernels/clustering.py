@@ -33,15 +33,23 @@ def _exact_sqdist(x, c):
 _CHUNK = 64
 
 
-# fastmath lets LLVM vectorise the min reduction; inputs are validated finite upstream.
+# fastmath lets LLVM vectorise the min reductions (a fixed trip count of _CHUNK per chunk, one
+# call per row: about twice as fast as a call per chunk); inputs are validated finite upstream,
+# and a minimum is exact in any order.
 @njit(cache=True, nogil=True, fastmath=True)
-def _chunk_min(gram_row, cnorm, a, b):
-    best = np.float32(3.0e38)
-    for k in range(a, b):
-        v = cnorm[k] - np.float32(2.0) * gram_row[k]
-        if v < best:
-            best = v
-    return best
+def _chunk_minima(gram_row, cnorm, kb, out):
+    full = kb // _CHUNK
+    for ci in range(full):
+        best = np.float32(3.0e38)
+        base = ci * _CHUNK
+        for k in range(_CHUNK):
+            best = min(best, cnorm[base + k] - np.float32(2.0) * gram_row[base + k])
+        out[ci] = best
+    if kb > full * _CHUNK:
+        best = np.float32(3.0e38)
+        for k in range(full * _CHUNK, kb):
+            best = min(best, cnorm[k] - np.float32(2.0) * gram_row[k])
+        out[full] = best
 
 
 @njit(cache=True, nogil=True)
@@ -60,7 +68,7 @@ def update_nearest(gram, cnorm, k0, x, xnorm, c, cmax, best_d, best_k):
     nb, kb = gram.shape
     m = best_d.shape[1]
     n_chunks = (kb + _CHUNK - 1) // _CHUNK
-    chunk_min = np.empty(n_chunks, dtype=np.float64)
+    chunk_min = np.empty(n_chunks, dtype=np.float32)
     small = np.empty(m, dtype=np.float64)
     # Serial on purpose: the GEMM before it is multi-threaded BLAS, and BLAS threads that
     # spin after a call would fight a Numba thread pool for the same cores.
@@ -70,9 +78,9 @@ def update_nearest(gram, cnorm, k0, x, xnorm, c, cmax, best_d, best_k):
         # Pass 1 (vectorised): chunk minima of the approximate distance minus |x|^2. The m-th
         # smallest chunk minimum bounds the m-th smallest distance of the block from above.
         small[:] = np.inf
+        _chunk_minima(gram[i], cnorm, kb, chunk_min)
         for ci in range(n_chunks):
-            v = np.float64(_chunk_min(gram[i], cnorm, ci * _CHUNK, min((ci + 1) * _CHUNK, kb)))
-            chunk_min[ci] = v
+            v = np.float64(chunk_min[ci])
             if v < small[m - 1]:
                 p = m - 1
                 while p > 0 and small[p - 1] > v:

@@ -121,16 +121,17 @@ def run_case(n, k, args, rows):
         seeding = statistics.median(r[1] for r in reps)
         per_it = statistics.median(r[2] for r in reps)
         its = reps[0][4]
-        if its < ITERATIONS and name.startswith("old"):
+        cut = name.startswith("old") and old_its < ITERATIONS  # stopped by --old-iterations, not converged
+        if cut:
             total, note = seeding + ITERATIONS * per_it, f"projected from {its} iterations"
         else:
-            total, note = statistics.median(r[3] for r in reps), f"{its} iterations" if its != ITERATIONS else ""
+            # Fewer than 20 iterations: converged (no descriptor changed word), an early stop.
+            total, note = statistics.median(r[3] for r in reps), f"converged after {its} iterations" if its != ITERATIONS else ""
         if name.startswith("old"):
             base_total = total
-            same = its == reps[0][4] and its == ITERATIONS and np.array_equal(reps[0][0], ours)
-            err = f"{quantisation_error(ex, reps[0][0], args.threads, pool):.5f}" if its == ITERATIONS else "(not run to 20)"
-            if its == ITERATIONS:
-                note = (note + "; " if note else "") + ("same codebook as d2r" if same else "codebook differs from d2r")
+            err = "(not run to the end)" if cut else f"{quantisation_error(ex, reps[0][0], args.threads, pool):.5f}"
+            if not cut:
+                note = (note + "; " if note else "") + ("same codebook as d2r" if np.array_equal(reps[0][0], ours) else "codebook differs from d2r")
         else:
             err = f"{quantisation_error(ex, reps[0][0], args.threads, pool):.5f}"
         speedup = f"{base_total / total:.1f}x" if base_total else ""

@@ -16,8 +16,8 @@ Two backends run the same algorithm from the same seeds for the same number of i
   2 threads, its result is the same (tests/test_kmeans.py checks it), but faiss documents no
   guarantee across versions, CPUs or thread counts.
 
-``backend="auto"`` takes faiss where it imports, ours otherwise. faiss is imported only inside
-:func:`train_centroids`: the device runtime never needs it.
+``backend="auto"`` takes faiss where it imports, ours otherwise. faiss (and threadpoolctl) are
+imported only inside the functions that train: the device runtime never needs them.
 """
 
 from __future__ import annotations

@@ -108,3 +108,56 @@ def naive_rasmk(x, c, region_sizes, m=1):
     words = np.array(sorted(acc), dtype=np.uint32)
     vecs = np.array([acc[int(w)] / len(region_sizes) for w in words]).reshape(len(words), c.shape[1])
     return words, vecs.astype(np.float32)
+
+
+def _sqdist_sequential(x, c):
+    """float64 [N, K] exact squared distances, the D terms added in index order (the kernels'
+    order, so that the sums are bit-identical)."""
+    x = x.astype(np.float64)
+    c = c.astype(np.float64)
+    out = np.zeros((x.shape[0], c.shape[0]))
+    for j in range(x.shape[1]):
+        out += (x[:, j, None] - c[None, :, j]) ** 2
+    return out
+
+
+def kmeanspp(x, k, uniform):
+    """k-means++ (D^2 sampling) picks of float32 [N, D] samples with the caller's uniform draws
+    float64 [k]: sample i is picked when the running sum of distances first exceeds u * total."""
+    n = x.shape[0]
+    chosen = [min(int(uniform[0] * n), n - 1)]
+    mind = _sqdist_sequential(x, x[chosen[0]][None])[:, 0]
+    for t in range(1, k):
+        cum = np.cumsum(mind)
+        if cum[-1] <= 0.0:
+            chosen.append((chosen[-1] + 1) % n)
+        else:
+            chosen.append(min(int(np.searchsorted(cum, uniform[t] * cum[-1], side="right")), n - 1))
+        mind = np.minimum(mind, _sqdist_sequential(x, x[chosen[-1]][None])[:, 0])
+    return np.array(chosen, dtype=np.int64)
+
+
+def lloyd(x, centroids, iterations):
+    """Lloyd's k-means from float32 [K, D] centroids: exact float64 assignment (ties to the
+    lowest id), float64 means, empty clusters re-seeded with the worst-fitted descriptors, early
+    stop when no label changes."""
+    c = centroids.astype(np.float32).copy()
+    k = c.shape[0]
+    labels = np.full(x.shape[0], -1)
+    for _ in range(iterations):
+        d = _sqdist_sequential(x, c)
+        new = d.argmin(1)
+        best = d[np.arange(len(x)), new]
+        moved = np.count_nonzero(new != labels)
+        labels = new
+        sums = np.zeros((k, x.shape[1]))
+        np.add.at(sums, labels, x.astype(np.float64))
+        counts = np.bincount(labels, minlength=k)
+        full = counts > 0
+        c[full] = (sums[full] / counts[full, None]).astype(np.float32)
+        empty = np.flatnonzero(~full)
+        if empty.size:
+            c[empty] = x[np.argsort(-best, kind="stable")[: empty.size]]
+        if moved == 0 and not empty.size:
+            break
+    return c

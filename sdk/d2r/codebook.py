@@ -19,6 +19,7 @@ from . import kernels
 from ._checks import descriptors_array, positive_int
 from ._files import atomic_write
 from .errors import CodebookError, InputError
+from .kmeans import train_centroids
 
 _MAGIC = b"D2RCODEB"
 _VERSION = 1
@@ -29,10 +30,6 @@ _FLAG_COARSE = 1
 # K = 65536 never needs the B x K x D (or even the N x K) temporary.
 _ROW_BLOCK = 512
 _COL_BLOCK = 4096
-
-# Above this K, k-means++ seeding (K passes over the sample) costs more than the Lloyd
-# iterations themselves; distinct random samples are used instead (as faiss does).
-_KMEANSPP_MAX_K = 4096
 
 # ``size="auto"``: the default pipeline's K (issue 6: K >= 8192), or fewer words when the
 # training set is small. 39 training descriptors per centroid is faiss's warning threshold for
@@ -57,10 +54,10 @@ def auto_size(n_descriptors: int, max_size: int = AUTO_MAX_SIZE, per_word: int =
 
 
 def train_codebook(descriptors: np.ndarray, size: int | str = "auto", iterations: int = 20, seed: int = 0, n_images: int | None = None,
-                   progress=None) -> "Codebook":
+                   progress=None, backend: str = "d2r", threads: int | None = None) -> "Codebook":
     """The codebook stage of the pipeline: K-means on a training sample (``size``: K, or
     ``"auto"``, see :func:`auto_size`). ``Engine.train_codebook`` and ``d2r eval`` both call it
-    on a :class:`d2r.pipeline.DescriptorSample`."""
+    on a :class:`d2r.pipeline.DescriptorSample`. backend, threads: see :meth:`Codebook.train`."""
     x = np.asarray(descriptors, np.float32)
     if isinstance(size, str):
         if size != "auto":
@@ -70,7 +67,7 @@ def train_codebook(descriptors: np.ndarray, size: int | str = "auto", iterations
     if len(x) < size:
         src = f" from {n_images} images" if n_images is not None else ""
         raise InputError(f"images: {len(x)} descriptors{src} are fewer than the codebook size {size}; add images or lower size")
-    return Codebook.train(x, size=size, iterations=iterations, seed=seed, progress=progress)
+    return Codebook.train(x, size=size, iterations=iterations, seed=seed, progress=progress, backend=backend, threads=threads)
 
 
 def _nearest(x: np.ndarray, c: np.ndarray, cnorm: np.ndarray, multiple: int):
@@ -160,6 +157,8 @@ class Codebook:
         seed: int = 0,
         seeding: str = "auto",
         progress=None,
+        backend: str = "d2r",
+        threads: int | None = None,
     ) -> "Codebook":
         """k-means (Lloyd) on float32 [N, D] descriptors; deterministic for a given ``seed``.
 
@@ -169,8 +168,12 @@ class Codebook:
         costs more than all Lloyd iterations). Empty clusters are re-seeded with the
         descriptors farthest from their centroids. Stops early when no label changes.
         progress: optional callable(iteration, iterations, moved_fraction) for reporting.
-        Memory beyond the data: labels and distances (12 bytes per descriptor), the K x D
-        sums and one 8 MiB Gram block.
+
+        backend: ``"d2r"`` (default; ours: exact assignment, the same codebook for any ``threads``),
+        ``"faiss"`` (faiss's float32 assignment, the rest ours; the ``kmeans`` extra), or ``"auto"``:
+        faiss where it is installed. threads: worker threads (default: every core this
+        process may use). See :mod:`d2r.kmeans`. Memory beyond the data: labels and
+        distances (12 bytes per descriptor), the K x D sums and a 1 MiB Gram block per thread.
         """
         x = descriptors_array(descriptors, "descriptors")
         k = positive_int(size, "size")
@@ -182,35 +185,9 @@ class Codebook:
         n = x.shape[0]
         if n < k:
             raise InputError(f"descriptors: k-means to K = {k} needs at least {k} descriptors, got {n}")
-        rng = np.random.default_rng(seed)
-        if seeding == "auto":
-            seeding = "kmeans++" if k <= _KMEANSPP_MAX_K else "random"
-        if seeding == "kmeans++":
-            sample = np.sort(rng.choice(n, size=min(n, 32 * k), replace=False))
-            picks = sample[kernels.kmeanspp_seed(x[sample], k, rng.random(k))]
-        else:
-            picks = np.sort(rng.choice(n, size=k, replace=False))
-        centroids = x[picks].copy()
-        labels = np.full(n, -1, dtype=np.int32)
-        for it in range(iterations):
-            cnorm = kernels.row_sqnorms(centroids).astype(np.float32)
-            new_k, new_d = _nearest(x, centroids, cnorm, 1)
-            new_labels = new_k[:, 0]
-            moved = int(np.count_nonzero(new_labels != labels))
-            labels = new_labels
-            sums, counts = kernels.accumulate_clusters(x, labels, k)
-            empty = np.flatnonzero(counts == 0)
-            nonempty = counts > 0
-            centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
-            if empty.size:
-                # Re-seed each empty cluster with one of the worst-fitted descriptors.
-                far = np.argsort(-new_d[:, 0], kind="stable")[: empty.size]
-                centroids[empty] = x[far]
-            if progress is not None:
-                progress(it + 1, iterations, moved / n)
-            if moved == 0 and not empty.size:
-                break
-        return cls(centroids)
+        if threads is not None:
+            threads = positive_int(threads, "threads")
+        return cls(train_centroids(x, k, iterations, int(seed), seeding, progress, backend, threads))
 
     # -- assignment ---------------------------------------------------------------------------
     def assign(self, descriptors, multiple: int = 1, approximate: bool = False, probes: int = 8) -> np.ndarray:

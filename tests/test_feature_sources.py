@@ -74,14 +74,14 @@ def test_settings_and_cache_keys_differ():
             parse_scales(bad)
     assert parse_seeds("0,1,2") == [0, 1, 2]
     for bad in ("a", "1,1"):
-        with pytest.raises(d2r.InputError, match="--seed"):
+        with pytest.raises(d2r.InputError, match="seed"):
             parse_seeds(bad)
 
 
 def test_unknown_and_missing_sources(monkeypatch, tmp_path):
     with pytest.raises(d2r.InputError, match="surf.*rootsift"):
         make_extractor("surf")
-    with pytest.raises(d2r.InputError, match="--features: unknown 'surf'.*xfeat.*rootsift, aliked"):
+    with pytest.raises(d2r.InputError, match="features: unknown 'surf'.*xfeat.*rootsift, aliked"):
         run(tmp_path, features="surf", kind="asmk_star", progress=False)
     with pytest.raises(d2r.InputError, match="scales"):
         make_extractor("rootsift", scales=(0.5, 1.0))
@@ -141,7 +141,7 @@ def test_eval_with_rootsift_cli(dataset, tmp_path):
     cache = tmp_path / "cache"
     out = tmp_path / "res.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "d2r.cli", "eval", "--dataset", str(dataset), "--features", "rootsift", "--max-features", "300",
+        [sys.executable, "-m", "d2r.cli", "eval", "--dataset", str(dataset), "--preset", "asmk", "--features", "rootsift", "--max-features", "300",
          "--codebook-size", "32", "--seed", "0,1", "--quiet", "--threads", "1", "--cache", str(cache), "--json", str(out)],
         capture_output=True, text=True,
     )

@@ -296,6 +296,12 @@ def experiment(preset: str | None = None, base: Experiment | None = None, **chan
     if changes.get("features") in SOURCES:
         exp.feature_source = changes.pop("features")
     elif "features" in changes:
+        from d2r.manifest import load_manifest
+
+        models = sorted({m.name for m in load_manifest().models if m.task == "local_features"})
+        if ALIASES.get(changes["features"], changes["features"]) not in models:
+            raise InputError(f"features: unknown {changes['features']!r}; expected a local-feature model of the manifest "
+                             f"({', '.join(models)}) or a feature source ({', '.join(SOURCES)})")
         exp.feature_source = None
     if "kind" in changes:
         kind = changes.pop("kind")

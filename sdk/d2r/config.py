@@ -9,7 +9,7 @@ from .errors import InputError
 from .manifest import DEFAULT_FEATURES
 
 ENGINE_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star")
-REGION_MODES = ("crop", "pool")
+REGION_MODES = ("crop", "pack", "pool")
 # `d2r build` keeps this many whole-photo features per photo for `d2r query --verify`.
 BUILD_VERIFICATION_FEATURES = 1000
 
@@ -49,7 +49,8 @@ class EngineConfig:
         if self.kind not in ENGINE_KINDS:
             raise InputError(f"kind: expected one of {', '.join(ENGINE_KINDS)}, got {self.kind!r}")
         if self.regions not in REGION_MODES:
-            raise InputError(f"regions: expected 'crop' (re-extract on each box) or 'pool' (whole-image features in the box), got {self.regions!r}")
+            raise InputError(f"regions: expected 'crop' (re-extract on each box), 'pack' (re-extract, four boxes per model run) "
+                             f"or 'pool' (whole-image features in the box), got {self.regions!r}")
         if self.backend not in ("tflite", "onnx"):
             raise InputError(f"backend: expected 'tflite' or 'onnx', got {self.backend!r}")
         if self.precision not in ("fp32", "fp16", "int8"):

@@ -204,7 +204,7 @@ class Engine:
 
     # -- codebook ---------------------------------------------------------------------------------
     def train_codebook(self, images, size: int | str = "auto", iterations: int = 20, seed: int = 0, max_descriptors: int = CODEBOOK_SAMPLE,
-                       progress=True, on_error: str = "skip") -> Codebook:
+                       progress=True, on_error: str = "skip", memo=None) -> Codebook:
         """Train the codebook on whole-image features of ``images`` (paths or arrays).
 
         size: K, or ``"auto"`` (default): 8192 words, fewer when the images give fewer than 39
@@ -213,7 +213,8 @@ class Engine:
         Replaces the engine's codebook and starts an empty index (images added before are
         dropped: their words belonged to the old codebook). on_error: ``"skip"`` (default)
         leaves out a photo that cannot be read and records it in :attr:`skipped`; ``"raise"``
-        raises its :class:`ImageError`.
+        raises its :class:`ImageError`. memo: a :class:`d2r.memo.FeatureMemo` that keeps each
+        photo's features for :meth:`add_images` (a build extracts each photo once).
         """
         images = list(images)
         _check_on_error(on_error)
@@ -223,7 +224,10 @@ class Engine:
         sample = DescriptorSample(len(images), max_descriptors, seed)
         for i, img in enumerate(images):
             try:
-                sample.add(self.extract(img).descriptors)
+                whole = self.extract(img)
+                sample.add(whole.descriptors)
+                if memo is not None:
+                    memo.put(img, whole)
             except ImageError as exc:
                 if on_error == "raise":
                     raise
@@ -241,11 +245,12 @@ class Engine:
             raise InputError("this engine has no codebook yet: pass codebook= to Engine.create or call engine.train_codebook(images) first")
         return self.codebook, self.index
 
-    def add_image(self, image, image_id: str, metadata=None) -> int:
-        """Index one image; returns the number of regions stored (1 + detected boxes)."""
+    def add_image(self, image, image_id: str, metadata=None, whole: Features | None = None) -> int:
+        """Index one image; returns the number of regions stored (1 + detected boxes).
+        whole: its whole-photo features, when already extracted."""
         codebook, _ = self._require_index()
         stage = self.pipeline.require_aggregation()
-        _, regions = self.pipeline.database_regions(image)
+        _, regions = self.pipeline.database_regions(image, whole)
         packed = None
         if self.config.verification_features:
             from .verify import pack_features
@@ -270,14 +275,15 @@ class Engine:
         if verification is not None:  # after the index took it (a duplicate id changes nothing)
             self._vfeats[image_id] = bytes(verification)
 
-    def add_images(self, paths_or_images, ids=None, metadata=None, progress=True, on_error: str = "skip") -> list:
+    def add_images(self, paths_or_images, ids=None, metadata=None, progress=True, on_error: str = "skip", memo=None) -> list:
         """Index several images. ids default to the file names (without folder) of paths.
 
         metadata: None, a list (one dict per image) or a dict image_id -> dict.
         on_error: ``"skip"`` (default) leaves out an image that cannot be read (corrupt,
         truncated, not an image, too many pixels) and records it in :attr:`skipped`, so one
         bad photo never stops a batch; ``"raise"`` raises its :class:`ImageError` instead.
-        Returns the ids added.
+        memo: the :class:`d2r.memo.FeatureMemo` given to :meth:`train_codebook` (whole-photo
+        features not extracted again). Returns the ids added.
         """
         _check_on_error(on_error)
         items = list(paths_or_images)
@@ -305,7 +311,7 @@ class Engine:
         added = []
         for n, (item, image_id, meta) in enumerate(zip(items, ids, metas)):
             try:
-                self.add_image(item, image_id, meta)
+                self.add_image(item, image_id, meta, whole=memo.get(item) if memo is not None else None)
             except ImageError as exc:
                 if on_error == "raise":
                     raise

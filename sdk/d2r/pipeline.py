@@ -26,6 +26,7 @@ from .codebook import Codebook
 from .config import EngineConfig
 from .errors import InputError, ModelError
 from .features import Features, LocalFeatureExtractor
+from .features.core import box_pixels
 from .image import load_image
 from .index import Index
 from .manifest import ALIASES
@@ -36,6 +37,17 @@ log = logging.getLogger("d2r")
 _PRECISION_FALLBACK = {"fp32": ("fp32", "fp16", "int8"), "fp16": ("fp16", "fp32", "int8"), "int8": ("int8", "fp16", "fp32")}
 # Codebook training keeps at most this many descriptors (a per-photo sample).
 CODEBOOK_SAMPLE = 500_000
+# regions="pack": crops per model run (a rows x cols grid of cells on the canvas).
+PACK_CELLS = (2, 2)
+
+
+def pack_features(max_features: int) -> int:
+    """regions="pack": the features kept per crop. A cell is a quarter of the canvas; it keeps
+    the extractor's limit (``D2R_PACK_FEATURES`` overrides it for measurements)."""
+    import os
+
+    v = os.environ.get("D2R_PACK_FEATURES")
+    return int(v) if v else int(max_features)
 
 
 def find_entry(manifest, name: str, task: str, backend: str, precision: str):
@@ -123,18 +135,26 @@ class RegionStage:
 
     def crop(self, rgb: np.ndarray, box) -> Features:
         """Features re-extracted on the crop of a normalised box, in photo coordinates."""
-        h, w = rgb.shape[:2]
-        ymin, xmin, ymax, xmax = (float(v) for v in box)
-        y0, x0 = max(int(np.floor(ymin * h)), 0), max(int(np.floor(xmin * w)), 0)
-        y1, x1 = min(int(np.ceil(ymax * h)), h), min(int(np.ceil(xmax * w)), w)
+        y0, x0, y1, x1 = box_pixels(box, rgb.shape)
         patch = rgb[y0:y1, x0:x1]
         sub = self.features(patch) if patch.shape[0] and patch.shape[1] else Features.empty(self.features.dim)
         sub.locations = sub.locations + np.array([y0, x0], np.float32)
         return sub
 
+    def packed(self, rgb: np.ndarray, boxes) -> list:
+        """Features of the crops of ``boxes``, four crops per model run (``regions="pack"``:
+        :meth:`d2r.LocalFeatureExtractor.extract_crops`, each crop fitted into a quarter of the
+        canvas); a feature stage that cannot pack extracts each crop on its own."""
+        ex = getattr(self.features, "extractor", None)
+        if ex is None or not hasattr(ex, "extract_crops"):
+            return [self.crop(rgb, b) for b in boxes]
+        return ex.extract_crops(rgb, boxes, cells=PACK_CELLS, max_features=pack_features(ex.max_features))
+
     def region_features(self, rgb: np.ndarray, whole: Features, boxes) -> list:
         if self.mode == "pool":
             return [whole.in_box(b, rgb.shape) for b in boxes]
+        if self.mode == "pack":
+            return self.packed(rgb, boxes)
         return [self.crop(rgb, b) for b in boxes]
 
     def __call__(self, rgb: np.ndarray, whole: Features) -> Regions:
@@ -320,10 +340,13 @@ class Pipeline:
             raise InputError("this engine has no codebook yet: pass codebook= to Engine.create or call engine.train_codebook(images) first")
         return self.aggregation
 
-    def database_regions(self, image) -> tuple[np.ndarray, Regions]:
-        """Decode a database photo, extract its features and regions: (rgb, regions)."""
+    def database_regions(self, image, whole: Features | None = None) -> tuple[np.ndarray, Regions]:
+        """Decode a database photo, extract its features and regions: (rgb, regions).
+        ``whole``: the photo's whole-photo features when already extracted (a build's codebook
+        pass, :class:`d2r.memo.FeatureMemo`)."""
         rgb = load_image(image)
-        whole = self.features(rgb)
+        if whole is None:
+            whole = self.features(rgb)
         if self.config.kind == "asmk_star":  # the aggregation uses the whole photo only
             return rgb, Regions([whole], [WHOLE_BOX])
         return rgb, self.regions(rgb, whole)

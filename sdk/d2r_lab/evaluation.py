@@ -33,7 +33,7 @@ from d2r.features import Features
 from d2r.image import load_image
 from d2r.index import Index
 from d2r.manifest import ALIASES
-from d2r.pipeline import CODEBOOK_SAMPLE, WHOLE_BOX, DescriptorSample, FeatureStage, Pipeline, Regions
+from d2r.pipeline import CODEBOOK_SAMPLE, WHOLE_BOX, DescriptorSample, FeatureStage, Pipeline, Regions, pack_features
 
 from . import evaluate
 
@@ -301,7 +301,7 @@ def experiment(preset: str | None = None, base: Experiment | None = None, **chan
         changes["verification_words"] = changes.pop("verify_words")
     if "fit" in changes:
         changes["feature_fit"] = changes.pop("fit")
-    if "regions" in changes and changes["regions"] not in ("crop", "pool"):
+    if "regions" in changes and changes["regions"] not in ("crop", "pack", "pool"):
         source, param = parse_regions(changes.pop("regions"))
         if source == "none":
             cfg["detector"], exp.region_source = None, None
@@ -449,11 +449,29 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         n = int(d["n"][0])
         return np.flatnonzero(d["scores"][:n] >= stage.threshold)[: stage.max_regions]
 
+    def packed(p, boxes):
+        """regions="pack": the region stage packs the selected boxes together, so a photo's
+        crop features depend on which boxes share a canvas: cached per set of boxes."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        tag = f"pack{pack_features(ex.max_features)}-" + hashlib.sha256(boxes.tobytes()).hexdigest()[:16]
+
+        def compute():
+            out = {"n": np.array([len(boxes)])}
+            for i, feats in enumerate(stage.packed(load_image(p), boxes)):
+                for k, v in _pack(feats).items():
+                    out[f"r{i}_{k}"] = v
+            return out
+
+        got = cache.get(p, tag, compute)
+        return unpack_regions(got, range(int(got["n"][0])))
+
     def detected_regions(p, f, shape):
         d = detections(p)
         keep = selected(d)
         if cfg.regions == "pool":
             return [f.in_box(b, shape) for b in d["boxes"][keep]]
+        if cfg.regions == "pack":
+            return packed(p, d["boxes"][keep])
         return unpack_regions(d, keep)
 
     # The shuffled control: image k takes the boxes of image donor[k] (a derangement, fixed seed).
@@ -465,6 +483,8 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
     def shuffled_regions(p):
         d = detections(db_paths[donor[db_index[str(p)]]])
         boxes = d["boxes"][selected(d)].astype(np.float32).reshape(-1, 4)
+        if cfg.regions == "pack":
+            return packed(p, boxes)
         tag = "boxes-" + hashlib.sha256(boxes.tobytes()).hexdigest()[:16]
         got = cache.get(p, tag, lambda: crops(load_image(p), boxes, {"n": np.array([len(boxes)])}))
         return unpack_regions(got, range(int(got["n"][0])))

@@ -27,6 +27,7 @@ def config_from_args(args) -> EngineConfig:
 def run(args) -> int:
     from ..codebook import Codebook
     from ..engine import Engine, check_bundle_target
+    from ..memo import FeatureMemo
     from ..photos import check_metadata, list_images, read_metadata_csv
 
     config = config_from_args(args)
@@ -44,10 +45,10 @@ def run(args) -> int:
     if args.resume or args.shards or args.ray_workers:
         flag = "--resume" if args.resume else "--shards" if args.shards else "--ray-workers"
         raise InputError(f"{flag}: only with --ray (a distributed build)")
-    with Engine.create(config, codebook=codebook, threads=args.threads) as engine:
-        if codebook is None:
-            engine.train_codebook(images, size=args.codebook_size, seed=args.seed, on_error=on_error)
-        engine.add_images(images, metadata=metadata, on_error=on_error)
+    with Engine.create(config, codebook=codebook, threads=args.threads) as engine, FeatureMemo(args.scratch) as memo:
+        if codebook is None:  # the codebook pass keeps each photo's features for the index pass
+            engine.train_codebook(images, size=args.codebook_size, seed=args.seed, on_error=on_error, memo=memo)
+        engine.add_images(images, metadata=metadata, on_error=on_error, memo=memo)
         engine.save(args.output, protect=[args.images])
         n = len(engine.index) if engine.index is not None else 0
         skipped = dict(engine.skipped)
@@ -96,7 +97,9 @@ def register(sub) -> None:
     b.add_argument("--backend", default="tflite", choices=["tflite", "onnx"])
     b.add_argument("--detector", default="landmark@0.1", type=detector_spec,
                    help="NAME@THRESHOLD or 'none' (default landmark@0.1: the fine-tuned landmark SSD; ssd = the OIDv4 SSD)")
-    b.add_argument("--regions", choices=["crop", "pool"], help="re-extract features on each box (crop, default) or pool whole-image features (pool)")
+    b.add_argument("--regions", choices=["crop", "pack", "pool"],
+                   help="features of each box: re-extracted on the crop (crop), on crops packed four to a model run (pack) "
+                        "or the whole photo's features in the box (pool)")
     b.add_argument("--kind", default="rasmk_star", choices=["asmk_star", "rasmk_star", "d2r_asmk_star"])
     g = b.add_mutually_exclusive_group()
     g.add_argument("--codebook-size", type=codebook_size, default="auto",
@@ -108,6 +111,8 @@ def register(sub) -> None:
                         "per image with 64-D features (ALIKED-t16, XFeat); 0 to leave out)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int)
+    b.add_argument("--scratch", help="folder for the features kept between the codebook pass and the index pass "
+                                     "(a temporary folder of d2r's own inside it, removed at the end; default: the system's temporary folder)")
     b.add_argument("--strict", action="store_true",
                    help="stop at the first photo that cannot be read (default: skip it, list it at the end and in bundle.json)")
     r = b.add_argument_group("distributed build (needs the 'ray' extra: pip install 'd2r[ray]')")

@@ -280,3 +280,27 @@ class AlikedDecoder:
     def decode(self, outs, valid_h: int, valid_w: int, score_threshold: float, max_features: int):
         named = {name: outs[i] for name, i in self.outputs.items()}
         return extract(named, self.head, score_threshold, max_features, valid_h, valid_w)
+
+    def decode_cells(self, outs, cells, score_threshold: float, max_features: int):
+        """Several images packed into one canvas: ``cells`` = [(y0, x0, h, w)], each an image's
+        part of the canvas. DKD runs on each cell's part of the score map as on a canvas of its
+        own (its border removed, its own top ``max_features``); SDDH describes every cell's
+        keypoints in one pass over the shared feature maps. -> [(yx in canvas pixels, scores,
+        descriptors)] per cell."""
+        named = {name: outs[i] for name, i in self.outputs.items()}
+        f1, f2, f3, f4 = (np.ascontiguousarray(named[f"feature_map_{i}"][0], dtype=np.float32) for i in (1, 2, 3, 4))
+        score_map = named["score_map"][0, :, :, 0]
+        xs, ys, scs, counts = [], [], [], []
+        for y0, x0, h, w in cells:
+            x, y, sc = detect(np.ascontiguousarray(score_map[y0:y0 + h, x0:x0 + w]), score_threshold, max_features)
+            xs.append(x + np.float32(x0))
+            ys.append(y + np.float32(y0))
+            scs.append(sc)
+            counts.append(len(sc))
+        x, y = np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.float32)
+        desc = describe(self.head, f1, f2, f3, f4, x, y)
+        out, k = [], 0
+        for n, sc in zip(counts, scs):
+            out.append((np.stack([y[k:k + n], x[k:k + n]], axis=1).reshape(-1, 2), sc, desc[k:k + n]))
+            k += n
+        return out

@@ -115,6 +115,22 @@ class Features:
         return Features(self.locations[keep], self.descriptors[keep], self.scores[keep], self.scales[keep])
 
 
+def box_pixels(box, shape) -> tuple[int, int, int, int]:
+    """The pixel bounds (y0, x0, y1, x1) of a normalised box (ymin, xmin, ymax, xmax) in an
+    image of ``shape``: outward-rounded, clipped to the image."""
+    h, w = shape[:2]
+    ymin, xmin, ymax, xmax = (float(v) for v in box)
+    y0, x0 = max(int(np.floor(ymin * h)), 0), max(int(np.floor(xmin * w)), 0)
+    y1, x1 = min(int(np.ceil(ymax * h)), h), min(int(np.ceil(xmax * w)), w)
+    return y0, x0, y1, x1
+
+
+def pack_cells(canvas, cells) -> tuple[int, int]:
+    """The cell size (height, width) of a ``rows x cols`` grid on a canvas; cell (r, c) starts
+    at (r * height, c * width)."""
+    return canvas[0] // cells[0], canvas[1] // cells[1]
+
+
 def _resize(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
@@ -181,10 +197,7 @@ class LocalFeatureExtractor:
         ch, cw = self.canvas
         nh, nw = tile.shape[:2]
         canvas = np.pad(tile, ((0, ch - nh), (0, cw - nw), (0, 0)), mode="edge").astype(np.float32)
-        lo, hi = self.input_range
-        if (lo, hi) != (0.0, 255.0):
-            canvas = canvas / 255.0 * (hi - lo) + lo
-        return canvas[None]
+        return self._range(canvas)[None]
 
     def _level(self, rgb: np.ndarray, scale: float):
         """Features of one pyramid level: (yx in original pixels, scores, descriptors)."""
@@ -211,6 +224,66 @@ class LocalFeatureExtractor:
                 scores.append(sc[keep])
                 descs.append(de[keep])
         return np.concatenate(locs) * np.array([h / nh, w / nw], np.float32), np.concatenate(scores), np.concatenate(descs)
+
+    def can_pack(self) -> bool:
+        """Whether :meth:`extract_crops` packs crops into shared canvases: the model's decoder
+        reads cells of a canvas (``decode_cells``) and scale 1 fits into the canvas, one level."""
+        return hasattr(self.decoder, "decode_cells") and self.scales == (1.0,) and self.fit == "canvas"
+
+    def extract_crops(self, rgb: np.ndarray, boxes, cells: tuple[int, int] = (2, 2), max_features: int | None = None) -> list:
+        """Features of the crops of several normalised boxes of one photo, in photo pixels, one
+        :class:`Features` per box: each crop is fitted into one cell of a ``rows x cols`` grid
+        on the model canvas (at most the cell's size, aspect kept), ``rows * cols`` crops per
+        model run; keypoints are found in each cell as in a canvas of its own, at most
+        ``max_features`` per crop (default: the extractor's). Models without cell decoding, or
+        a pyramid, extract each crop on its own canvas (:meth:`extract` of the crop)."""
+        rgb = load_image(rgb)
+        limit = self.max_features if max_features is None else int(max_features)
+        bounds = [box_pixels(b, rgb.shape) for b in boxes]
+        out: list = [None] * len(bounds)
+        pending = []
+        for i, (y0, x0, y1, x1) in enumerate(bounds):
+            if y1 - y0 < MIN_IMAGE_SIDE or x1 - x0 < MIN_IMAGE_SIDE:
+                out[i] = Features.empty(self.dim)
+            elif not self.can_pack():
+                f = self.extract(rgb[y0:y1, x0:x1])
+                out[i] = Features(f.locations + np.array([y0, x0], np.float32), f.descriptors, f.scores, f.scales)
+            else:
+                pending.append(i)
+        rows, cols = cells
+        ch, cw = pack_cells(self.canvas, cells)
+        per_run = rows * cols
+        for start in range(0, len(pending), per_run):
+            group = pending[start:start + per_run]
+            canvas = np.zeros((self.canvas[0], self.canvas[1], 3), np.uint8)
+            windows, fits = [], []
+            for slot, i in enumerate(group):
+                y0, x0, y1, x1 = bounds[i]
+                h, w = y1 - y0, x1 - x0
+                fit = min(ch / h, cw / w)
+                nh, nw = min(max(1, int(round(h * fit))), ch), min(max(1, int(round(w * fit))), cw)
+                cy, cx = (slot // cols) * ch, (slot % cols) * cw
+                small = _resize(np.ascontiguousarray(rgb[y0:y1, x0:x1]), nh, nw)
+                # the crop, edge-replicated to its cell (as a lone crop is padded to the canvas)
+                canvas[cy:cy + ch, cx:cx + cw] = np.pad(small, ((0, ch - nh), (0, cw - nw), (0, 0)), mode="edge")
+                windows.append((cy, cx, nh, nw))
+                fits.append((h / nh, w / nw))
+            outs = self.model.run(self._range(canvas.astype(np.float32))[None])
+            decoded = self.decoder.decode_cells(outs, windows, self.score_threshold, limit)
+            for i, (cy, cx, _, _), (sy, sx), (yx, sc, de) in zip(group, windows, fits, decoded):
+                y0, x0 = bounds[i][:2]
+                order = np.argsort(-sc, kind="stable")[:limit]
+                loc = (yx[order] - np.array([cy, cx], np.float32)) * np.array([sy, sx], np.float32) + np.array([y0, x0], np.float32)
+                desc = _l2_rows(np.asarray(de, np.float32).reshape(-1, self.entry_dim)[order])
+                if self.pca is not None:
+                    mean, proj = self.pca
+                    desc = _l2_rows((desc - mean) @ proj.T)
+                out[i] = Features(loc.astype(np.float32), desc, sc[order].astype(np.float32), np.ones(len(order), np.float32))
+        return out
+
+    def _range(self, canvas: np.ndarray) -> np.ndarray:
+        lo, hi = self.input_range
+        return canvas / 255.0 * (hi - lo) + lo if (lo, hi) != (0.0, 255.0) else canvas
 
     def extract(self, image) -> Features:
         rgb = load_image(image)

@@ -33,11 +33,30 @@ class XFeatDecoder:
         self.nms_kernel = int((entry.defaults or {}).get("nms_kernel", 5))
 
     def decode(self, outs, valid_h: int, valid_w: int, score_threshold: float, max_features: int):
+        heat = self._heat(outs)
+        ys, xs = kernels.local_maxima(heat, self.nms_kernel // 2, np.float32(score_threshold), valid_h, valid_w)
+        return self._describe(outs, heat, ys, xs)
+
+    def _heat(self, outs):
         logits = outs[self.outputs["keypoint_logits"]][0]  # [h, w, 65]
+        return kernels.cell_heatmap(np.ascontiguousarray(logits, dtype=np.float32), self.stride)
+
+    def decode_cells(self, outs, cells, score_threshold: float, max_features: int):
+        """Several images packed into one canvas: ``cells`` = [(y0, x0, h, w)], each an image's
+        part of the canvas; the local maxima of each cell's part of the heatmap (a maximum
+        needs only its own cell's pixels to beat), scored and described as one canvas.
+        -> [(yx in canvas pixels, scores, descriptors)] per cell."""
+        heat = self._heat(outs)
+        out = []
+        for y0, x0, h, w in cells:
+            part = np.ascontiguousarray(heat[y0:y0 + h, x0:x0 + w])
+            ys, xs = kernels.local_maxima(part, self.nms_kernel // 2, np.float32(score_threshold), h, w)
+            out.append(self._describe(outs, heat, ys + y0, xs + x0))
+        return out
+
+    def _describe(self, outs, heat, ys, xs):
         desc_map = outs[self.outputs["descriptors"]][0]  # [h, w, D]
         rel = outs[self.outputs["reliability"]][0, :, :, 0] if "reliability" in self.outputs else None
-        heat = kernels.cell_heatmap(np.ascontiguousarray(logits, dtype=np.float32), self.stride)
-        ys, xs = kernels.local_maxima(heat, self.nms_kernel // 2, np.float32(score_threshold), valid_h, valid_w)
         full_h, full_w = heat.shape
         score = heat[ys, xs]
         if rel is not None:

@@ -13,7 +13,7 @@ from d2r.errors import InputError
 from d2r.features.core import _resize, box_pixels, pack_cells
 from d2r.image import load_image
 from d2r.memo import FeatureMemo
-from d2r.pipeline import FeatureStage, Pipeline, RegionStage
+from d2r.pipeline import Pipeline, RegionStage
 
 from shared_data import landmark_photos, ukbench_images
 

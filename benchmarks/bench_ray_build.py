@@ -161,7 +161,7 @@ def main():
             return report.phases["features"] + report.phases["aggregated"]
 
         r1 = n / parallel(reports[1])
-        print(f"\nworker throughput (features + aggregation steps): " +
+        print("\nworker throughput (features + aggregation steps): " +
               ", ".join(f"{w} worker(s) {n / parallel(reports[w]):.2f} photos/s" for w in workers))
         w2 = workers[1]
         eff = (n / parallel(reports[w2])) / (w2 * r1)

@@ -23,6 +23,7 @@ the one a build of all the photos with that codebook writes (base photos first).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,8 +81,7 @@ def split_existing(bundle, index, images, existing: str = "refuse") -> tuple[lis
     images = [Path(p) for p in images]
     ids = [p.name for p in images]
     if len(set(ids)) != len(ids):
-        seen: set = set()
-        twice = sorted({i for i in ids if i in seen or seen.add(i)})
+        twice = sorted(i for i, n in Counter(ids).items() if n > 1)
         raise InputError(f"images: two photos have the same file name (the image id): {shorten(twice)}")
     present = [i for i in ids if i in index]
     if present and existing == "refuse":

@@ -1,22 +1,34 @@
-"""Build throughput: `d2r build` on one machine against `d2r build --ray` with 1 and 2 workers.
+"""Build throughput: `d2r build` on one machine against `d2r build --ray` with 1 and 2 workers,
+and the projection of the Ray build to 1M photos.
 
-Photos per second (median over --repeats) of the whole build, in one process, on the same photos
-(the first --photos UKBench photos of tests/data; models on 1 thread, and 2 for the second
-single-machine row) and configuration (--features, the landmark
-detector with crops re-extracted, 1000 verification features), two ways:
+One process, the same photos (--photos, spread evenly over roxford5k-mini's db/ in
+../shared/data, or the UKBench photos of tests/data with --source ukbench), the same
+configuration (--features, the landmark detector with crops re-extracted, 1000 verification
+features, models on 1 thread), a codebook trained on the photos (K = 16: the codebook's cost is
+measured apart, below). Rows: one machine (`Engine.train_codebook` + `add_images`: the baseline
+of the ratios), then the Ray build with each --workers count on a local cluster (`ray.init` on
+loopback, started once; its start is printed apart; each build starts its workers, who load the
+models, and that is in its time). Each Ray index is checked byte for byte against the
+single-machine one. The Ray build's own clock splits it into steps: start (workers), features
+and aggregation (on the workers: the parallel part), codebook sample and merge (on the driver:
+the serial part).
 
-- trained: the codebook is trained on the photos (what `d2r build` does; a single-machine build
-  extracts each photo's whole-photo features twice, once for the codebook and once for the
-  index; the Ray build extracts once and reads the codebook's sample from its shards);
-- given: a codebook trained beforehand (`--codebook`): features, regions, aggregation, index.
+Projection to 1M photos on C cores (one worker per core), a model, not a measurement:
 
-The Ray cluster is local (`ray.init`, on loopback), started once before the Ray builds; its start
-time is printed apart. Every Ray build starts its workers (each loads the models) and they are in
-the time. The Ray index is checked byte for byte against the single-machine one. The projection
-to 1M photos assumes that throughput grows linearly with workers (one per core), as the builds
-share nothing but the shard folder; it is an extrapolation, not a measurement.
+    T(C) = 1M / (r1 * C * e)                          the workers: features + aggregation
+         + 1M * (sample + merge seconds per photo)    the driver, linear in photos
+         + k-means(500k x D -> K = 8192, 20 iterations)
 
-    python benchmarks/bench_ray_build.py [--photos 16] [--repeats 3] [--features xfeat] [--workers 1,2]
+r1: photos per second of one worker (features + aggregation steps, 1-worker build); e: the
+efficiency measured from 1 to 2 workers (photos/s at 2 workers / (2 * r1)), assumed to hold at C
+cores (it does only if the workers share nothing: here they share 2 cores with the driver and the
+machine's other load, so e is pessimistic); the driver's per-photo costs from the 1-worker build;
+k-means from Lloyd iterations timed here on random unit vectors (the cost is the assignment GEMM,
+N x K x D, whatever the data) at --kmeans-n x --kmeans-k and scaled by N x K to the 500k-descriptor
+sample a 1M-photo build draws (pipeline.CODEBOOK_SAMPLE) and K = 8192 (random seeding above
+K = 4096: no k-means++ pass).
+
+    python benchmarks/bench_ray_build.py [--photos 120] [--source roxford|ukbench] [--features xfeat] [--workers 1,2]
 """
 
 from __future__ import annotations
@@ -36,83 +48,136 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep the loca
 TMP = Path(tempfile.mkdtemp(prefix="d2r-bench-ray-"))
 os.environ["RAY_TMPDIR"] = str(TMP)  # Ray's files go there, not to /tmp/ray
 
+import numpy as np  # noqa: E402
+
 from d2r.config import EngineConfig  # noqa: E402
 from d2r.engine import Engine  # noqa: E402
+from d2r.photos import list_images  # noqa: E402
+from d2r.pipeline import CODEBOOK_SAMPLE  # noqa: E402
 
-from shared_data import ukbench_images  # noqa: E402
+from shared_data import shared_dir, ukbench_images  # noqa: E402
+
+TARGET = 1_000_000
+TARGET_K = 8192
+KMEANS_ITERATIONS = 20
 
 
-def single(photos, out, config, codebook, threads):
-    with Engine.create(config, codebook=codebook, threads=threads) as engine:
-        if codebook is None:
-            engine.train_codebook(photos, size=16, progress=False)
+def photos_of(source: str, n: int) -> list[Path]:
+    if source == "ukbench":
+        return ukbench_images()[:n]
+    shared = shared_dir()
+    if shared is None:
+        raise SystemExit("--source roxford needs ../shared/data/roxford5k-mini (or D2R_SHARED_DIR); --source ukbench uses tests/data")
+    every = list_images(shared / "data" / "roxford5k-mini" / "db")
+    step = max(len(every) // n, 1)
+    return every[::step][:n]
+
+
+def single(photos, out, config, threads) -> float:
+    t = time.perf_counter()
+    with Engine.create(config, threads=threads) as engine:
+        engine.train_codebook(photos, size=16, progress=False)
         engine.add_images(photos, progress=False)
         engine.save(out)
+    return time.perf_counter() - t
 
 
-def on_ray(photos, out, config, codebook, workers):
+def on_ray(photos, out, config, workers):
     from d2r_build import build
 
-    return build(photos, out, config, workers=workers, codebook=codebook, codebook_size=16, batch_size=4, threads=1, progress=False)
+    t = time.perf_counter()
+    report = build(photos, out, config, workers=workers, codebook_size=16, batch_size=4, threads=1, progress=False)
+    return time.perf_counter() - t, report
+
+
+def kmeans_seconds_per_iteration(n: int, k: int, dim: int, iterations: int = 3) -> float:
+    """Median seconds of one Lloyd iteration at N = n, K = k (random seeding, random unit vectors)."""
+    from d2r.codebook import Codebook
+
+    x = np.random.default_rng(0).standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    stamps = [time.perf_counter()]
+    Codebook.train(x, size=k, iterations=iterations, seed=0, seeding="random", progress=lambda it, total, moved: stamps.append(time.perf_counter()))
+    return statistics.median(np.diff(stamps[1:])) if len(stamps) > 2 else stamps[-1] - stamps[0]
+
+
+def hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--photos", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--photos", type=int, default=120)
+    ap.add_argument("--source", choices=["roxford", "ukbench"], default="roxford")
     ap.add_argument("--features", default="xfeat")
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--kmeans-n", type=int, default=100_000)
+    ap.add_argument("--kmeans-k", type=int, default=2048)
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
+    if workers[0] != 1 or len(workers) < 2:
+        raise SystemExit("--workers: start with 1 and give at least one more count (the efficiency is measured from 1 worker)")
 
     import ray
 
-    photos = ukbench_images()[: args.photos]
+    photos = photos_of(args.source, args.photos)
     config = EngineConfig(features=args.features, detector="ssd_mobilenetv2_landmark", verification_features=1000).check()
     tmp = TMP
-    print(f"# d2r build throughput, {len(photos)} UKBench photos, {args.features} + landmark detector (crop), "
-          f"median of {args.repeats}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, ray {ray.__version__}")
+    load = os.getloadavg()
+    print(f"# d2r build throughput, {len(photos)} {args.source} photos, {args.features} + landmark detector (crop), one run each; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, "
+          f"ray {ray.__version__}")
     t0 = time.perf_counter()
     ray.init(num_cpus=max(workers), include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20,
              _temp_dir=str(tmp / "ray"))
     print(f"local Ray cluster started in {time.perf_counter() - t0:.1f} s (not in the times below)")
     try:
-        with Engine.create(config, threads=1) as engine:
-            given = engine.train_codebook(photos, size=16, progress=False)
-        rows = []
-        for mode, codebook in (("trained", None), ("given", given)):
-            times: dict[str, list] = {"single machine": [], "single, 2 threads": []}
-            times.update({f"ray, {w} worker{'s' if w > 1 else ''}": [] for w in workers})
-            for r in range(args.repeats):
-                ref = tmp / f"single-{mode}-{r}.d2r"
-                t = time.perf_counter()
-                single(photos, ref, config, codebook, 1)
-                times["single machine"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                single(photos, tmp / "two-threads.d2r", config, codebook, 2)
-                times["single, 2 threads"].append(time.perf_counter() - t)
-                shutil.rmtree(tmp / "two-threads.d2r")
-                for w in workers:
-                    out = tmp / f"ray-{mode}-{w}-{r}.d2r"
-                    t = time.perf_counter()
-                    on_ray(photos, out, config, codebook, w)
-                    times[f"ray, {w} worker{'s' if w > 1 else ''}"].append(time.perf_counter() - t)
-                    if (out / "index.d2ri").read_bytes() != (ref / "index.d2ri").read_bytes():
-                        raise SystemExit(f"{out}: index.d2ri differs from the single-machine build's")
-                    shutil.rmtree(out)
-                shutil.rmtree(ref)
-            base = statistics.median(times["single machine"])
-            for name, ts in times.items():
-                med = statistics.median(ts)
-                rows.append((mode, name, med, len(photos) / med, base / med))
-        print(f"\n{'codebook':<9} {'build':<18} {'seconds':>8} {'photos/s':>9} {'vs single':>10}")
-        for mode, name, med, rate, ratio in rows:
-            print(f"{mode:<9} {name:<18} {med:8.2f} {rate:9.2f} {ratio:9.2f}x")
-        one = next(rate for mode, name, _, rate, _ in rows if mode == "trained" and name == "ray, 1 worker")
-        print(f"\nprojection to 1M photos (trained codebook, {one:.2f} photos/s per worker, linear in workers; extrapolated):")
+        ref = tmp / "single.d2r"
+        base = single(photos, ref, config, 1)
+        from d2r.codebook import Codebook
+
+        dim = Codebook.load(ref / "codebook.d2rcb").dim
+        rows = [("one machine, 1 thread", base, None)]
+        reports = {}
+        for w in workers:
+            out = tmp / f"ray-{w}.d2r"
+            seconds, report = on_ray(photos, out, config, w)
+            if (out / "index.d2ri").read_bytes() != (ref / "index.d2ri").read_bytes():
+                raise SystemExit(f"{out}: index.d2ri differs from the single-machine build's")
+            shutil.rmtree(out)
+            reports[w] = report
+            rows.append((f"ray, {w} worker{'s' if w > 1 else ''}", seconds, report))
+        end_load = os.getloadavg()
+        n = len(photos)
+        print(f"\n{'build':<22} {'seconds':>8} {'photos/s':>9} {'vs one machine':>15}   steps (s): start, features, codebook, aggregation, merge")
+        for name, seconds, report in rows:
+            steps = ""
+            if report is not None:
+                p = report.phases
+                steps = "   " + ", ".join(f"{p.get(k, 0.0):.1f}" for k in ("start", "features", "codebook", "aggregated", "merge"))
+            print(f"{name:<22} {seconds:8.1f} {n / seconds:9.2f} {base / seconds:14.2f}x{steps}")
+
+        def parallel(report):
+            return report.phases["features"] + report.phases["aggregated"]
+
+        r1 = n / parallel(reports[1])
+        print("\nworker throughput (features + aggregation steps): " +
+              ", ".join(f"{w} worker(s) {n / parallel(reports[w]):.2f} photos/s" for w in workers))
+        w2 = workers[1]
+        eff = (n / parallel(reports[w2])) / (w2 * r1)
+        driver = (reports[1].phases["codebook"] + reports[1].phases["merge"]) / n
+        it = kmeans_seconds_per_iteration(args.kmeans_n, args.kmeans_k, dim)
+        kmeans = it * (CODEBOOK_SAMPLE * TARGET_K) / (args.kmeans_n * args.kmeans_k) * KMEANS_ITERATIONS
+        print(f"efficiency 1 -> {w2} workers: e = {eff:.2f}; driver (codebook sample + merge): {driver * 1e3:.1f} ms per photo; "
+              f"k-means: {it:.2f} s per iteration at {args.kmeans_n} x {args.kmeans_k} (D = {dim}) -> {kmeans / 60:.1f} min "
+              f"for {CODEBOOK_SAMPLE} x {TARGET_K}, {KMEANS_ITERATIONS} iterations")
+        print(f"load average at the end {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")
+        print(f"\nprojection to {TARGET:,} photos (T = 1M / (r1 C e) + 1M x driver + k-means; r1 = {r1:.2f} photos/s, e = {eff:.2f}):")
+        print(f"{'cores':>6} {'workers':>10} {'driver':>10} {'k-means':>10} {'total':>10}")
         for cores in (8, 64, 512):
-            hours = 1e6 / (one * cores) / 3600
-            print(f"  {cores:>3} cores: {hours:8.1f} h")
+            par = TARGET / (r1 * cores * eff)
+            drv = TARGET * driver
+            print(f"{cores:>6} {hours(par):>10} {hours(drv):>10} {hours(kmeans):>10} {hours(par + drv + kmeans):>10}")
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)

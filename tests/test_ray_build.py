@@ -1,4 +1,4 @@
-"""``d2r build --ray`` (issue 18) on a real Ray cluster on loopback: a head and one worker node
+"""``d2r build --ray`` and ``d2r add --ray`` (issue 18) on a real Ray cluster on loopback: a head and one worker node
 (its own raylet and worker processes, one CPU), started and stopped by this module.
 
 The bundle must be the single-machine bundle: index.d2ri (and the codebook and verification
@@ -165,6 +165,33 @@ def test_given_a_codebook_the_workers_aggregate_in_the_same_pass_and_store_no_fe
     assert report.computed == {"aggregated": 5}  # no feature shards, no codebook training
     assert same_files(ref, out) == dict.fromkeys(BUNDLE_FILES, True)
     assert list(report.skipped) == ["broken.jpg"]
+
+
+@pytest.mark.slow
+def test_adding_on_ray_writes_the_bundle_of_an_add_on_one_machine(photos, single, cluster, tmp_path):
+    """`d2r add BUNDLE PHOTOS --ray` == `d2r add BUNDLE PHOTOS` == a build of all the photos."""
+    ref, _ = single
+    good = sorted(p.name for p in photos.glob("ukbench*.jpg"))
+    for name, part in (("first", good[:5]), ("more", [*good[5:], "broken.jpg"])):
+        (tmp_path / name).mkdir()
+        for n in part:
+            shutil.copy(photos / n, tmp_path / name / n)
+    given = [f for f in FAST if f not in ("--codebook-size", "16")]
+    run = d2r_cli("build", "first", "-o", "one.d2r", *given, "--codebook", ref / "codebook.d2rcb", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    shutil.copytree(tmp_path / "one.d2r", tmp_path / "ray.d2r")
+    one = d2r_cli("add", "one.d2r", "more", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    run = d2r_cli("add", "ray.d2r", "more", "--ray", cluster.address, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "1 Ray worker(s)" in run.stdout and "wrote ray.d2r version 2: 9 images (4 added)" in run.stdout
+    assert same_files(tmp_path / "one.d2r", tmp_path / "ray.d2r") == dict.fromkeys(BUNDLE_FILES, True)
+    assert same_files(ref, tmp_path / "ray.d2r") == dict.fromkeys(BUNDLE_FILES, True)
+    info, one_info = (json.loads((tmp_path / p / "bundle.json").read_text()) for p in ("ray.d2r", "one.d2r"))
+    assert info["skipped"] == one_info["skipped"] and list(info["skipped"]) == ["broken.jpg"]
+    assert info["skipped"]["broken.jpg"].startswith("more/broken.jpg: ")
+    assert "skipped 1 photo(s)" in run.stderr and "features + aggregation: 5/5 photos" in run.stderr
+    assert not (tmp_path / "ray.d2r.shards").exists()
 
 
 class Interrupted(Exception):

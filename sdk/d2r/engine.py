@@ -220,7 +220,7 @@ class Engine:
         _check_on_error(on_error)
         if not images:
             raise InputError("images: no images to train a codebook on")
-        report = _progress(progress, "features", len(images))
+        report = _progress(progress, "features", len(images), unit="photos")
         sample = DescriptorSample(len(images), max_descriptors, seed)
         for i, img in enumerate(images):
             try:
@@ -307,7 +307,7 @@ class Engine:
             metas = list(metadata)
             if len(metas) != len(items):
                 raise InputError(f"metadata: {len(metas)} entries for {len(items)} images")
-        report = _progress(progress, "index", len(items))
+        report = _progress(progress, "index", len(items), unit="photos")
         added = []
         for n, (item, image_id, meta) in enumerate(zip(items, ids, metas)):
             try:

@@ -9,6 +9,11 @@
                   verification features) into aggregation shards;
     4. merge      the driver adds them to one index in the photos' order and saves the bundle.
 
+:func:`add` runs steps 1 (with aggregation, as for a given codebook) and 4 for photos added to
+an existing bundle: the workers load the bundle's own models (copied into the shard folder) and
+aggregate with its codebook; the driver appends to the bundle's index and saves a new version
+(the rules of :mod:`d2r.adding`, the same bundle as :func:`d2r.adding.add_to_bundle`).
+
 The index file is therefore byte for byte the one a single-machine build writes with the same
 codebook and configuration; photos that cannot be read are skipped and listed the same way. A
 build that was killed resumes from its shards (``resume=True``); a worker that dies is
@@ -29,6 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d2r._progress import duration
+from d2r.adding import AddReport, check_unchanged, split_existing
+from d2r.bundle.folder import read_bundle_info
 from d2r.codebook import Codebook, train_codebook
 from d2r.config import EngineConfig
 from d2r.engine import Engine, check_bundle_target
@@ -67,6 +75,11 @@ class BuildReport:
     computed: dict = field(default_factory=dict)
     #: process ids of the workers that returned a batch (a restarted worker has a new one)
     worker_pids: set = field(default_factory=set)
+    #: seconds of each step: start (cluster and workers), features, codebook, aggregated, merge
+    phases: dict = field(default_factory=dict)
+    #: ids added to the index (in order) and the bundle's version written (0: none written)
+    added: list = field(default_factory=list)
+    version: int = 0
 
     @property
     def photos_per_second(self) -> float:
@@ -99,7 +112,7 @@ class Progress:
         rate = (done - self.first) / (now - self.t0) if now > self.t0 and done > self.first else 0.0
         text = f"{self.stage}: {done}/{self.total} {self.unit}"
         if rate > 0:
-            text += f", {rate:.1f} {self.unit}/s" + ("" if finished else f", {_duration((self.total - done) / rate)} left")
+            text += f", {rate:.1f} {self.unit}/s" + ("" if finished else f", {duration((self.total - done) / rate)} left")
         print(f"\r{text}\033[K", end="\n" if finished else "", file=sys.stderr, flush=True)
         self.open = not finished
 
@@ -122,11 +135,6 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         raise ClusterError(f"address: no Ray cluster answers at {address} ({exc.strerror or exc})") from None
 
 
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
-
-
 def build(images, output, config: EngineConfig, *, address: str = "auto", workers: int | None = None, codebook: Codebook | None = None,
           codebook_size: int | str = "auto", seed: int = 0, metadata: dict | None = None, on_error: str = "skip", resume: bool = False,
           shards=None, batch_size: int = BATCH_SIZE, threads: int | None = 1, progress=True, protect=(), timeout: float = 600.0) -> BuildReport:
@@ -147,12 +155,41 @@ def build(images, output, config: EngineConfig, *, address: str = "auto", worker
                     progress=progress, protect=protect, timeout=timeout).run()
 
 
+def add(bundle, images, *, address: str = "auto", workers: int | None = None, metadata: dict | None = None, existing: str = "refuse",
+        on_error: str = "skip", resume: bool = False, shards=None, batch_size: int = BATCH_SIZE, threads: int | None = 1, progress=True,
+        protect=(), timeout: float = 600.0) -> AddReport:
+    """Add ``images`` (paths) to the bundle folder ``bundle`` on a Ray cluster: the same bundle
+    as :func:`d2r.adding.add_to_bundle` (its rules: ids in the bundle already refused before any
+    work, or left out with ``existing="skip"``; bad photos skipped and listed; a new version
+    written atomically, none when no photo was added). The other arguments as :func:`build`;
+    the shard folder defaults to ``BUNDLE.shards`` and holds a copy of the bundle's models."""
+    t0 = time.perf_counter()
+    bundle = Path(bundle)
+    images = [Path(p) for p in images]
+    if not images:
+        raise InputError("images: no photos to add")
+    check_bundle_target(bundle, protect=protect)
+    checksum = read_bundle_info(bundle)["checksum"]
+    with Engine.open(bundle, threads=threads) as engine:  # every file checked before any work
+        assert engine.index is not None
+        todo, present = split_existing(bundle, engine.index, images, existing)
+        config, codebook, version, n_images = engine.config, engine.codebook, engine.bundle_version, len(engine.index)
+    if not todo:
+        return AddReport(bundle, version, n_images, [], {}, present, time.perf_counter() - t0)
+    report = RayBuild(todo, bundle, config, address=address, workers=workers, codebook=codebook, metadata=metadata, on_error=on_error,
+                      resume=resume, shards=shards, batch_size=batch_size, threads=threads, progress=progress, protect=protect,
+                      timeout=timeout, base=bundle, base_checksum=checksum).run()
+    return AddReport(bundle, report.version or version, report.n_images, report.added, report.skipped, present,
+                     time.perf_counter() - t0, report.workers)
+
+
 class RayBuild:
-    """One distributed build (see :func:`build`, which takes the same arguments)."""
+    """One distributed build (see :func:`build`, which takes the same arguments; ``base``: the
+    bundle that :func:`add` adds to, whose bundle.json checksum was ``base_checksum``)."""
 
     def __init__(self, images, output, config: EngineConfig, *, address="auto", workers=None, codebook=None, codebook_size="auto", seed=0,
                  metadata=None, on_error="skip", resume=False, shards=None, batch_size=BATCH_SIZE, threads=1, progress=True, protect=(),
-                 timeout=600.0):
+                 timeout=600.0, base=None, base_checksum=None):
         self.images = [Path(p) for p in images]
         if not self.images:
             raise InputError("images: no images to build from")
@@ -184,6 +221,10 @@ class RayBuild:
         self.protect = list(protect)
         self.timeout = float(timeout)
         self.n_batches = math.ceil(len(self.images) / self.batch_size)
+        self.base = None if base is None else Path(base)
+        if self.base is not None and self.codebook is None:
+            raise InputError("codebook: adding to a bundle needs the bundle's codebook")
+        self.base_checksum = base_checksum
         self.actors: list = []
         self.report = BuildReport(self.output, 0, {}, 0.0, 0)
         self._ray: Any = None  # the ray module, imported by run()
@@ -193,8 +234,11 @@ class RayBuild:
     def plan(self) -> dict:
         origin = ({"given": self.codebook.checksum} if self.codebook is not None else
                   {"size": self.codebook_size, "seed": self.seed, "max_descriptors": CODEBOOK_SAMPLE, "iterations": CODEBOOK_ITERATIONS})
-        return {"photos": [str(p.absolute()) for p in self.images], "config": asdict(self.config), "batch_size": self.batch_size,
+        plan = {"photos": [str(p.absolute()) for p in self.images], "config": asdict(self.config), "batch_size": self.batch_size,
                 "codebook": origin}
+        if self.base is not None:
+            plan["add_to"] = str(self.base.absolute())
+        return plan
 
     def batch(self, b: int) -> list[tuple[str, str, str]]:
         """(image id, absolute path, the path as given) of each photo of batch ``b``: workers read
@@ -205,6 +249,7 @@ class RayBuild:
     # -- the build ------------------------------------------------------------------------------
     def run(self) -> BuildReport:
         t0 = time.perf_counter()
+        phases = self.report.phases
         check_bundle_target(self.output, protect=self.protect)  # before hours of work, not after
         if self.folder.root.resolve() == self.output.resolve():
             raise InputError(f"shards: {self.folder.root} is the bundle folder itself")
@@ -212,17 +257,22 @@ class RayBuild:
         try:
             self._connect()  # an unreachable cluster leaves no shard folder behind
             self.folder.start(self.plan(), self.resume)
+            if self.base is not None:
+                self.folder.copy_models(self.base / "models")
             self._start_workers()
+            phases["start"] = time.perf_counter() - t0
             root = str(self.folder.root)
             if self.codebook is not None:  # one pass: features, regions, aggregation; no feature shards
-                codebook = self._codebook()
-                self._phase("aggregated", lambda actor, b: actor.build.remote(root, b, self.batch(b)), self._check_photos)
+                codebook = self._timed("codebook", self._codebook)
+                self._timed("aggregated", self._phase, "aggregated", lambda actor, b: actor.build.remote(root, b, self.batch(b)),
+                            self._check_photos)
             else:
-                self._phase("features", lambda actor, b: actor.features.remote(root, b, self.batch(b)), self._check_photos)
-                codebook = self._codebook()
-                self._phase("aggregated", lambda actor, b: actor.aggregate.remote(root, b))
+                self._timed("features", self._phase, "features", lambda actor, b: actor.features.remote(root, b, self.batch(b)),
+                            self._check_photos)
+                codebook = self._timed("codebook", self._codebook)
+                self._timed("aggregated", self._phase, "aggregated", lambda actor, b: actor.aggregate.remote(root, b))
             self._stop_workers()
-            self._merge(codebook)
+            self._timed("merge", self._merge, codebook)
         finally:
             self.progress.end_line()
             self._stop_workers()
@@ -230,6 +280,13 @@ class RayBuild:
         self.folder.remove()
         self.report.seconds = time.perf_counter() - t0
         return self.report
+
+    def _timed(self, name: str, func, *args):
+        t = time.perf_counter()
+        try:
+            return func(*args)
+        finally:
+            self.report.phases[name] = time.perf_counter() - t
 
     def _import_ray(self) -> None:
         try:
@@ -269,7 +326,8 @@ class RayBuild:
         n = self.n_workers or cpus
         self.report.workers = n
         remote = ray.remote(PhotoWorker).options(num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
-        self.actors = [remote.remote(asdict(self.config), self.threads) for _ in range(n)]
+        models = str(self.folder.models_manifest) if self.base is not None else None
+        self.actors = [remote.remote(asdict(self.config), self.threads, models) for _ in range(n)]
         self.report.worker_pids |= set(self._get([a.pid.remote() for a in self.actors], "starting the workers"))
 
     def _stop_workers(self) -> None:
@@ -373,25 +431,40 @@ class RayBuild:
         self.progress.report(iteration)
 
     def _merge(self, codebook: Codebook) -> None:
-        """Add every photo's aggregation to one index in the photos' order; save the bundle."""
+        """Add every photo's aggregation to one index in the photos' order (after the base
+        bundle's images when adding to one); save the bundle."""
         self.progress.start("merge", 0, len(self.images))
-        skipped = {}
+        skipped, added = {}, []
         n = 0
-        with Engine.create(self.config, codebook=codebook, threads=self.threads) as engine:
+        if self.base is not None:
+            engine = Engine.open(self.base, threads=self.threads)
+            if engine.codebook is None or engine.codebook.checksum != codebook.checksum:
+                engine.close()
+                raise InputError(f"{self.base}: its codebook is not the one the photos were aggregated with; nothing was added")
+        else:
+            engine = Engine.create(self.config, codebook=codebook, threads=self.threads)
+        with engine:
             for b in range(self.n_batches):
                 for name, error, aggregated, packed in self.folder.read_aggregated(b):
                     if error is not None:
                         if self.on_error == "raise":
                             raise ImageError(error)
                         skipped[name] = error
+                        engine.skipped[name] = error
                     else:
                         engine.add_aggregated(name, aggregated, self._meta(name), packed)
+                        engine.skipped.pop(name, None)
+                        added.append(name)
                     n += 1
                 self.progress.report(n)
-            engine.skipped = skipped
-            engine.save(self.output, protect=self.protect)
+            if self.base is None or added:  # adding nothing writes no new version
+                if self.base_checksum is not None:
+                    check_unchanged(self.base, self.base_checksum)
+                engine.save(self.output, protect=self.protect)
+                self.report.version = engine.bundle_version
             self.report.n_images = len(engine.index) if engine.index is not None else 0
         self.report.skipped = dict(sorted(skipped.items()))
+        self.report.added = added
 
     def _meta(self, name: str):
         return None if self.metadata is None else self.metadata.get(name)

@@ -6,6 +6,8 @@ that every node of the cluster sees.
     features/000012/       batch 12's features and regions (``photos.json`` and one .npy per
                            field of :class:`d2r.features.Features`, every region concatenated)
     codebook.d2rcb         the codebook (trained on the driver from the feature shards, or given)
+    models/                adding to a bundle: a copy of the bundle's models (manifest.json and
+                           the files it lists), which the workers load
     aggregated/000012.pkl  batch 12's aggregations and packed verification features (and the
                            errors of the photos left out)
 
@@ -118,6 +120,24 @@ class ShardFolder:
     @property
     def codebook_path(self) -> Path:
         return self.root / "codebook.d2rcb"
+
+    @property
+    def models_manifest(self) -> Path:
+        return self.root / "models" / "manifest.json"
+
+    def copy_models(self, source) -> None:
+        """Copy a bundle's ``models/`` folder here (once: a resumed add keeps the first copy),
+        so that the workers load the bundle's own models from the shared shard folder."""
+        final = self.root / "models"
+        if final.is_dir():
+            return
+        tmp = self.root / f".models.{uuid.uuid4().hex}.tmp"
+        try:
+            shutil.copytree(source, tmp)
+            os.rename(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
     # -- feature shards ---------------------------------------------------------------------------
     def write_features(self, batch: int, photos: list[PhotoShard]) -> None:

@@ -23,9 +23,11 @@ from .shards import PhotoShard, ShardFolder
 class PhotoWorker:
     """Features and regions of batches of photos, then their aggregations."""
 
-    def __init__(self, config: dict, threads: int | None = 1):
+    def __init__(self, config: dict, threads: int | None = 1, models: str | None = None):
+        """models: the manifest.json of the models to load (a bundle's own, when adding to it);
+        None: the models installed with d2r."""
         self.config = EngineConfig(**config).check()
-        self.pipeline = Pipeline.load(self.config, threads=threads)
+        self.pipeline = Pipeline.load(self.config, models, threads=threads)
         self._codebook_key: tuple | None = None
 
     def pid(self) -> int:

@@ -1,6 +1,6 @@
 """The ``d2r`` command line.
 
-Each command is one small module of this package (``build``, ``query``, ``codebook``,
+Each command is one small module of this package (``build``, ``add``, ``query``, ``codebook``,
 ``warmup``, ``sync``): it adds its parser, parses the flags into the library's configuration
 objects (checked once, here) and calls the library, whose errors name parameters, never flags.
 They are registered through ``_SUBCOMMANDS``: ``(module, function)`` pairs whose function takes
@@ -25,6 +25,7 @@ from ..errors import D2RError
 _SUBCOMMANDS: list[tuple[str, str]] = [
     ("d2r.cli.codebook", "register"),
     ("d2r.cli.build", "register"),
+    ("d2r.cli.add", "register"),
     ("d2r.cli.query", "register"),
     ("d2r.cli.warmup", "register"),
     ("d2r.cli.sync", "register_cli"),

@@ -1,10 +1,11 @@
 """Seconds per photo of a single-machine build, before and after the cheaper build (issue 18),
 split by stage, measured side by side in one process through the shipped Engine.
 
-    before: regions="crop" (each box's crop upscaled to the whole canvas and extracted), and the
-            index pass extracts every photo's whole-photo features again (two passes);
-    after:  regions="pack" (four crops per model run, each in a quarter of the canvas) and
-            d2r.memo.FeatureMemo (the index pass reuses the codebook pass's features).
+    before:       regions="crop" (each box's crop upscaled to the whole canvas and extracted),
+                  and the index pass extracts every photo's whole-photo features again;
+    crop + memo:  the same, with d2r.memo.FeatureMemo (the index pass reuses the codebook
+                  pass's whole-photo features: the same bundle, byte for byte): `d2r build`;
+    pack + memo:  regions="pack" (four crops per model run, each in a quarter of the canvas).
 
 "runs' worth" is the time per photo over the median time of one whole-photo extraction (one
 full-canvas model run and its decoding) measured in the same run. k-means is reported apart:
@@ -55,6 +56,7 @@ class Clock:
                 self.n[name] += 1
                 if self.stack:  # do not count it twice
                     self.t[self.stack[-1]] -= dt
+        timed.__wrapped__ = fn
         return timed
 
 
@@ -67,19 +69,26 @@ def build(photos, mode: str, memo_on: bool, threads: int, codebook_size: int, sc
         ex = p.features.extractor
         model = ex.model
         run = model.run
-        model.run = clock.wrap("model", run)
-        fstage = p.features
-        whole_call = fstage.extractor.extract
+        in_crops = "crop features (host)"
+        timed_run = {k: clock.wrap(k, run) for k in ("model (whole photo)", "model (crops)")}
 
-        def whole(img):
+        def model_run(*a, **k):
+            return timed_run["model (crops)" if in_crops in clock.stack else "model (whole photo)"](*a, **k)
+
+        model.run = model_run
+        whole_call = clock.wrap("whole features (host)", ex.extract)
+
+        def extract(img):
+            if in_crops in clock.stack:  # a crop on its own canvas (regions="crop")
+                return whole_call.__wrapped__(img)
             t0 = time.perf_counter()
-            out = clock.wrap("whole features (host)", whole_call)(img)
+            out = whole_call(img)
             whole_times.append(time.perf_counter() - t0)
             return out
 
-        fstage.extractor.extract = whole
+        ex.extract = extract
         p.regions.detect = clock.wrap("detector", p.regions.detect)
-        p.regions.region_features = clock.wrap("crop features (host)", p.regions.region_features)
+        p.regions.region_features = clock.wrap(in_crops, p.regions.region_features)
         orig_train = engine_module.train_codebook
         engine_module.train_codebook = clock.wrap("k-means", orig_train)
         memo = FeatureMemo(scratch) if memo_on else None
@@ -93,8 +102,8 @@ def build(photos, mode: str, memo_on: bool, threads: int, codebook_size: int, sc
             engine_module.train_codebook = orig_train
             if memo is not None:
                 memo.close()
-    # model time inside each host stage: split the model's time by who called it
-    return dict(clock.t), {"total": total, "model_runs": clock.n["model"], "kmeans": clock.t["k-means"]}, whole_times
+    runs = clock.n["model (whole photo)"] + clock.n["model (crops)"]
+    return dict(clock.t), {"total": total, "model_runs": runs, "kmeans": clock.t["k-means"]}, whole_times
 
 
 def main() -> int:
@@ -114,7 +123,7 @@ def main() -> int:
     photos = photos[::step][: args.photos]
     n = len(photos)
     print(f"{n} photos from {folder}, {args.threads} thread(s), K={args.codebook_size}, load {os.getloadavg()[0]:.1f}", flush=True)
-    runs = {"before": ("crop", False), "after": ("pack", True)}
+    runs = {"before": ("crop", False), "crop + memo": ("crop", True), "pack + memo": ("pack", True)}
     got = defaultdict(list)
     for r in range(args.rounds):
         for name, (mode, memo_on) in runs.items():
@@ -123,22 +132,29 @@ def main() -> int:
             print(f"round {r + 1} {name}: {(info['total'] - info['kmeans']) / n:.3f} s/photo, {info['model_runs'] / n:.2f} model runs/photo",
                   flush=True)
     print()
-    print(f"| stage (s per photo, median of {args.rounds}) | before | after |")
-    print("|---|---|---|")
-    names = ["model", "whole features (host)", "crop features (host)", "detector", "aggregation"]
+    keys = list(runs)
+    print(f"| stage (s per photo, median of {args.rounds}) | " + " | ".join(keys) + " |")
+    print("|---" * (len(keys) + 1) + "|")
+
+    def row(label, values, fmt="{:.3f}"):
+        print(f"| {label} | " + " | ".join(fmt.format(v) for v in values) + " |")
+
+    def med(k, f):
+        return statistics.median(f(*g) for g in got[k])
+
+    names = ["model (whole photo)", "whole features (host)", "model (crops)", "crop features (host)", "detector", "aggregation"]
     for s in names:
-        row = [statistics.median(st.get(s, 0.0) for st, _, _ in got[k]) / n for k in runs]
-        print(f"| {s} | {row[0]:.3f} | {row[1]:.3f} |")
-    tot = {k: statistics.median((i["total"] - i["kmeans"]) / n for _, i, _ in got[k]) for k in runs}
-    one = {k: statistics.median(w for _, _, w in got[k]) for k in runs}
-    mr = {k: statistics.median(i["model_runs"] / n for _, i, _ in got[k]) for k in runs}
-    km = {k: statistics.median(i["kmeans"] for _, i, _ in got[k]) for k in runs}
-    print(f"| **total, without k-means** | **{tot['before']:.3f}** | **{tot['after']:.3f}** |")
-    print(f"| model runs per photo (feature model) | {mr['before']:.2f} | {mr['after']:.2f} |")
-    print(f"| one whole-photo extraction (median) | {one['before']:.3f} | {one['after']:.3f} |")
-    print(f"| runs' worth per photo (total / one extraction) | {tot['before'] / one['before']:.2f} | {tot['after'] / one['after']:.2f} |")
-    print(f"| k-means, whole build (s) | {km['before']:.1f} | {km['after']:.1f} |")
-    print(f"\nafter / before: {tot['after'] / tot['before']:.2f}x the time per photo ({tot['before'] / tot['after']:.2f}x faster)")
+        row(s, [med(k, lambda st, i, w: st.get(s, 0.0) / n) for k in keys])
+    tot = {k: med(k, lambda st, i, w: (i["total"] - i["kmeans"]) / n) for k in keys}
+    one = {k: med(k, lambda st, i, w: w) for k in keys}
+    row("**total, without k-means**", [tot[k] for k in keys], "**{:.3f}**")
+    row("feature model runs per photo", [med(k, lambda st, i, w: i["model_runs"] / n) for k in keys], "{:.2f}")
+    row("one whole-photo extraction (median)", [one[k] for k in keys])
+    row("runs' worth per photo (total / one extraction)", [tot[k] / one[k] for k in keys], "{:.2f}")
+    row("k-means, whole build (s)", [med(k, lambda st, i, w: i["kmeans"]) for k in keys], "{:.1f}")
+    print()
+    for k in keys[1:]:
+        print(f"{k} / before: {tot[k] / tot['before']:.2f}x the time per photo ({tot['before'] / tot[k]:.2f}x faster)")
     return 0
 
 

@@ -213,7 +213,7 @@ class LightGlue:
         for i in range(LAYERS):
             feed["mask0"], feed["mask1"] = mask0, mask1
             out = self.pieces[f"layer{i}"](feed)
-            feed = {"states0": out["states0"], "states1": out["states1"], "keypoints0": kp0, "keypoints1": kp1}
+            feed = {"states0": out["next_states0"], "states1": out["next_states1"], "keypoints0": kp0, "keypoints1": kp1}
             if i == LAYERS - 1:
                 break
             th = confidence_threshold(i)

@@ -532,7 +532,7 @@ def convert(out_dir, keypoints: int = DEFAULT_KEYPOINTS, tflite=("fp32", "fp16")
             tmp_manifest = out_dir / f".{stem(keypoints)}_{fmt}_{precision}.json"
             update_manifest(tmp_manifest, written)
             try:
-                res = evaluate(lambda ee: LightGlue.load(tmp_manifest, backend=fmt, precision=precision, threads=threads, early_exit=ee))
+                res = evaluate(lambda ee, m=tmp_manifest, f=fmt, p=precision: LightGlue.load(m, backend=f, precision=p, threads=threads, early_exit=ee))
             finally:
                 tmp_manifest.unlink()
             shipped = keep is None or (fmt, precision) in keep

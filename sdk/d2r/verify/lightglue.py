@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,7 +109,7 @@ class LightGlue:
         early_exit: adaptive depth and point pruning (LightGlue's defaults); False runs all layers on all points.
     """
 
-    def __init__(self, pieces: dict[str, Piece], keypoints: int, early_exit: bool = True,
+    def __init__(self, pieces: Mapping[str, Piece], keypoints: int, early_exit: bool = True,
                  filter_threshold: float = FILTER_THRESHOLD, depth_confidence: float = DEPTH_CONFIDENCE,
                  width_confidence: float = WIDTH_CONFIDENCE, models=()):
         missing = [p for p in [f"layer{i}" for i in range(LAYERS)] + ["assign"] if p not in pieces]
@@ -152,7 +152,8 @@ class LightGlue:
                 raise ModelError(f"{man.path}: {NAME} {backend} {precision} exists for N = {sizes}; pass keypoints=")
             keypoints = sizes[0]
         by_piece = {m.geometry.get("piece"): m for m in entries if int(m.defaults.get("keypoints", 0)) == keypoints}
-        models, pieces = [], {}
+        models: list = []
+        pieces: dict[str, Piece] = {}
         try:
             for piece in [f"layer{i}" for i in range(LAYERS)] + ["assign"]:
                 if piece not in by_piece:

@@ -356,7 +356,10 @@ class Engine:
         manifest; about a second per verified photo on one core, docs/usage.md).
         Verified hits carry their inlier count (:attr:`d2r.Hit.inliers`).
         """
-        verify = _verify_matcher(verify)
+        if verify is not False:
+            from .verify.lightglue import matcher_name
+
+            verify = matcher_name(verify)
         top_k = positive_int(top_k, "top_k")
         verify_top = positive_int(verify_top, "verify_top")
         codebook, index = self._require_index()
@@ -396,12 +399,9 @@ class Engine:
 
     def _lightglue_matcher(self, dim: int):
         """LightGlue from the models' manifest (``$D2R_MODELS_DIR`` or the shipped ``models/``), loaded once."""
-        from .verify.lightglue import INPUT_DIM, LightGlue
+        from .verify.lightglue import LightGlue, check_features
 
-        if dim != INPUT_DIM:
-            name = self.feature_entry.name if self.feature_entry is not None else "these features"
-            raise InputError(f"verify='lightglue': LightGlue matches {INPUT_DIM}-D ALIKED-n16 descriptors; {name} gives {dim}-D "
-                             "(build the bundle with features='aliked_n16', or use verify=True)")
+        check_features(dim, self.feature_entry.name if self.feature_entry is not None else None)
         if self._lightglue is None:
             self._lightglue = LightGlue.load(threads=self.threads, accelerator=self.accelerator)
         return self._lightglue
@@ -588,17 +588,3 @@ def _raw_entry(entry) -> dict:
 
 
 _find_entry = find_entry
-
-
-VERIFY_MATCHERS = ("nn", "lightglue")
-
-
-def _verify_matcher(value) -> str | bool:
-    """``query(verify=...)``: False, or the matcher's name (True is the default matcher, ``"nn"``)."""
-    if value is False or value is None:
-        return False
-    if value is True:
-        return "nn"
-    if value in VERIFY_MATCHERS:
-        return value
-    raise InputError(f"verify: expected True, False or one of {', '.join(VERIFY_MATCHERS)}, got {value!r}")

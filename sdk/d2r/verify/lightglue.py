@@ -45,6 +45,28 @@ WIDTH_CONFIDENCE = 0.99
 Piece = Callable[[dict], dict]
 
 
+#: the matchers of ``Engine.query(verify=...)``: nearest neighbours (the default) and LightGlue
+MATCHERS = ("nn", "lightglue")
+
+
+def matcher_name(value) -> str | bool:
+    """``verify=`` of a query: False, or the matcher's name (True is the default matcher, ``"nn"``)."""
+    if value is False or value is None:
+        return False
+    if value is True:
+        return "nn"
+    if value in MATCHERS:
+        return value
+    raise InputError(f"verify: expected True, False or one of {', '.join(MATCHERS)}, got {value!r}")
+
+
+def check_features(dim: int, name: str | None = None) -> None:
+    """Raise :class:`InputError` unless descriptors of dimension ``dim`` fit LightGlue for ALIKED."""
+    if dim != INPUT_DIM:
+        raise InputError(f"verify='lightglue': LightGlue matches {INPUT_DIM}-D ALIKED-n16 descriptors; {name or 'these features'} "
+                         f"gives {dim}-D (build the bundle with features='aliked_n16', or use verify=True)")
+
+
 def confidence_threshold(layer: int, n_layers: int = LAYERS) -> float:
     """LightGlue's token-confidence threshold after layer ``layer`` (0-based)."""
     return float(np.clip(0.8 + 0.1 * math.exp(-4.0 * layer / n_layers), 0.0, 1.0))

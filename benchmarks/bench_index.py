@@ -36,6 +36,22 @@ the per-pass totals, 1 thread); and the crc32 of every word (what the lazy check
 the whole file has been read) against ``idx.verify()``.
 
     python benchmarks/bench_index.py --integrity --sizes 10000 100000
+
+``--search`` measures the search against the memory floor of the posting lists it reads
+(issue 18), for each D of ``--dims`` and each N: per query, the entries of its 500 words'
+posting lists, the floor (one thread reading every byte of those lists once, summed as uint16
+and uint64 words: ``touched_read``), the search (``Index.search``, top 100, file mapped and in
+the page cache) with 1 thread and with ``--threads`` threads; ``--rounds`` rounds over the
+queries, interleaved, the fastest of each per query, then the median over the queries. The
+floor and the 1-thread search are timed by the calling thread's CPU time (on a shared machine
+the wall clock also counts the time the scheduler gives other jobs) and by the wall clock; the
+threads by the wall clock and the CPU time of the process (all threads). It prints ns per
+touched entry, the ratio to the floor, the growth from N / 10 to N (time and entries), the
+speed-up of the threads, and whether both thread counts gave the same hits. D = 64 and 128;
+``--widen N`` makes the D > 64 files of N images and more from the D = 64 file of the same N
+(same images and words, new random codes) instead of building them again.
+
+    python benchmarks/bench_index.py --search --sizes 10000 100000 1000000 --dims 64 128 --widen 1000000 --keep --reuse
 """
 
 from __future__ import annotations
@@ -146,11 +162,48 @@ def add_images(idx, data, start, n, chunk=50_000):
             idx.add(f"img{c0 + i:07d}", d2r.Aggregation("asmk_star", data.dim, words[a:b], codes=codes[a:b]))
 
 
+def index_path(folder: Path, n, words, dim) -> Path:
+    return folder / (f"index_{n}_{words}w.d2ri" if dim == DIM else f"index_{n}_{words}w_{dim}d.d2ri")
+
+
+def widen(src: Path, dst: Path, data, cb, chunk_entries=1 << 22):
+    """Write at ``dst`` the index file of ``src`` (a D = 64 file of this benchmark) at D =
+    ``data.dim``: the same images, items and words, new uniform random codes (as a build would
+    draw them), written by the index's own writer. Much faster than building, for the 1M
+    files: returns seconds."""
+    from d2r.index import format as fmt
+    from d2r.index.postings import IndexParams
+
+    t0 = time.perf_counter()
+    f = fmt.read(src, mmap=True)
+    b = f.postings
+    params = IndexParams(K, data.dim, "asmk_star", f.params.alpha, f.params.tau, f.params.normalize, cb.checksum)
+    start = f.directory["image_item_start"]
+    n_images, n_items, nb = start.shape[0] - 1, int(start[-1]), b.n_blocks
+    word_end = b.offsets[nb :: nb].astype(np.int64)  # entries before the end of each word
+    rng = np.random.default_rng([data.seed, data.dim])
+
+    def chunks():
+        w0 = 0
+        while w0 < K:
+            base = int(b.offsets[w0 * nb])
+            w1 = min(max(int(np.searchsorted(word_end, base + chunk_entries, side="right")), w0 + 1), K)
+            end = int(word_end[w1 - 1])
+            counts = np.diff(b.offsets[w0 * nb : w1 * nb + 1].astype(np.int64))
+            yield np.array(b.low[base:end]), rng.integers(0, 256, (end - base, data.nbytes), dtype=np.uint8), counts, w0
+            w0 = w1
+
+    fmt.write(dst, params, {name: f.directory[name] for name in fmt.DIRECTORY_SECTIONS}, n_images, n_items, f.n_entries, nb,
+              chunks())
+    f.close()
+    return time.perf_counter() - t0
+
+
 def build_d2r(data, n, folder: Path, cb, round_size, reuse=False):
     """Build an N-image index file: in memory up to round_size images, then incrementally
     (open the file mapped, add the next round, save a new file). Returns (path, seconds);
     with ``reuse`` an existing file of a previous --keep run is taken (seconds = nan)."""
-    final = folder / (f"index_{n}_{data.words}w.d2ri" if data.dim == DIM else f"index_{n}_{data.words}w_{data.dim}d.d2ri")
+    final = index_path(folder, n, data.words, data.dim)
     if reuse and final.exists():
         return final, float("nan")
     t0 = time.perf_counter()
@@ -395,6 +448,9 @@ def main(argv=None):
                     help="measure search against the memory floor of its posting lists, 1 and --threads threads, instead")
     ap.add_argument("--dims", type=int, nargs="+", default=[DIM], help="descriptor dimensions D (--search; 64 or 128)")
     ap.add_argument("--threads", type=int, default=2, help="threads of the parallel search (--search)")
+    ap.add_argument("--widen", type=int, default=0,
+                    help="--search: make the files of N >= this at D > 64 from the D = 64 file of the same N (same images "
+                         "and words, new random codes) instead of building them (0: build every file)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds over the queries (--search; the fastest round counts)")
     ap.add_argument("--words", type=int, default=300,
                     help="median words per image (default 300; fewer make a file with as many images, and as large a "
@@ -408,7 +464,8 @@ def main(argv=None):
     queries = data.queries(args.queries)
     print(f"# d2r {d2r.__version__}, numba {numba.__version__} ({numba.config.THREADING_LAYER} threading layer, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), numpy {np.__version__}, python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} cores; K={K} D={DIM}, median {data.words} words per image, Zipf 0.5 (imbalance {data.imbalance:.2f}), "
+          f"{os.cpu_count()} cores; K={K} D={args.dims if args.search else DIM}, median {data.words} words per image, "
+          f"Zipf 0.5 (imbalance {data.imbalance:.2f}), "
           f"{args.queries} queries of 500 words, top 100", flush=True)
     rows = []
     if args.search:
@@ -417,7 +474,14 @@ def main(argv=None):
             cb = d2r.Codebook(np.random.default_rng(1).standard_normal((K, dim)).astype(np.float32))
             queries = data.queries(args.queries)
             for n in args.sizes:
-                path, build = build_d2r(data, n, folder, cb, args.round, args.reuse)
+                if args.widen and n >= args.widen and dim > 64:
+                    path = index_path(folder, n, data.words, dim)
+                    if not (args.reuse and path.exists()):
+                        cb64 = d2r.Codebook(np.random.default_rng(1).standard_normal((K, 64)).astype(np.float32))
+                        src, _ = build_d2r(Synthetic(words=args.words, dim=64), n, folder, cb64, args.round, args.reuse)
+                        print(f"# N={n} D={dim}: widened from {src.name} in {widen(src, path, data, cb):.0f} s", flush=True)
+                else:
+                    path, build = build_d2r(data, n, folder, cb, args.round, args.reuse)
                 gc.collect()
                 r = bench_search(path, cb, queries, args.rounds, args.threads)
                 r.update(N=n, D=dim)

@@ -377,10 +377,11 @@ def _chunk_top_k(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, c
 
 @njit(cache=True, nogil=True)
 def _part(p, n_parts, binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, seg_lo,
-          seg_hi, chunk, item_start, item_words, dead, normalize, use_mean, edge, heaps_s, heaps_i, sizes, oks):
-    """Part p of n_parts: chunks [p * C // n_parts, (p + 1) * C // n_parts) of the C chunks."""
+          seg_hi, chunk, item_start, item_words, dead, normalize, use_mean, edge, acc, heaps_s, heaps_i, sizes, oks):
+    """Part p of n_parts: chunks [p * C // n_parts, (p + 1) * C // n_parts) of the C chunks,
+    scored in ``acc`` (float64 [chunk]; allocated by the caller, outside any parallel region:
+    freeing memory inside one costs every running thread a TLB flush)."""
     n_chunks = (seg_hi - seg_lo + chunk - 1) // chunk
-    acc = np.empty(chunk)
     size = 0
     ok = True
     for c in range(p * n_chunks // n_parts, (p + 1) * n_chunks // n_parts):
@@ -460,8 +461,9 @@ def ivf_top_k(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, code
     sizes = np.zeros(1, dtype=np.int64)
     oks = np.ones(1, dtype=np.bool_)
     edge = np.empty(seg_hi - seg_lo)
+    acc = np.empty(chunk)
     _part(0, 1, binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, seg_lo, seg_hi,
-          chunk, item_start, item_words, dead, normalize, use_mean, edge, heaps_s, heaps_i, sizes, oks)
+          chunk, item_start, item_words, dead, normalize, use_mean, edge, acc, heaps_s, heaps_i, sizes, oks)
     out_i, out_s = _merge_parts(1, seg_lo, seg_hi, chunk, item_start, dead, use_mean, edge, heaps_s, heaps_i, sizes, k)
     return oks[0], out_i, out_s
 
@@ -476,8 +478,9 @@ def ivf_top_k_parallel(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, 
     sizes = np.zeros(n_parts, dtype=np.int64)
     oks = np.ones(n_parts, dtype=np.bool_)
     edge = np.empty(seg_hi - seg_lo)
+    accs = np.empty((n_parts, chunk))
     for p in prange(n_parts):
         _part(p, n_parts, binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, seg_lo,
-              seg_hi, chunk, item_start, item_words, dead, normalize, use_mean, edge, heaps_s, heaps_i, sizes, oks)
+              seg_hi, chunk, item_start, item_words, dead, normalize, use_mean, edge, accs[p], heaps_s, heaps_i, sizes, oks)
     out_i, out_s = _merge_parts(n_parts, seg_lo, seg_hi, chunk, item_start, dead, use_mean, edge, heaps_s, heaps_i, sizes, k)
     return oks.all(), out_i, out_s

@@ -36,6 +36,22 @@ the per-pass totals, 1 thread); and the crc32 of every word (what the lazy check
 the whole file has been read) against ``idx.verify()``.
 
     python benchmarks/bench_index.py --integrity --sizes 10000 100000
+
+``--search`` measures the search against the memory floor of the posting lists it reads
+(issue 18), for each D of ``--dims`` and each N: per query, the entries of its 500 words'
+posting lists, the floor (one thread reading every byte of those lists once, summed as uint16
+and uint64 words: ``touched_read``), the search (``Index.search``, top 100, file mapped and in
+the page cache) with 1 thread and with ``--threads`` threads; ``--rounds`` rounds over the
+queries, interleaved, the fastest of each per query, then the median over the queries. The
+floor and the 1-thread search are timed by the calling thread's CPU time (on a shared machine
+the wall clock also counts the time the scheduler gives other jobs) and by the wall clock; the
+threads by the wall clock and the CPU time of the process (all threads). It prints ns per
+touched entry, the ratio to the floor, the growth from N / 10 to N (time and entries), the
+speed-up of the threads, and whether both thread counts gave the same hits. D = 64 and 128;
+``--widen N`` makes the D > 64 files of N images and more from the D = 64 file of the same N
+(same images and words, new random codes) instead of building them again.
+
+    python benchmarks/bench_index.py --search --sizes 10000 100000 1000000 --dims 64 128 --widen 1000000 --keep --reuse
 """
 
 from __future__ import annotations
@@ -95,8 +111,10 @@ def _draw_words(cdf, perm, counts, seed):
 
 
 class Synthetic:
-    def __init__(self, seed=0, zipf=0.5, words=300):
+    def __init__(self, seed=0, zipf=0.5, words=300, dim=DIM):
         self.words = words
+        self.dim = dim
+        self.nbytes = dim // 8
         rng = np.random.default_rng(seed)
         p = 1.0 / np.arange(1, K + 1) ** zipf
         p /= p.sum()
@@ -110,15 +128,15 @@ class Synthetic:
         rng = np.random.default_rng([self.seed, start])
         counts = np.clip(np.round(rng.lognormal(np.log(self.words), 0.4, n)), max(self.words // 10, 1), 1500).astype(np.int64)
         words = _draw_words(self.cdf, self.perm, counts, (self.seed * 7919 + start) % (2**31))
-        codes = rng.integers(0, 256, (words.shape[0], NBYTES), dtype=np.uint8)
+        codes = rng.integers(0, 256, (words.shape[0], self.nbytes), dtype=np.uint8)
         return counts, words, codes
 
     def queries(self, n, n_words=500):
         rng = np.random.default_rng([self.seed, 10**9])
         counts = np.full(n, n_words, dtype=np.int64)
         words = _draw_words(self.cdf, self.perm, counts, self.seed + 12345)
-        codes = rng.integers(0, 256, (words.shape[0], NBYTES), dtype=np.uint8)
-        return [d2r.Aggregation("asmk_star", DIM, words[i * n_words : (i + 1) * n_words],
+        codes = rng.integers(0, 256, (words.shape[0], self.nbytes), dtype=np.uint8)
+        return [d2r.Aggregation("asmk_star", self.dim, words[i * n_words : (i + 1) * n_words],
                                 codes=codes[i * n_words : (i + 1) * n_words]) for i in range(n)]
 
 
@@ -141,14 +159,51 @@ def add_images(idx, data, start, n, chunk=50_000):
         begins = ends - counts
         for i in range(m):
             a, b = begins[i], ends[i]
-            idx.add(f"img{c0 + i:07d}", d2r.Aggregation("asmk_star", DIM, words[a:b], codes=codes[a:b]))
+            idx.add(f"img{c0 + i:07d}", d2r.Aggregation("asmk_star", data.dim, words[a:b], codes=codes[a:b]))
+
+
+def index_path(folder: Path, n, words, dim) -> Path:
+    return folder / (f"index_{n}_{words}w.d2ri" if dim == DIM else f"index_{n}_{words}w_{dim}d.d2ri")
+
+
+def widen(src: Path, dst: Path, data, cb, chunk_entries=1 << 22):
+    """Write at ``dst`` the index file of ``src`` (a D = 64 file of this benchmark) at D =
+    ``data.dim``: the same images, items and words, new uniform random codes (as a build would
+    draw them), written by the index's own writer. Much faster than building, for the 1M
+    files: returns seconds."""
+    from d2r.index import format as fmt
+    from d2r.index.postings import IndexParams
+
+    t0 = time.perf_counter()
+    f = fmt.read(src, mmap=True)
+    b = f.postings
+    params = IndexParams(K, data.dim, "asmk_star", f.params.alpha, f.params.tau, f.params.normalize, cb.checksum)
+    start = f.directory["image_item_start"]
+    n_images, n_items, nb = start.shape[0] - 1, int(start[-1]), b.n_blocks
+    word_end = b.offsets[nb :: nb].astype(np.int64)  # entries before the end of each word
+    rng = np.random.default_rng([data.seed, data.dim])
+
+    def chunks():
+        w0 = 0
+        while w0 < K:
+            base = int(b.offsets[w0 * nb])
+            w1 = min(max(int(np.searchsorted(word_end, base + chunk_entries, side="right")), w0 + 1), K)
+            end = int(word_end[w1 - 1])
+            counts = np.diff(b.offsets[w0 * nb : w1 * nb + 1].astype(np.int64))
+            yield np.array(b.low[base:end]), rng.integers(0, 256, (end - base, data.nbytes), dtype=np.uint8), counts, w0
+            w0 = w1
+
+    fmt.write(dst, params, {name: f.directory[name] for name in fmt.DIRECTORY_SECTIONS}, n_images, n_items, f.n_entries, nb,
+              chunks())
+    f.close()
+    return time.perf_counter() - t0
 
 
 def build_d2r(data, n, folder: Path, cb, round_size, reuse=False):
     """Build an N-image index file: in memory up to round_size images, then incrementally
     (open the file mapped, add the next round, save a new file). Returns (path, seconds);
     with ``reuse`` an existing file of a previous --keep run is taken (seconds = nan)."""
-    final = folder / f"index_{n}_{data.words}w.d2ri"
+    final = index_path(folder, n, data.words, data.dim)
     if reuse and final.exists():
         return final, float("nan")
     t0 = time.perf_counter()
@@ -159,7 +214,7 @@ def build_d2r(data, n, folder: Path, cb, round_size, reuse=False):
         m = min(round_size, n - done)
         idx = d2r.Index(cb, kind="asmk_star") if path is None else d2r.Index.open(path, codebook=cb)
         add_images(idx, data, done, m)
-        new_path = folder / f"index_{n}_{r}.d2ri"
+        new_path = final.with_name(f"{final.stem}.round{r}.d2ri")
         idx.save(new_path)
         idx.close()
         del idx
@@ -295,6 +350,90 @@ def print_integrity(rows, n_queries):
               flush=True)
 
 
+@njit(cache=True, nogil=True)
+def touched_read(qwords, offsets, n_blocks, low, codes):
+    """The memory floor of a query: read every byte of the posting lists of ``qwords`` once
+    (each word's item numbers and codes are contiguous), summed as uint16 and uint64 words, which
+    the compiler vectorises, so that nothing can be skipped. ``codes``: uint64 [E * W] (flat).
+    Returns (sum, entries)."""
+    t = np.uint64(0)
+    n = 0
+    w_per = codes.shape[0] // max(low.shape[0], 1)
+    for qi in range(qwords.shape[0]):
+        w = np.int64(qwords[qi])
+        a = np.int64(offsets[w * n_blocks])
+        e = np.int64(offsets[(w + 1) * n_blocks])
+        s = np.uint64(0)
+        for i in range(a, e):
+            s += np.uint64(low[i])
+        for i in range(a * w_per, e * w_per):
+            s += codes[i]
+        t += s
+        n += e - a
+    return t, n
+
+
+def bench_search(path, cb, queries, rounds, threads=2):
+    """Search cost against the memory floor, in this process (see ``--search`` in the docstring).
+
+    For every query: the entries its posting lists hold, and over ``rounds`` rounds (queries
+    interleaved; each round: the floor, search with 1 thread, search with ``threads`` threads)
+    the fastest of each, by the calling thread's CPU time (1 thread: what the work costs, not
+    counting time the scheduler gave to other jobs) and by wall-clock time (both thread counts).
+    Returns medians over the queries."""
+    idx = d2r.Index.open(path, mmap=True, codebook=cb, verify=False)
+    base = idx._store.base
+    codes = base.codes.view(np.uint64).reshape(-1)
+    entries = np.array([base.run_entries(q.words.astype(np.int64)) for q in queries], dtype=np.float64)
+    numba.set_num_threads(1)
+    for q in queries:  # first pass: map the posting lists into the process, compile
+        idx.search(q, top_k=100)
+        touched_read(q.words, base.offsets, base.n_blocks, base.low, codes)
+    keys = ("floor_cpu", "floor", "t1_cpu", "t1", "t2", "t2_cpu")
+    best = {m: np.full(len(queries), np.inf) for m in keys}
+    same = True
+
+    def timed(i, cpu_key, wall_key, f, clock=time.thread_time):
+        c, t = clock(), time.perf_counter()
+        out = f()
+        t, c = time.perf_counter() - t, clock() - c
+        best[wall_key][i] = min(best[wall_key][i], t)
+        if cpu_key:
+            best[cpu_key][i] = min(best[cpu_key][i], c)
+        return out
+
+    for _ in range(rounds):
+        for i, q in enumerate(queries):
+            timed(i, "floor_cpu", "floor", lambda: touched_read(q.words, base.offsets, base.n_blocks, base.low, codes))
+            numba.set_num_threads(1)
+            h1 = timed(i, "t1_cpu", "t1", lambda: idx.search(q, top_k=100))
+            numba.set_num_threads(threads)
+            h2 = timed(i, "t2_cpu", "t2", lambda: idx.search(q, top_k=100), time.process_time)  # CPU of all threads
+            same &= [(h.image_id, h.score) for h in h1] == [(h.image_id, h.score) for h in h2]
+    numba.set_num_threads(1)
+    idx.close()
+    med = statistics.median
+    out = {k + "_ms": 1000 * med(v) for k, v in best.items()}
+    out.update(entries=med(entries), ns=med(1e9 * best["t1_cpu"] / entries), floor_ns=med(1e9 * best["floor_cpu"] / entries),
+               ratio=med(best["t1_cpu"] / best["floor_cpu"]), ratio_wall=med(best["t1"] / best["floor"]),
+               speedup=med(best["t1"] / best["t2"]), cpu2=med(best["t2_cpu"] / best["t1_cpu"]), same=same)
+    return out
+
+
+def print_search(rows, threads):
+    print("| D | N | entries per query | floor, CPU ms | search 1 thread, CPU ms | ns per touched entry (floor) | ratio to the floor, "
+          f"CPU (wall) | growth from N / 10: time (entries) | 1 thread / {threads} threads, wall ms | speed-up | "
+          f"CPU of {threads} threads / 1 thread | same hits, 1 / {threads} threads |")
+    print("|---" * 12 + "|")
+    by = {(r["D"], r["N"]): r for r in rows}
+    for r in rows:
+        prev = by.get((r["D"], r["N"] // 10))
+        growth = f"{r['t1_cpu_ms'] / prev['t1_cpu_ms']:.1f}x ({r['entries'] / prev['entries']:.1f}x)" if prev else "-"
+        print(f"| {r['D']} | {r['N']:,} | {r['entries']:,.0f} | {r['floor_cpu_ms']:.2f} | {r['t1_cpu_ms']:.2f} | "
+              f"{r['ns']:.2f} ({r['floor_ns']:.2f}) | {r['ratio']:.2f} ({r['ratio_wall']:.2f}) | {growth} | "
+              f"{r['t1_ms']:.2f} / {r['t2_ms']:.2f} | {r['speedup']:.2f}x | {r['cpu2']:.2f} | {'yes' if r['same'] else 'NO'} |", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
@@ -305,6 +444,14 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the index files")
     ap.add_argument("--reuse", action="store_true", help="time index files kept by an earlier --keep run instead of building")
     ap.add_argument("--integrity", action="store_true", help="measure the cost of the file checks instead (see the docstring)")
+    ap.add_argument("--search", action="store_true",
+                    help="measure search against the memory floor of its posting lists, 1 and --threads threads, instead")
+    ap.add_argument("--dims", type=int, nargs="+", default=[DIM], help="descriptor dimensions D (--search; 64 or 128)")
+    ap.add_argument("--threads", type=int, default=2, help="threads of the parallel search (--search)")
+    ap.add_argument("--widen", type=int, default=0,
+                    help="--search: make the files of N >= this at D > 64 from the D = 64 file of the same N (same images "
+                         "and words, new random codes) instead of building them (0: build every file)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds over the queries (--search; the fastest round counts)")
     ap.add_argument("--words", type=int, default=300,
                     help="median words per image (default 300; fewer make a file with as many images, and as large a "
                          "directory, at a fraction of the build time)")
@@ -317,9 +464,37 @@ def main(argv=None):
     queries = data.queries(args.queries)
     print(f"# d2r {d2r.__version__}, numba {numba.__version__} ({numba.config.THREADING_LAYER} threading layer, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}), numpy {np.__version__}, python {sys.version.split()[0]}, "
-          f"{os.cpu_count()} cores; K={K} D={DIM}, median {data.words} words per image, Zipf 0.5 (imbalance {data.imbalance:.2f}), "
+          f"{os.cpu_count()} cores; K={K} D={args.dims if args.search else DIM}, median {data.words} words per image, "
+          f"Zipf 0.5 (imbalance {data.imbalance:.2f}), "
           f"{args.queries} queries of 500 words, top 100", flush=True)
     rows = []
+    if args.search:
+        for dim in args.dims:
+            data = Synthetic(words=args.words, dim=dim)
+            cb = d2r.Codebook(np.random.default_rng(1).standard_normal((K, dim)).astype(np.float32))
+            queries = data.queries(args.queries)
+            for n in args.sizes:
+                if args.widen and n >= args.widen and dim > 64:
+                    path = index_path(folder, n, data.words, dim)
+                    if not (args.reuse and path.exists()):
+                        cb64 = d2r.Codebook(np.random.default_rng(1).standard_normal((K, 64)).astype(np.float32))
+                        src, _ = build_d2r(Synthetic(words=args.words, dim=64), n, folder, cb64, args.round, args.reuse)
+                        print(f"# N={n} D={dim}: widened from {src.name} in {widen(src, path, data, cb):.0f} s", flush=True)
+                else:
+                    path, build = build_d2r(data, n, folder, cb, args.round, args.reuse)
+                gc.collect()
+                r = bench_search(path, cb, queries, args.rounds, args.threads)
+                r.update(N=n, D=dim)
+                rows.append(r)
+                print_search(rows[-1:], args.threads)
+                if not args.keep:
+                    path.unlink()
+                print(f"# load average {os.getloadavg()}", flush=True)
+        print()
+        print_search(rows, args.threads)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        return
     if args.integrity:
         for n in args.sizes:
             path, build = build_d2r(data, n, folder, cb, args.round, args.reuse)

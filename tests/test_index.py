@@ -189,17 +189,13 @@ def test_many_blocks_and_threads(tmp_path, monkeypatch):
     finally:
         numba.set_num_threads(default)
     assert opened._store.base.n_blocks == 2
-    # Any number of item chunks (chunk edges inside and across blocks) gives the same scores.
-    b = opened._store.base
-    table = d2r.kernels.selectivity_table(dim, 3.0, 0.0)
-    qc = np.ascontiguousarray(q.codes).view(np.uint64)
-    ref = None
-    for n_chunks in (1, 2, 3, 7, 64):
-        scores = np.zeros(n)
-        assert d2r.kernels.ivf_score_binary(q.words, qc, b.offsets, b.n_blocks, b.shift, b.low, b.codes.view(np.uint64),
-                                            table, 0, n, n, n_chunks, scores)
-        ref = scores if ref is None else ref
-        assert np.array_equal(scores, ref)
+    # Any number of parts and any chunking (chunk edges inside and across blocks) give the same hits.
+    qwords = d2r.index.search.query_words(opened._params, "q", q)
+    for chunk in (1 << 16, 1 << 12, 1000):
+        monkeypatch.setattr(d2r.index.search, "CHUNK_ITEMS", chunk)
+        for parts in (1, 2, 3, 7):
+            images, scores = opened._searcher.top_k_images(opened._store, q, qwords, 50, False, "max", threads=parts)
+            assert [(str(i), float(s)) for i, s in zip(images, scores)] == want
 
 
 def test_add_after_search_and_remove_delta():

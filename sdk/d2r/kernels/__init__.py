@@ -25,19 +25,7 @@ from .aggregation import normalize_words, pack_signs, residual_sums
 from .clustering import ASSIGN_RTOL, accumulate_clusters, kmeanspp_seed, row_sqnorms, update_nearest
 from .keypoints import bilinear_sample, cell_heatmap, local_maxima
 from .postings import group_by_word, ivf_check_entries, merge_ivf_words
-from .similarity import (
-    asmk_similarity,
-    asmk_star_similarity,
-    finish_item_scores,
-    hamming_similarity,
-    ivf_binary_range,
-    ivf_float_range,
-    ivf_score_binary,
-    ivf_score_float,
-    pool_top_k,
-    selectivity,
-    selectivity_table,
-)
+from .similarity import asmk_similarity, asmk_star_similarity, hamming_similarity, ivf_top_k, ivf_top_k_parallel, selectivity, selectivity_table
 
 __all__ = [
     "ASSIGN_RTOL",
@@ -46,20 +34,16 @@ __all__ = [
     "asmk_star_similarity",
     "bilinear_sample",
     "cell_heatmap",
-    "finish_item_scores",
     "group_by_word",
     "hamming_similarity",
-    "ivf_binary_range",
     "ivf_check_entries",
-    "ivf_float_range",
-    "ivf_score_binary",
-    "ivf_score_float",
+    "ivf_top_k",
+    "ivf_top_k_parallel",
     "kmeanspp_seed",
     "local_maxima",
     "merge_ivf_words",
     "normalize_words",
     "pack_signs",
-    "pool_top_k",
     "residual_sums",
     "row_sqnorms",
     "selectivity",

@@ -95,11 +95,23 @@ def asmk_similarity(words_a, vecs_a, words_b, vecs_b, alpha, tau):
 # ``low[e]`` the item number minus the block start. The file stores shift = 16 (uint16 ``low``,
 # two bytes per entry); the in-memory delta uses one block with shift = 32 (uint32 ``low``).
 #
+# Search is blocked by items: the items of a segment are cut into *chunks* (by default one
+# stored block, 2**16 items: a float64 score buffer of 512 KiB that stays in the core's L2
+# cache). A chunk zeroes its buffer, scans the runs of every query word in that chunk (in
+# ascending word order), finishes each item's score (-1 without words, the normalisation),
+# pools the images that lie wholly inside the chunk (max or mean) into a top-k heap, and leaves
+# the final scores of its other items (those of an image cut by a chunk edge) in ``edge``; those
+# images are pooled at the end. No array of the size of the collection is read or written per
+# query besides the per-item word counts and the image ranges, once each.
+#
 # Exactness: an item's score is accumulated in float64 in ascending query-word order, which is
 # the order of the merge-join in ``asmk_star_similarity``; the binary kernel adds the values of
 # ``selectivity_table`` (``selectivity`` of ``1 - 2 h / D`` for every Hamming distance h,
 # computed with the same expression as ``hamming_similarity``), so the result is bit-for-bit
-# the brute-force similarity. Threads split the item range, never a sum.
+# the brute-force similarity. Every item lies in exactly one chunk, so its sum is never split;
+# threads take whole chunks, and the heaps are merged under a strict total order (score
+# descending, then image number ascending), so the top k do not depend on the chunking nor on
+# the number of threads.
 
 @_nb_intrinsic
 def _popcount(typingctx, x):
@@ -124,7 +136,8 @@ def selectivity_table(dim, alpha, tau):
 
 @njit(cache=True, nogil=True)
 def _run_bounds(offsets, low, run, block, shift, item_lo, item_hi):
-    """Entries [a, b) of run ``run`` (word, block) whose items lie in [item_lo, item_hi)."""
+    """Entries [a, b) of run ``run`` (word, block) whose items lie in [item_lo, item_hi)
+    (binary searches only where the range cuts the block)."""
     a = np.int64(offsets[run])
     b = np.int64(offsets[run + 1])
     base = np.int64(block) << shift
@@ -151,102 +164,100 @@ def _run_bounds(offsets, low, run, block, shift, item_lo, item_hi):
 
 
 @njit(cache=True, nogil=True)
-def ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, item_lo, item_hi, n_items, scores):
-    """Add the ASMK* contributions of the items in [item_lo, item_hi); return False if an
-    entry names an item >= n_items (corrupt file)."""
+def _scan_binary(q, codes, table, low, a, b, off, acc, n):
+    """acc[off + low[e]] += table[popcount(codes[e] ^ q)] for entries [a, b); an entry outside
+    acc[:n] is skipped and False returned (a corrupt file)."""
     ok = True
-    if n_blocks == 0:
-        return ok
-    b_first = item_lo >> shift
-    b_last = min((item_hi - 1) >> shift, n_blocks - 1)
     nw = codes.shape[1]
-    for qi in range(qwords.shape[0]):
-        w = np.int64(qwords[qi])
-        q = qcodes[qi]
-        for blk in range(b_first, b_last + 1):
-            a, b = _run_bounds(offsets, low, w * n_blocks + blk, blk, shift, item_lo, item_hi)
-            base = np.int64(blk) << shift
-            for e in range(a, b):
-                item = base + np.int64(low[e])
-                if item >= n_items:
-                    ok = False
-                    continue
-                ones = 0
-                for j in range(nw):
-                    ones += np.int64(_popcount(codes[e, j] ^ q[j]))
-                scores[item] += table[ones]
+    un = np.uint64(n)
+    if nw == 2:  # D = 128 as two uint64 words
+        q0 = q[0]
+        q1 = q[1]
+        for e in range(a, b):
+            i = off + np.int64(low[e])
+            if np.uint64(i) >= un:
+                ok = False
+                continue
+            acc[i] += table[_popcount(codes[e, 0] ^ q0) + _popcount(codes[e, 1] ^ q1)]
+    elif nw == 1:  # D = 64
+        q0 = q[0]
+        for e in range(a, b):
+            i = off + np.int64(low[e])
+            if np.uint64(i) >= un:
+                ok = False
+                continue
+            acc[i] += table[_popcount(codes[e, 0] ^ q0)]
+    else:
+        for e in range(a, b):
+            i = off + np.int64(low[e])
+            if np.uint64(i) >= un:
+                ok = False
+                continue
+            ones = 0
+            for j in range(nw):
+                ones += np.int64(_popcount(codes[e, j] ^ q[j]))
+            acc[i] += table[ones]
     return ok
 
 
 @njit(cache=True, nogil=True)
-def ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, item_lo, item_hi, n_items, scores):
-    """As ``ivf_binary_range`` for ASMK: s = dot product of unit residuals (float64)."""
+def _scan_float(q, vecs, alpha, tau, low, a, b, off, acc, n):
+    """As ``_scan_binary`` for ASMK: selectivity of the float64 dot product of unit residuals."""
     ok = True
+    un = np.uint64(n)
+    dim = vecs.shape[1]
+    for e in range(a, b):
+        i = off + np.int64(low[e])
+        if np.uint64(i) >= un:
+            ok = False
+            continue
+        s = 0.0
+        for d in range(dim):
+            s += np.float64(q[d]) * np.float64(vecs[e, d])
+        acc[i] += selectivity(s, alpha, tau)
+    return ok
+
+
+@njit(cache=True, nogil=True)
+def _score_chunk(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, lo, hi, seg_hi,
+                 acc):
+    """acc[i - lo] = the un-normalised similarity of the query with item i, for i in [lo, hi)
+    (acc may be longer). Returns False if an entry names an item beyond seg_hi, the end of the
+    segment (a corrupt file; such entries are skipped).
+
+    A run needs a binary search only where the chunk cuts its block: not at all when chunks are
+    whole stored blocks, as by default (the last chunk of the segment takes its block's runs
+    whole: an entry beyond seg_hi is corrupt and is caught by the range check)."""
+    ok = True
+    span = hi - lo
+    acc[:span] = 0.0
     if n_blocks == 0:
         return ok
-    b_first = item_lo >> shift
-    b_last = min((item_hi - 1) >> shift, n_blocks - 1)
-    dim = vecs.shape[1]
-    for qi in range(qwords.shape[0]):
-        w = np.int64(qwords[qi])
-        q = qvecs[qi]
-        for blk in range(b_first, b_last + 1):
-            a, b = _run_bounds(offsets, low, w * n_blocks + blk, blk, shift, item_lo, item_hi)
-            base = np.int64(blk) << shift
-            for e in range(a, b):
-                item = base + np.int64(low[e])
-                if item >= n_items:
-                    ok = False
-                    continue
-                s = 0.0
-                for d in range(dim):
-                    s += np.float64(q[d]) * np.float64(vecs[e, d])
-                scores[item] += selectivity(s, alpha, tau)
+    b_first = lo >> shift
+    b_last = min((hi - 1) >> shift, n_blocks - 1)
+    for blk in range(b_first, b_last + 1):  # items of different blocks are distinct: any order
+        base = np.int64(blk) << shift
+        top = hi if hi < seg_hi else base + (np.int64(1) << shift)
+        for qi in range(qwords.shape[0]):  # ascending words: the merge-join's order
+            w = np.int64(qwords[qi])
+            a, b = _run_bounds(offsets, low, w * n_blocks + blk, blk, shift, lo, top)
+            if b > a:
+                if binary:
+                    ok &= _scan_binary(qcodes[qi], codes, table, low, a, b, base - lo, acc, span)
+                else:
+                    ok &= _scan_float(qvecs[qi], vecs, alpha, tau, low, a, b, base - lo, acc, span)
     return ok
 
 
-@njit(cache=True, parallel=True, nogil=True)
-def ivf_score_binary(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, item_lo, item_hi, n_items, n_chunks, scores):
-    """Accumulate ASMK* scores of items [item_lo, item_hi) into float64 ``scores`` [n_items].
-
-    qwords: uint32 [q] ascending; qcodes: [q, W] and codes: [E, W] packed codes as uint8 or
-    uint64 words (same dtype); offsets: uint64/int64 [K * n_blocks + 1]; low: uint16/uint32
-    [E]; table: ``selectivity_table``. The item range is cut into ``n_chunks`` parts scored in
-    parallel. Returns False if the inverted file names an item >= n_items (the segment's end).
-    """
-    span = item_hi - item_lo
-    flags = np.ones(n_chunks, dtype=np.bool_)
-    for c in prange(n_chunks):
-        lo = item_lo + span * c // n_chunks
-        hi = item_lo + span * (c + 1) // n_chunks
-        if hi > lo:
-            flags[c] = ivf_binary_range(qwords, qcodes, offsets, n_blocks, shift, low, codes, table, lo, hi, n_items, scores)
-    return flags.all()
-
-
-@njit(cache=True, parallel=True, nogil=True)
-def ivf_score_float(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, item_lo, item_hi, n_items, n_chunks, scores):
-    """As ``ivf_score_binary`` for ASMK (float32 [E, D] unit residuals)."""
-    span = item_hi - item_lo
-    flags = np.ones(n_chunks, dtype=np.bool_)
-    for c in prange(n_chunks):
-        lo = item_lo + span * c // n_chunks
-        hi = item_lo + span * (c + 1) // n_chunks
-        if hi > lo:
-            flags[c] = ivf_float_range(qwords, qvecs, offsets, n_blocks, shift, low, vecs, alpha, tau, lo, hi, n_items, scores)
-    return flags.all()
-
-
 @njit(cache=True, nogil=True)
-def finish_item_scores(scores, item_words, n_query_words, normalize):
-    """Items without words (or an empty query) score -1; else optionally divide by
-    sqrt(n_query_words * n_item_words), as ``similarity(normalize=True)`` does."""
-    for i in range(scores.shape[0]):
-        n = item_words[i]
-        if n == 0 or n_query_words == 0:
-            scores[i] = -1.0
-        elif normalize:
-            scores[i] /= np.sqrt(float(n_query_words) * float(n))
+def _finish(s, n_words, n_query_words, normalize):
+    """An item's final score: -1 without words (or for an empty query), else optionally divided
+    by sqrt(n_query_words * n_item_words), as ``similarity(normalize=True)`` does."""
+    if n_words == 0 or n_query_words == 0:
+        return -1.0
+    if normalize:
+        return s / np.sqrt(float(n_query_words) * float(n_words))
+    return s
 
 
 @njit(cache=True, nogil=True)
@@ -256,65 +267,154 @@ def _worse(sa, ia, sb, ib):
 
 
 @njit(cache=True, nogil=True)
-def pool_top_k(item_scores, image_item_start, dead, use_mean, k):
-    """Image scores by max (or mean) over their items, then the k best live images.
+def _heap_push(heap_s, heap_i, size, s, img):
+    """Offer (s, img) to a min-heap of the best len(heap_s) hits ("worse" at the root); returns its new size."""
+    k = heap_s.shape[0]
+    if size < k:
+        p = size
+        while p > 0:
+            parent = (p - 1) >> 1
+            if _worse(s, img, heap_s[parent], heap_i[parent]):
+                heap_s[p] = heap_s[parent]
+                heap_i[p] = heap_i[parent]
+                p = parent
+            else:
+                break
+        heap_s[p] = s
+        heap_i[p] = img
+        return size + 1
+    if _worse(heap_s[0], heap_i[0], s, img):
+        p = 0
+        while True:
+            c = 2 * p + 1
+            if c >= size:
+                break
+            if c + 1 < size and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
+                c += 1
+            if _worse(heap_s[c], heap_i[c], s, img):
+                heap_s[p] = heap_s[c]
+                heap_i[p] = heap_i[c]
+                p = c
+            else:
+                break
+        heap_s[p] = s
+        heap_i[p] = img
+    return size
 
-    item_scores: float64 [n_items]; image_item_start: int64 [M + 1]; dead: bool [M]
-    (tombstones). The mean is a sequential float64 sum in item order divided by the count.
-    Returns (int64 [<= k] image numbers, float64 scores), best first; ties go to the image
-    added first. A partial selection with a k-element heap: O(M log k).
-    """
+
+@njit(cache=True, nogil=True)
+def _pool(acc, a, b, use_mean):
+    """Max, or sequential float64 sum / count, of acc[a:b] (an image's item scores in item order)."""
+    if use_mean:
+        t = 0.0
+        for j in range(a, b):
+            t += acc[j]
+        return t / (b - a)
+    s = acc[a]
+    for j in range(a + 1, b):
+        if acc[j] > s:
+            s = acc[j]
+    return s
+
+
+@njit(cache=True, nogil=True)
+def _better_than_root(heap_s, heap_i, size, s, img):
+    """True if (s, img) would enter the heap (cheap test before ``_heap_push``)."""
+    return size < heap_s.shape[0] or s > heap_s[0] or (s == heap_s[0] and img < heap_i[0])
+
+
+@njit(cache=True, nogil=True)
+def _chunk_top_k(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, lo, hi, seg_hi,
+                 acc, item_start, item_words, dead, normalize, use_mean, edge, seg_lo, heap_s, heap_i, size):
+    """Score items [lo, hi), offer the live images wholly inside to the heap, and store the
+    final scores of the other items in edge[item - seg_lo]. Returns (ok, new heap size)."""
+    ok = _score_chunk(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, lo, hi, seg_hi,
+                      acc)
+    nq = qwords.shape[0]
+    span = hi - lo
     m = dead.shape[0]
-    heap_i = np.empty(k, dtype=np.int64)
-    heap_s = np.empty(k)
+    first = np.searchsorted(item_start[:m], lo)  # first image starting at or after lo
+    if first + span <= m and item_start[first] == lo and item_start[first + span] == hi:
+        # One item per image (every image has at least one): image first + j is item lo + j.
+        for j in range(span):
+            img = first + j
+            if not dead[img]:
+                v = _finish(acc[j], item_words[lo + j], nq, normalize)
+                if _better_than_root(heap_s, heap_i, size, v, img):
+                    size = _heap_push(heap_s, heap_i, size, v, img)
+        return ok, size
+    for j in range(span):
+        acc[j] = _finish(acc[j], item_words[lo + j], nq, normalize)
+    img = first
+    a = item_start[img] if img < m else hi
+    while img < m:
+        b = item_start[img + 1]
+        if b > hi:
+            break
+        if b > a and not dead[img]:
+            if use_mean:  # sequential float64 sum in item order, then / count
+                v = 0.0
+                for t in range(a - lo, b - lo):
+                    v += acc[t]
+                v /= b - a
+            else:
+                v = acc[a - lo]
+                for t in range(a - lo + 1, b - lo):
+                    if acc[t] > v:
+                        v = acc[t]
+            if _better_than_root(heap_s, heap_i, size, v, img):
+                size = _heap_push(heap_s, heap_i, size, v, img)
+        a = b
+        img += 1
+    head = item_start[first] if first < m else hi
+    for i in range(lo, min(head, hi)):  # items of an image that began before lo
+        edge[i - seg_lo] = acc[i - lo]
+    tail = item_start[img] if img < m else hi
+    for i in range(max(tail, lo), hi):  # items of an image that ends after hi
+        edge[i - seg_lo] = acc[i - lo]
+    return ok, size
+
+
+@njit(cache=True, nogil=True)
+def _part(p, n_parts, binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, seg_lo,
+          seg_hi, chunk, item_start, item_words, dead, normalize, use_mean, edge, acc, heaps_s, heaps_i, sizes, oks):
+    """Part p of n_parts: chunks [p * C // n_parts, (p + 1) * C // n_parts) of the C chunks,
+    scored in ``acc`` (float64 [chunk]; allocated by the caller, outside any parallel region:
+    freeing memory inside one costs every running thread a TLB flush)."""
+    n_chunks = (seg_hi - seg_lo + chunk - 1) // chunk
     size = 0
-    for img in range(m):
-        if dead[img]:
-            continue
-        a = image_item_start[img]
-        b = image_item_start[img + 1]
-        if b <= a:
-            continue
-        if use_mean:
-            acc = 0.0
-            for t in range(a, b):
-                acc += item_scores[t]
-            s = acc / (b - a)
-        else:
-            s = item_scores[a]
-            for t in range(a + 1, b):
-                if item_scores[t] > s:
-                    s = item_scores[t]
-        if size < k:
-            # Sift up in a min-heap ordered by "worse" at the root.
-            p = size
-            size += 1
-            while p > 0:
-                parent = (p - 1) >> 1
-                if _worse(s, img, heap_s[parent], heap_i[parent]):
-                    heap_s[p] = heap_s[parent]
-                    heap_i[p] = heap_i[parent]
-                    p = parent
-                else:
-                    break
-            heap_s[p] = s
-            heap_i[p] = img
-        elif _worse(heap_s[0], heap_i[0], s, img):
-            p = 0
-            while True:
-                c = 2 * p + 1
-                if c >= size:
-                    break
-                if c + 1 < size and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
-                    c += 1
-                if _worse(heap_s[c], heap_i[c], s, img):
-                    heap_s[p] = heap_s[c]
-                    heap_i[p] = heap_i[c]
-                    p = c
-                else:
-                    break
-            heap_s[p] = s
-            heap_i[p] = img
+    ok = True
+    for c in range(p * n_chunks // n_parts, (p + 1) * n_chunks // n_parts):
+        lo = seg_lo + c * chunk
+        hi = min(lo + chunk, seg_hi)
+        good, size = _chunk_top_k(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau,
+                                  lo, hi, seg_hi, acc, item_start, item_words, dead, normalize, use_mean, edge, seg_lo,
+                                  heaps_s[p], heaps_i[p], size)
+        ok &= good
+    sizes[p] = size
+    oks[p] = ok
+
+
+@njit(cache=True, nogil=True)
+def _merge_parts(n_parts, seg_lo, seg_hi, chunk, item_start, dead, use_mean, edge, heaps_s, heaps_i, sizes, k):
+    """Pool the images cut by chunk edges (from ``edge``) and merge every part's heap: the
+    best k (images int64, scores float64), best first."""
+    heap_s = np.empty(k)
+    heap_i = np.empty(k, dtype=np.int64)
+    size = 0
+    for p in range(n_parts):
+        for j in range(sizes[p]):
+            size = _heap_push(heap_s, heap_i, size, heaps_s[p, j], heaps_i[p, j])
+    m = dead.shape[0]
+    last = -1
+    for t in range(seg_lo + chunk, seg_hi, chunk):  # chunk edges
+        img = np.searchsorted(item_start[: m + 1], t, side="right") - 1  # the image holding item t
+        if img != last and item_start[img] < t:
+            last = img
+            a = item_start[img]
+            b = item_start[img + 1]
+            if not dead[img]:
+                size = _heap_push(heap_s, heap_i, size, _pool(edge, a - seg_lo, b - seg_lo, use_mean), img)
     # Pop the heap worst-first into the output from the back.
     out_i = np.empty(size, dtype=np.int64)
     out_s = np.empty(size)
@@ -324,12 +424,11 @@ def pool_top_k(item_scores, image_item_start, dead, use_mean, k):
         last_s = heap_s[r]
         last_i = heap_i[r]
         p = 0
-        n = r
         while True:
             c = 2 * p + 1
-            if c >= n:
+            if c >= r:
                 break
-            if c + 1 < n and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
+            if c + 1 < r and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
                 c += 1
             if _worse(heap_s[c], heap_i[c], last_s, last_i):
                 heap_s[p] = heap_s[c]
@@ -340,3 +439,48 @@ def pool_top_k(item_scores, image_item_start, dead, use_mean, k):
         heap_s[p] = last_s
         heap_i[p] = last_i
     return out_i, out_s
+
+
+@njit(cache=True, nogil=True)
+def ivf_top_k(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, seg_lo, seg_hi,
+              chunk, item_start, item_words, dead, normalize, use_mean, k):
+    """The k best live images of one segment (items [seg_lo, seg_hi), whole images) for a query.
+
+    binary: ASMK* (qcodes [q, W] and codes [E, W] packed signs, uint8 or uint64 words, and
+    ``table`` = ``selectivity_table``) or ASMK (qvecs [q, D] and vecs [E, D] float32 unit
+    residuals, alpha and tau); the other pair may be empty. qwords: uint32 [q] ascending;
+    offsets, n_blocks, shift, low: the inverted file; chunk: items per chunk (a power of two
+    up to 2**shift keeps chunk edges on block edges, so no run needs a binary search);
+    item_start: int64 [M + 1] items of each image, item_words: int64 [n_items], dead: bool [M]
+    of all images (global item numbers). Returns (ok, images int64 [<= k], scores float64),
+    best first, ties to the smaller image number; ok is False if an entry names an item
+    outside the segment (a corrupt file; such entries are skipped). One thread.
+    """
+    heaps_s = np.empty((1, k))
+    heaps_i = np.empty((1, k), dtype=np.int64)
+    sizes = np.zeros(1, dtype=np.int64)
+    oks = np.ones(1, dtype=np.bool_)
+    edge = np.empty(seg_hi - seg_lo)
+    acc = np.empty(chunk)
+    _part(0, 1, binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, seg_lo, seg_hi,
+          chunk, item_start, item_words, dead, normalize, use_mean, edge, acc, heaps_s, heaps_i, sizes, oks)
+    out_i, out_s = _merge_parts(1, seg_lo, seg_hi, chunk, item_start, dead, use_mean, edge, heaps_s, heaps_i, sizes, k)
+    return oks[0], out_i, out_s
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def ivf_top_k_parallel(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, seg_lo,
+                       seg_hi, chunk, item_start, item_words, dead, normalize, use_mean, k, n_parts):
+    """``ivf_top_k`` with the chunks split into ``n_parts`` contiguous parts scored in parallel
+    (the same result, bit for bit)."""
+    heaps_s = np.empty((n_parts, k))
+    heaps_i = np.empty((n_parts, k), dtype=np.int64)
+    sizes = np.zeros(n_parts, dtype=np.int64)
+    oks = np.ones(n_parts, dtype=np.bool_)
+    edge = np.empty(seg_hi - seg_lo)
+    accs = np.empty((n_parts, chunk))
+    for p in prange(n_parts):
+        _part(p, n_parts, binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, seg_lo,
+              seg_hi, chunk, item_start, item_words, dead, normalize, use_mean, edge, accs[p], heaps_s, heaps_i, sizes, oks)
+    out_i, out_s = _merge_parts(n_parts, seg_lo, seg_hi, chunk, item_start, dead, use_mean, edge, heaps_s, heaps_i, sizes, k)
+    return oks.all(), out_i, out_s

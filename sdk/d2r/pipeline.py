@@ -41,15 +41,6 @@ CODEBOOK_SAMPLE = 500_000
 PACK_CELLS = (2, 2)
 
 
-def pack_features(max_features: int) -> int:
-    """regions="pack": the features kept per crop. A cell is a quarter of the canvas; it keeps
-    the extractor's limit (``D2R_PACK_FEATURES`` overrides it for measurements)."""
-    import os
-
-    v = os.environ.get("D2R_PACK_FEATURES")
-    return int(v) if v else int(max_features)
-
-
 def find_entry(manifest, name: str, task: str, backend: str, precision: str):
     """The manifest entry of model ``name`` (aliases resolved) for a backend and precision;
     the nearest precision when the model has no file of the one asked for."""
@@ -144,11 +135,13 @@ class RegionStage:
     def packed(self, rgb: np.ndarray, boxes) -> list:
         """Features of the crops of ``boxes``, four crops per model run (``regions="pack"``:
         :meth:`d2r.LocalFeatureExtractor.extract_crops`, each crop fitted into a quarter of the
-        canvas); a feature stage that cannot pack extracts each crop on its own."""
+        canvas); a feature stage that cannot pack extracts each crop on its own. About 3 model
+        runs per photo instead of 9; it keeps XFeat's mAP but costs ALIKED-t16 its regions' gain
+        (benchmarks/RESULTS.md, "Build time per photo"), so ``crop`` stays the default."""
         ex = getattr(self.features, "extractor", None)
         if ex is None or not hasattr(ex, "extract_crops"):
             return [self.crop(rgb, b) for b in boxes]
-        return ex.extract_crops(rgb, boxes, cells=PACK_CELLS, max_features=pack_features(ex.max_features))
+        return ex.extract_crops(rgb, boxes, cells=PACK_CELLS)
 
     def region_features(self, rgb: np.ndarray, whole: Features, boxes) -> list:
         if self.mode == "pool":

@@ -33,7 +33,7 @@ from d2r.features import Features
 from d2r.image import load_image
 from d2r.index import Index
 from d2r.manifest import ALIASES
-from d2r.pipeline import CODEBOOK_SAMPLE, WHOLE_BOX, DescriptorSample, FeatureStage, Pipeline, Regions, pack_features
+from d2r.pipeline import CODEBOOK_SAMPLE, WHOLE_BOX, DescriptorSample, FeatureStage, Pipeline, Regions
 
 from . import evaluate
 
@@ -453,7 +453,7 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         """regions="pack": the region stage packs the selected boxes together, so a photo's
         crop features depend on which boxes share a canvas: cached per set of boxes."""
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-        tag = f"pack{pack_features(ex.max_features)}-" + hashlib.sha256(boxes.tobytes()).hexdigest()[:16]
+        tag = f"pack{ex.max_features}-" + hashlib.sha256(boxes.tobytes()).hexdigest()[:16]
 
         def compute():
             out = {"n": np.array([len(boxes)])}

@@ -139,3 +139,24 @@ def test_eval_naive_rasmk_and_progress_callable(dataset, tmp_path):
     assert ("index", 42, 42) in events and ("query features", 14, 14) in events
     with pytest.raises(d2r.errors.InputError, match="needs regions"):
         run(dataset, features="xfeat", kind="naive_rasmk", regions="none", cache_dir=tmp_path / "c")
+
+
+def test_eval_packed_crops_are_the_region_stage_s(dataset, tmp_path, monkeypatch):
+    """--regions pack: the eval packs the selected boxes of each photo through the region
+    stage, as d2r build does, and caches them per box set."""
+    from d2r.pipeline import RegionStage
+
+    calls = []
+    packed = RegionStage.packed
+    monkeypatch.setattr(RegionStage, "packed", lambda self, rgb, boxes: calls.append(len(boxes)) or packed(self, rgb, boxes))
+    kw = dict(features="xfeat", kind="rasmk_star", codebook_size=64, cache_dir=tmp_path / "cache", progress=False)
+    crop = run(dataset, **kw)
+    assert calls == []
+    pack = run(dataset, regions="pack", **kw)
+    n_images = pack["n_images"]
+    assert len(calls) == n_images and sum(calls) == pytest.approx((pack["regions_per_image"] - 1) * n_images)
+    again = run(dataset, regions="pack", **kw)
+    assert len(calls) == n_images  # the second run read the cache
+    assert pack["options"]["region_mode"] == "pack" and crop["options"]["region_mode"] == "crop"
+    assert pack["regions_per_image"] == crop["regions_per_image"] > 1.5
+    assert pack["map"] == again["map"] and pack["map"]["medium"] > 50.0

@@ -48,13 +48,101 @@ class Searcher:
         self._table = None  # selectivity_table of the index's D, alpha, tau (binary kinds)
 
     def top_k(self, store: IndexStore, query: Aggregation, qwords: np.ndarray, top_k: int, normalize: bool,
-              pooling: str) -> list[Hit]:
+              pooling: str, expand: int = 0, expand_alpha: float = 3.0) -> list[Hit]:
         """The ``top_k`` best live images, best first (see ``Index.search``)."""
         store.flush()
         scores = self.item_scores(store, query, qwords, normalize)
         dead = store.dead_all()
+        if expand:
+            query = self.expanded(store, query, qwords, scores, normalize, pooling, expand, expand_alpha)
+            qwords = np.ascontiguousarray(query.words, dtype=np.uint32)
+            scores = self.item_scores(store, query, qwords, normalize)
         images, values = kernels.pool_top_k(scores, store.all_item_start(), dead, pooling == "avg", min(top_k, len(dead) or 1))
         return [Hit(store.image_id(int(i)), float(s), store.metadata(int(i))) for i, s in zip(images, values)]
+
+    def expanded(self, store: IndexStore, query: Aggregation, qwords: np.ndarray, scores: np.ndarray, normalize: bool,
+                 pooling: str, n: int, alpha: float) -> Aggregation:
+        """Query expansion (``Index.search(expand=n)``): the query merged with the best item of
+        each of its ``n`` best live images (ranked by ``scores``, the query's item scores).
+
+        Per visual word of the query or of a hit, a weighted vote: the query counts 1, hit i
+        counts ``(s_i / s_1) ** alpha``, where s_i is the normalised similarity of the query
+        with the hit's best item and s_1 that of the first hit (hits with s_i <= 0 do not
+        vote). Binary codes vote with their signs (+-1) and the expanded code is the sign of
+        the sum (a zero sum keeps the first voter's bit); float residuals are summed and
+        re-normalised (words whose sum has norm <= 1e-6 are dropped). The sums run in a fixed
+        order (query, then hits best first), so the result is the same on every CPU.
+        """
+        p = self.params
+        if not qwords.size or not store.n_items:
+            return query
+        item_start = store.all_item_start()
+        item_words = store.all_item_words()
+        dead = store.dead_all()
+        n_live = int(dead.shape[0] - np.count_nonzero(dead))
+        if n_live == 0:
+            return query
+        images, _ = kernels.pool_top_k(scores, item_start, dead, pooling == "avg", min(int(n), n_live))
+        # Normalised item scores: the weights do not depend on search(normalize=...).
+        if normalize:
+            norm = scores
+        else:
+            norm = np.full(scores.shape[0], -1.0)
+            has = item_words > 0
+            norm[has] = scores[has] / np.sqrt(float(qwords.size) * item_words[has].astype(np.float64))
+        chosen, sims = [], []
+        for img in images:
+            a, b = int(item_start[img]), int(item_start[img + 1])
+            best = a + int(np.argmax(norm[a:b]))  # the first of equal items
+            if norm[best] > 0.0:
+                chosen.append(best)
+                sims.append(float(norm[best]))
+        if not chosen:
+            return query
+        weights = [1.0] + [(s / sims[0]) ** float(alpha) for s in sims]
+        voters = [(np.asarray(query.words, dtype=np.int64), self._signed(query))]
+        voters += self._items(store, np.array(chosen, dtype=np.int64))
+        words = np.unique(np.concatenate([w for w, _ in voters]))
+        acc = np.zeros((words.shape[0], p.dim))
+        first = np.zeros((words.shape[0], p.dim))
+        seen = np.zeros(words.shape[0], dtype=np.bool_)
+        for (w, v), weight in zip(voters, weights):
+            pos = np.searchsorted(words, w)
+            acc[pos] += weight * v
+            new = pos[~seen[pos]]
+            first[new] = v[~seen[pos]]
+            seen[pos] = True
+        if p.family == "binary":
+            signs = np.where(acc == 0.0, first, acc)
+            return Aggregation(query.kind, p.dim, words.astype(np.uint32), codes=np.packbits(signs > 0.0, axis=1))
+        norms = np.sqrt(np.einsum("ij,ij->i", acc, acc))
+        keep = norms > 1e-6
+        vecs = (acc[keep] / norms[keep, None]).astype(np.float32)
+        return Aggregation(query.kind, p.dim, words[keep].astype(np.uint32), vectors=vecs)
+
+    def _signed(self, agg: Aggregation) -> np.ndarray:
+        """float64 [n, D]: +-1 per bit of binary codes, or the float residuals."""
+        if self.params.family == "binary":
+            bits = np.unpackbits(np.asarray(agg.codes, dtype=np.uint8), axis=1, count=self.params.dim)
+            return bits.astype(np.float64) * 2.0 - 1.0
+        return np.asarray(agg.vectors, dtype=np.float64)
+
+    def _items(self, store: IndexStore, items: np.ndarray) -> list:
+        """(int64 words, float64 [n, D] signs or residuals) of each stored item, in the order given."""
+        p = self.params
+        store.check_words(np.arange(p.k, dtype=np.uint32))
+        out = []
+        for item in items:
+            seg, num = (store.base, item) if item < store.base_items else (store.delta, item)
+            entries = kernels.ivf_item_entries(seg.offsets, seg.n_blocks, seg.shift, seg.low, np.array([num], np.int64), p.k)[:, 0]
+            words = np.flatnonzero(entries >= 0)
+            codes = np.asarray(seg.codes[entries[words]])
+            if p.family == "binary":
+                v = np.unpackbits(codes, axis=1, count=p.dim).astype(np.float64) * 2.0 - 1.0
+            else:
+                v = codes.view("<f4").reshape(-1, p.dim).astype(np.float64)
+            out.append((words.astype(np.int64), v))
+        return out
 
     def item_scores(self, store: IndexStore, query: Aggregation, qwords: np.ndarray, normalize: bool) -> np.ndarray:
         """float64 [n_items]: the similarity of the query with every item (tombstoned ones too)."""

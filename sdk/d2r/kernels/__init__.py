@@ -24,7 +24,7 @@ residual sums are accumulated in float64 so that binarisation (``value > 0``) an
 from .aggregation import normalize_words, pack_signs, residual_sums
 from .clustering import ASSIGN_RTOL, accumulate_clusters, kmeanspp_seed, row_sqnorms, update_nearest
 from .keypoints import bilinear_sample, cell_heatmap, local_maxima
-from .postings import group_by_word, ivf_check_entries, merge_ivf_words
+from .postings import group_by_word, ivf_check_entries, ivf_item_entries, merge_ivf_words
 from .similarity import (
     asmk_similarity,
     asmk_star_similarity,
@@ -52,6 +52,7 @@ __all__ = [
     "ivf_binary_range",
     "ivf_check_entries",
     "ivf_float_range",
+    "ivf_item_entries",
     "ivf_score_binary",
     "ivf_score_float",
     "kmeanspp_seed",

@@ -340,8 +340,12 @@ class Engine:
             return self._vfile[self._vfile_ids[image_id]]
         return None
 
-    def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool = False, verify_top: int = 100) -> QueryResult:
+    def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool = False, verify_top: int = 100,
+              expand: int = 0, expand_alpha: float = 3.0) -> QueryResult:
         """Rank the indexed images for a query photo (whole image, no detector: docs/algorithm.md).
+
+        expand: query expansion, off (0) by default: merge the query with its ``expand`` best
+        images and search again (:meth:`d2r.Index.search`; benchmarks/RESULTS.md measures it).
 
         verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
         (docs/algorithm.md section 6); needs an engine built with ``verification_features > 0``.
@@ -365,7 +369,8 @@ class Engine:
         if len(feats) == 0:  # a blank or tiny photo: nothing to compare, so nothing matches
             hits = []
         else:
-            hits = index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling)
+            hits = index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling,
+                                expand=expand, expand_alpha=expand_alpha)
         t4 = time.perf_counter()
         t.update(load_image=(t1 - t0) * 1e3, features=(t2 - t1) * 1e3, aggregation=(t3 - t2) * 1e3, search=(t4 - t3) * 1e3)
         if verify:

@@ -151,13 +151,17 @@ class FeatureCache:
         h = hashlib.sha256(f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}|{tag}".encode()).hexdigest()[:24]
         return self.dir / f"{h}.npz"
 
-    def get(self, image: Path, tag: str, compute):
+    def get(self, image: Path, tag: str, compute, keys=None):
+        """The cached arrays of (image, tag), computed and stored if missing. ``keys``: read
+        only these arrays of a stored entry (an .npz reads each array on its own), e.g. a few
+        regions of an entry that holds 25; an entry without one of them is recomputed (and
+        then returned whole)."""
         path = self._path(image, tag)
         if path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as z:
-                    return {k: z[k] for k in z.files}
-            except (OSError, ValueError):
+                    return {k: z[k] for k in (z.files if keys is None else keys)}
+            except (OSError, ValueError, KeyError):
                 pass  # a damaged cache entry is recomputed
         value = compute()
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
@@ -190,6 +194,11 @@ def cached_whole(cache: FeatureCache, ex, path):
 
     d = cache.get(path, "whole+shape", compute)
     return _unpack(d), tuple(int(v) for v in d["shape"])
+
+
+# The arrays of a cached detection entry without its crops' features, and those of one feature set.
+DETECTION_HEAD = ("boxes", "scores", "n")
+_FEATURE_KEYS = ("locations", "descriptors", "scores", "scales")
 
 
 def _pack(f: Features) -> dict:
@@ -440,25 +449,35 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
     def unpack_regions(d, keep):
         return [Features(d[f"r{i}_locations"], d[f"r{i}_descriptors"], d[f"r{i}_scores"], d[f"r{i}_scales"]) for i in keep]
 
-    def detections(p):
+    def detections(p, keys=None):
+        """The cached detections of a photo (boxes, scores, n and each box's crop features
+        r{i}_*); ``keys``: only these arrays."""
+
         def compute():
             rgb = load_image(p)
             det = stage.detect(rgb)
             out = {"boxes": det.boxes.astype(np.float32), "scores": det.scores.astype(np.float32), "n": np.array([len(det)])}
             return crops(rgb, det.boxes, out) if cfg.regions == "crop" else out
 
-        return cache.get(p, "detector" if cfg.regions == "crop" else "detector-boxes", compute)
+        return cache.get(p, "detector" if cfg.regions == "crop" else "detector-boxes", compute, keys=keys)
 
     def selected(d) -> np.ndarray:
         n = int(d["n"][0])
         return np.flatnonzero(d["scores"][:n] >= stage.threshold)[: stage.max_regions]
 
     def detected_regions(p, f, shape):
-        d = detections(p)
+        d = detections(p, DETECTION_HEAD)
         keep = selected(d)
         if cfg.regions == "pool":
             return [f.in_box(b, shape) for b in d["boxes"][keep]]
-        return unpack_regions(d, keep)
+        # read only the selected boxes' crop features (the entry holds up to MAX_REGIONS)
+        return unpack_regions(detections(p, [f"r{i}_{k}" for i in keep for k in _FEATURE_KEYS]), keep)
+
+    def n_regions_of(p, f, shape) -> int:
+        """len(regions_of(...).features), without reading the crops' features when the cache has them."""
+        if region_source == "detector" and kind not in ("asmk_star", "asmk", "vlad"):
+            return 1 + len(selected(detections(p, DETECTION_HEAD)))
+        return len(regions_of(p, f, shape).features)
 
     # The shuffled control: image k takes the boxes of image donor[k] (a derangement, fixed seed).
     if region_source == "shuffled" and len(db_paths) < 2:
@@ -468,10 +487,10 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
 
     def control_regions(p):
         if region_source == "centred":  # the zoom control: the image's own boxes, centred
-            d = detections(p)
+            d = detections(p, DETECTION_HEAD)
             boxes = centred_boxes(d["boxes"][selected(d)])
         else:
-            d = detections(db_paths[donor[db_index[str(p)]]])
+            d = detections(db_paths[donor[db_index[str(p)]]], DETECTION_HEAD)
             boxes = d["boxes"][selected(d)].astype(np.float32).reshape(-1, 4)
         tag = "boxes-" + hashlib.sha256(boxes.tobytes()).hexdigest()[:16]
         got = cache.get(p, tag, lambda: crops(load_image(p), boxes, {"n": np.array([len(boxes)])}))
@@ -499,7 +518,7 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         f, shape = whole(p)
         if sample is not None:
             sample.add(f.descriptors)
-        n_regions.append(len(regions_of(p, f, shape).features))
+        n_regions.append(n_regions_of(p, f, shape))
         report("database features" + (" and regions" if region_source != "none" else ""), i + 1, len(db_paths))
     q_feats = []
     for i, p in enumerate(q_paths):

@@ -31,7 +31,8 @@ def test_rmac_boxes_and_region_parsing():
     assert parse_regions("rmac:2") == ("rmac", 2)
     assert parse_regions("detector:ssd@0.3") == ("detector", ("ssd", 0.3))
     assert parse_regions("shuffled:landmark@0.1") == ("shuffled", ("landmark", 0.1))
-    for bad in ("rmac:0", "rmac:x", "detector:ssd@high", "shuffled:ssd@x", "grid"):
+    assert parse_regions("centred:landmark@0.2") == ("centred", ("landmark", 0.2))
+    for bad in ("rmac:0", "rmac:x", "detector:ssd@high", "shuffled:ssd@x", "centred:ssd@x", "grid"):
         with pytest.raises(d2r.InputError, match="regions"):
             parse_regions(bad)
 
@@ -89,6 +90,48 @@ def test_shuffled_boxes_control(dataset, tmp_path):
     assert one["options"]["max_regions"] == 1 and det["options"]["max_regions"] == 8  # d2r build's default
     with pytest.raises(d2r.InputError, match="max_regions"):
         run(dataset, regions="detector:landmark@0.1", max_regions=26, **kw)
+
+
+def test_centred_boxes():
+    from d2r_lab.evaluation import centred_boxes
+
+    boxes = np.array([[0.0, 0.0, 0.5, 0.25], [0.2, 0.6, 1.0, 1.0], [0.1, 0.1, 0.9, 0.9]], np.float32)
+    c = centred_boxes(boxes)
+    assert c.dtype == np.float32 and c.shape == (3, 4)
+    np.testing.assert_allclose(c[:, 2] - c[:, 0], boxes[:, 2] - boxes[:, 0], atol=1e-6)  # same heights
+    np.testing.assert_allclose(c[:, 3] - c[:, 1], boxes[:, 3] - boxes[:, 1], atol=1e-6)  # and widths
+    np.testing.assert_allclose((c[:, 0] + c[:, 2]) / 2, 0.5, atol=1e-6)
+    np.testing.assert_allclose((c[:, 1] + c[:, 3]) / 2, 0.5, atol=1e-6)
+    np.testing.assert_allclose(c[0], [0.25, 0.375, 0.75, 0.625], atol=1e-6)
+    assert centred_boxes(np.zeros((0, 4))).shape == (0, 4)
+
+
+def test_centred_control_and_scoring_variants(dataset, tmp_path):
+    from d2r_lab.evaluation import Scoring
+
+    cache = tmp_path / "cache"
+    cb_path = tmp_path / "cb.d2rcb"
+    kw = dict(features="xfeat", kind="rasmk_star", cache_dir=cache, progress=False)
+    det = run(dataset, regions="detector:landmark@0.1", codebook_size=64, **kw)
+    det["_codebook"].save(cb_path)
+    vs = [Scoring(), Scoring(alpha=2.0), Scoring(tau=0.2), Scoring(normalize=True), Scoring(expand=3, expand_alpha=0.0)]
+    ctl = run(dataset, regions="centred:landmark@0.1", codebook=cb_path, variants=vs, **kw)
+    # the image's own boxes, moved to the centre: as many regions, not the same ones
+    assert ctl["regions_per_image"] == pytest.approx(det["regions_per_image"])
+    assert ctl["options"]["regions"] == "centred:ssd_mobilenetv2_landmark@0.1"
+    assert ctl["index_bytes"] != det["index_bytes"] or ctl["map"] != det["map"]
+    # Variants rank over one aggregation: the pipeline's own scoring is the run's result, and
+    # another alpha or tau is what a run configured with it gives (aggregated again).
+    got = {(v["alpha"], v["tau"], v["normalize"], v["expand"]): v for v in ctl["variants"]}
+    assert len(got) == 5 and got[(3.0, 0.0, False, 0)]["map"] == ctl["map"]
+    for alpha, tau in ((2.0, 0.0), (3.0, 0.2)):
+        own = run(dataset, regions="centred:landmark@0.1", codebook=cb_path, alpha=alpha, tau=tau, **kw)
+        assert got[(alpha, tau, False, 0)]["map"] == own["map"]
+    assert all(v["query_ms_median"] > 0 for v in ctl["variants"])
+    with pytest.raises(d2r.InputError, match="variants"):
+        run(dataset, regions="centred:landmark@0.1", codebook=cb_path, variants=[{"alpha": 2, "gamma": 1}], **kw)
+    with pytest.raises(d2r.InputError, match="variants"):
+        run(dataset, kind="vlad", codebook_size=16, features="xfeat", cache_dir=cache, progress=False, variants=vs)
 
 
 def test_eval_cli_json(dataset, tmp_path):

@@ -3,8 +3,7 @@
     engine = d2r.Engine.create(detector="landmark", kind="rasmk_star")   # ALIKED-t16 features
     engine.train_codebook(images)              # K = 8192, fewer for small collections
     engine.add_images(images, ids=..., metadata=...)
-    res = engine.query(photo, top_k=10)      # res.hits, res.timings
-    engine.save("museum.d2r"); engine = d2r.Engine.open("museum.d2r")
+    res = engine.query(photo, top_k=10); engine.save("museum.d2r")   # res.hits, res.timings
 
 A bundle is a folder holding everything a device needs, with one ``bundle.json`` that lists
 the pipeline configuration, every file with its sha256 and size, and a checksum of itself
@@ -351,8 +350,12 @@ class Engine:
             return self._vfile[self._vfile_ids[image_id]]
         return None
 
-    def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool | str = False, verify_top: int = 100) -> QueryResult:
+    def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool | str = False, verify_top: int = 100,
+              expand: int = 0, expand_alpha: float = 3.0) -> QueryResult:
         """Rank the indexed images for a query photo (whole image, no detector: docs/algorithm.md).
+
+        expand: query expansion, off (0) by default: merge the query with its ``expand`` best
+        images and search again (:meth:`d2r.Index.search`; benchmarks/RESULTS.md measures it).
 
         verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
         (docs/algorithm.md section 6); needs an engine built with ``verification_features > 0``.
@@ -384,7 +387,8 @@ class Engine:
         if len(feats) == 0:  # a blank or tiny photo: nothing to compare, so nothing matches
             hits = []
         else:
-            hits = index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling)
+            hits = index.search(agg, top_k=max(top_k, verify_top) if verify else top_k, normalize=normalize, pooling=self.config.pooling,
+                                expand=expand, expand_alpha=expand_alpha)
         t4 = time.perf_counter()
         t.update(load_image=(t1 - t0) * 1e3, features=(t2 - t1) * 1e3, aggregation=(t3 - t2) * 1e3, search=(t4 - t3) * 1e3)
         if verify:

@@ -42,6 +42,8 @@ DETECT_FLOOR = 0.1
 # Detector boxes kept per image (the detector's own cap); ``--max-regions`` keeps fewer.
 MAX_REGIONS = 25
 EVAL_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star", "asmk", "rasmk", "naive_rasmk", "vlad", "rvlad")
+# Region controls for a detector: its boxes dealt to other photos, or moved to the centre.
+BOX_CONTROLS = ("shuffled", "centred")
 # Aggregations the Engine does not ship: the lab's baselines.
 LAB_KINDS = tuple(k for k in EVAL_KINDS if k not in ENGINE_KINDS)
 
@@ -65,11 +67,15 @@ def rmac_boxes(height: int, width: int, levels: int) -> list:
 
 
 def parse_regions(value: str):
-    """``none`` | ``rmac:L`` | ``detector:NAME@THRESH`` | ``shuffled:NAME@THRESH`` -> (source, parameter).
+    """``none`` | ``rmac:L`` | ``detector:NAME@THRESH`` | ``shuffled:NAME@THRESH`` |
+    ``centred:NAME@THRESH`` -> (source, parameter).
 
     ``shuffled`` is a control for the detector: each database image gets the boxes the detector
     found on another database image (a fixed derangement), re-extracted on its own pixels. The
     number, sizes and shapes of the regions are the detector's; only where they fall is not.
+    ``centred`` is the zoom control: each image's own detector boxes, moved to the centre of the
+    photo (:func:`centred_boxes`): the same count and sizes, so the same upscaling of crops,
+    but not where the detector put them.
     """
     if value == "none":
         return "none", None
@@ -81,7 +87,7 @@ def parse_regions(value: str):
         if not 1 <= levels <= 5:
             raise InputError(f"regions: rmac:L needs L in 1..5, got {value!r}")
         return "rmac", levels
-    for source in ("detector", "shuffled"):
+    for source in ("detector", "shuffled", "centred"):
         if value.startswith(source + ":"):
             name, _, thresh = value[len(source) + 1:].partition("@")
             try:
@@ -89,7 +95,16 @@ def parse_regions(value: str):
             except ValueError:
                 raise InputError(f"regions: expected {source}:NAME@THRESHOLD, got {value!r}") from None
             return source, (name or "ssd", t)
-    raise InputError(f"regions: expected none, rmac:L, detector:NAME@THRESH or shuffled:NAME@THRESH, got {value!r}")
+    raise InputError(f"regions: expected none, rmac:L, detector:NAME@THRESH, shuffled:NAME@THRESH or centred:NAME@THRESH, got {value!r}")
+
+
+def centred_boxes(boxes) -> np.ndarray:
+    """Normalised boxes [n, 4] (ymin, xmin, ymax, xmax) of the same heights and widths,
+    centred on the photo (0.5, 0.5): float32 [n, 4]."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    h = np.clip(b[:, 2] - b[:, 0], 0.0, 1.0)
+    w = np.clip(b[:, 3] - b[:, 1], 0.0, 1.0)
+    return np.stack([0.5 - h / 2, 0.5 - w / 2, 0.5 + h / 2, 0.5 + w / 2], axis=1).astype(np.float32)
 
 
 def _derangement(n: int, seed: int) -> np.ndarray:
@@ -136,13 +151,17 @@ class FeatureCache:
         h = hashlib.sha256(f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}|{tag}".encode()).hexdigest()[:24]
         return self.dir / f"{h}.npz"
 
-    def get(self, image: Path, tag: str, compute):
+    def get(self, image: Path, tag: str, compute, keys=None):
+        """The cached arrays of (image, tag), computed and stored if missing. ``keys``: read
+        only these arrays of a stored entry (an .npz reads each array on its own), e.g. a few
+        regions of an entry that holds 25; an entry without one of them is recomputed (and
+        then returned whole)."""
         path = self._path(image, tag)
         if path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as z:
-                    return {k: z[k] for k in z.files}
-            except (OSError, ValueError):
+                    return {k: z[k] for k in (z.files if keys is None else keys)}
+            except (OSError, ValueError, KeyError):
                 pass  # a damaged cache entry is recomputed
         value = compute()
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
@@ -195,6 +214,11 @@ def cached_whole(cache: FeatureCache, ex, path):
     return _unpack(d), tuple(int(v) for v in d["shape"])
 
 
+# The arrays of a cached detection entry without its crops' features, and those of one feature set.
+DETECTION_HEAD = ("boxes", "scores", "n")
+_FEATURE_KEYS = ("locations", "descriptors", "scores", "scales")
+
+
 def _pack(f: Features) -> dict:
     return {"locations": f.locations, "descriptors": f.descriptors, "scores": f.scores, "scales": f.scales}
 
@@ -212,7 +236,8 @@ class Experiment:
 
     feature_source: ``rootsift`` or ``aliked`` (torch): features without a converted model.
     region_source: ``rmac:L`` (an R-MAC grid pooling whole-photo features) or
-        ``shuffled`` (the detector's boxes dealt to other photos: a control).
+        ``shuffled`` (the detector's boxes dealt to other photos: a control) or ``centred``
+        (each photo's detector boxes moved to its centre: the zoom control).
     kind: an aggregation the Engine does not ship (``asmk``, ``rasmk``, ``naive_rasmk``, ``vlad``, ``rvlad``).
     """
 
@@ -230,17 +255,17 @@ class Experiment:
         self.pipeline.check()
         if self.kind is not None and self.kind not in LAB_KINDS:
             raise InputError(f"kind: expected one of {', '.join(EVAL_KINDS)}, got {self.kind!r}")
-        if self.region_source is not None and self.region_source != "shuffled":
+        if self.region_source is not None and self.region_source not in BOX_CONTROLS:
             source, _ = parse_regions(self.region_source)
             if source != "rmac":
-                raise InputError(f"region_source: expected rmac:L or shuffled, got {self.region_source!r} (detector regions are pipeline.detector)")
+                raise InputError(f"region_source: expected rmac:L, shuffled or centred, got {self.region_source!r} (detector regions are pipeline.detector)")
         if self.feature_source is not None:
             from .feature_sources import SOURCES
 
             if self.feature_source not in SOURCES:
                 raise InputError(f"feature_source: expected one of {', '.join(SOURCES)}, got {self.feature_source!r}")
-        if self.region_source == "shuffled" and not self.pipeline.detector:
-            raise InputError("region_source: the shuffled control deals the detector's boxes; the pipeline has no detector")
+        if self.region_source in BOX_CONTROLS and not self.pipeline.detector:
+            raise InputError(f"region_source: the {self.region_source} control moves the detector's boxes; the pipeline has no detector")
         if not 0 <= int(self.pipeline.max_regions) <= MAX_REGIONS:
             raise InputError(f"max_regions: expected 0 to {MAX_REGIONS} (the detector's own cap), got {self.pipeline.max_regions!r}")
         if self.verify_precision not in verify.PRECISIONS:
@@ -259,8 +284,8 @@ class Experiment:
         return bool(self.pipeline.detector) and self.pipeline.max_regions > 0
 
     def regions_label(self) -> str:
-        if self.region_source == "shuffled":
-            return f"shuffled:{self.pipeline.detector}@{self.pipeline.detector_threshold:g}"
+        if self.region_source in BOX_CONTROLS:
+            return f"{self.region_source}:{self.pipeline.detector}@{self.pipeline.detector_threshold:g}"
         if self.region_source is not None:
             return self.region_source
         if not self.pipeline.detector:
@@ -285,7 +310,7 @@ def experiment(preset: str | None = None, base: Experiment | None = None, **chan
     Changes: any :class:`EngineConfig` field (``features``, ``detector``, ``kind``, ...), any
     Experiment field, and the shorthands ``features`` = a feature source (rootsift, aliked),
     ``kind`` = a lab kind, ``regions`` = ``none`` | ``detector:NAME@T`` | ``rmac:L`` |
-    ``shuffled[:NAME@T]``, ``verify_words`` = ``verification_words``. None values are ignored.
+    ``shuffled[:NAME@T]`` | ``centred[:NAME@T]``, ``verify_words`` = ``verification_words``. None values are ignored.
     """
     from .feature_sources import SOURCES
 
@@ -310,7 +335,7 @@ def experiment(preset: str | None = None, base: Experiment | None = None, **chan
         elif source == "rmac":
             exp.region_source = f"rmac:{param}"
         else:
-            cfg["detector"], cfg["detector_threshold"], exp.region_source = ALIASES.get(param[0], param[0]), param[1], "shuffled"
+            cfg["detector"], cfg["detector_threshold"], exp.region_source = ALIASES.get(param[0], param[0]), param[1], source
     if changes.get("features") in SOURCES:
         exp.feature_source = changes.pop("features")
     elif "features" in changes:
@@ -368,7 +393,7 @@ def _cache_setting(pipeline: Pipeline, ex, feature_source) -> str:
 
 
 def run(dataset, experiment_: Experiment | str | None = None, *, limit: int | None = None, cache_dir=None, threads: int | None = None,
-        progress=True, **changes) -> dict:
+        progress=True, variants=None, **changes) -> dict:
     """Evaluate one experiment on a dataset folder; the JSON-ready result (mAP in percent).
 
     experiment_: an :class:`Experiment`, a preset name (:data:`PRESETS`), or None (the
@@ -378,6 +403,9 @@ def run(dataset, experiment_: Experiment | str | None = None, *, limit: int | No
     sweeps are cheap (the cached crops are the region stage's own).
     progress: True (bars on stderr), False, or a callable(what, done, total) that receives the
     same events (``"index"`` reaches total when the database is aggregated).
+    variants: scoring variants evaluated over the one aggregated database (a sweep without
+    re-aggregation): a list of :class:`Scoring` (or dicts of its fields); the result then has
+    ``"variants"``, one entry per variant with its mAP, mP and query time (see :func:`score_variants`).
     """
     from .feature_sources import make_extractor
 
@@ -390,8 +418,8 @@ def run(dataset, experiment_: Experiment | str | None = None, *, limit: int | No
     ds = evaluate.load_dataset(dataset)
     timings = {}
     t0 = time.perf_counter()
-    if exp.region_source == "shuffled":
-        region_source = "shuffled"
+    if exp.region_source in BOX_CONTROLS:
+        region_source = exp.region_source
     elif exp.region_source:
         region_source = parse_regions(exp.region_source)[0]
     else:
@@ -410,13 +438,16 @@ def run(dataset, experiment_: Experiment | str | None = None, *, limit: int | No
                              threads=threads, detector_threshold=DETECT_FLOOR, detector_max_boxes=MAX_REGIONS)
         pipeline = Pipeline.compose(cfg, FeatureStage(ex), host.regions.detector, None, host.detector_entry, host._models)
     try:
-        return _run(ds, exp, pipeline, ex, kind, region_source, limit, cache_dir, progress, timings, t0)
+        return _run(ds, exp, pipeline, ex, kind, region_source, limit, cache_dir, progress, timings, t0, variants)
     finally:
         pipeline.close()
 
 
-def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: str, limit, cache_dir, progress, timings, t0) -> dict:
+def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: str, limit, cache_dir, progress, timings, t0,
+         variants=None) -> dict:
     cfg = exp.pipeline
+    variants = _check_variants(variants, exp, kind)
+    kept = [] if variants else None  # the database's aggregations, for variants with another alpha or tau
     stage = pipeline.regions
     cache = open_cache(cache_dir, _cache_setting(pipeline, ex, exp.feature_source))
     db_paths = ds.image_paths
@@ -436,14 +467,17 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
     def unpack_regions(d, keep):
         return [Features(d[f"r{i}_locations"], d[f"r{i}_descriptors"], d[f"r{i}_scores"], d[f"r{i}_scales"]) for i in keep]
 
-    def detections(p):
+    def detections(p, keys=None):
+        """The cached detections of a photo (boxes, scores, n and each box's crop features
+        r{i}_*); ``keys``: only these arrays."""
+
         def compute():
             rgb = load_image(p)
             det = stage.detect(rgb)
             out = {"boxes": det.boxes.astype(np.float32), "scores": det.scores.astype(np.float32), "n": np.array([len(det)])}
             return crops(rgb, det.boxes, out) if cfg.regions == "crop" else out
 
-        return cache.get(p, "detector" if cfg.regions == "crop" else "detector-boxes", compute)
+        return cache.get(p, "detector" if cfg.regions == "crop" else "detector-boxes", compute, keys=keys)
 
     def selected(d) -> np.ndarray:
         n = int(d["n"][0])
@@ -466,13 +500,20 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         return unpack_regions(got, range(int(got["n"][0])))
 
     def detected_regions(p, f, shape):
-        d = detections(p)
+        d = detections(p, DETECTION_HEAD)
         keep = selected(d)
         if cfg.regions == "pool":
             return [f.in_box(b, shape) for b in d["boxes"][keep]]
         if cfg.regions == "pack":
             return packed(p, d["boxes"][keep])
-        return unpack_regions(d, keep)
+        # read only the selected boxes' crop features (the entry holds up to MAX_REGIONS)
+        return unpack_regions(detections(p, [f"r{i}_{k}" for i in keep for k in _FEATURE_KEYS]), keep)
+
+    def n_regions_of(p, f, shape) -> int:
+        """len(regions_of(...).features), without reading the crops' features when the cache has them."""
+        if region_source == "detector" and kind not in ("asmk_star", "asmk", "vlad"):
+            return 1 + len(selected(detections(p, DETECTION_HEAD)))
+        return len(regions_of(p, f, shape).features)
 
     # The shuffled control: image k takes the boxes of image donor[k] (a derangement, fixed seed).
     if region_source == "shuffled" and len(db_paths) < 2:
@@ -480,9 +521,13 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
     donor = _derangement(len(db_paths), seed=12345) if region_source == "shuffled" else None
     db_index = {str(p): k for k, p in enumerate(db_paths)}
 
-    def shuffled_regions(p):
-        d = detections(db_paths[donor[db_index[str(p)]]])
-        boxes = d["boxes"][selected(d)].astype(np.float32).reshape(-1, 4)
+    def control_regions(p):
+        if region_source == "centred":  # the zoom control: the image's own boxes, centred
+            d = detections(p, DETECTION_HEAD)
+            boxes = centred_boxes(d["boxes"][selected(d)])
+        else:
+            d = detections(db_paths[donor[db_index[str(p)]]], DETECTION_HEAD)
+            boxes = d["boxes"][selected(d)].astype(np.float32).reshape(-1, 4)
         if cfg.regions == "pack":
             return packed(p, boxes)
         tag = "boxes-" + hashlib.sha256(boxes.tobytes()).hexdigest()[:16]
@@ -495,8 +540,8 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         elif region_source == "rmac":
             boxes = rmac_boxes(shape[0], shape[1], parse_regions(exp.region_source)[1])
             feats = [f.in_box(b, shape) for b in boxes]
-        elif region_source == "shuffled":
-            feats = shuffled_regions(p)
+        elif region_source in BOX_CONTROLS:
+            feats = control_regions(p)
             boxes = [None] * len(feats)
         else:
             feats = detected_regions(p, f, shape)
@@ -511,7 +556,7 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         f, shape = whole(p)
         if sample is not None:
             sample.add(f.descriptors)
-        n_regions.append(len(regions_of(p, f, shape).features))
+        n_regions.append(n_regions_of(p, f, shape))
         report("database features" + (" and regions" if region_source != "none" else ""), i + 1, len(db_paths))
     q_feats = []
     for i, p in enumerate(q_paths):
@@ -548,7 +593,10 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         f, shape = whole(p)
         regions = regions_of(p, f, shape)
         if kind in ENGINE_KINDS:
-            agg_stage.add(index, str(i), agg_stage.database(regions))
+            aggregated = agg_stage.database(regions)
+            agg_stage.add(index, str(i), aggregated)
+            if kept is not None:
+                kept.append(aggregated)
         elif kind == "vlad":
             vectors[i] = aggregate(f.descriptors, cb, kind="vlad").vector
         elif kind == "rvlad":
@@ -571,6 +619,7 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
     n = ds.n_images
     ranks = []
     q_times = []
+    q_aggs, agg_times = [], []
     for f in q_feats:
         tq = time.perf_counter()
         if vectors is not None:
@@ -578,10 +627,10 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
             ranks.append(np.argsort(-scores.astype(np.float64), kind="stable"))
         else:
             q = agg_stage.query(f) if kind in ENGINE_KINDS else aggregate(f.descriptors, cb, kind="asmk")
+            agg_times.append((time.perf_counter() - tq) * 1e3)
+            q_aggs.append(q if len(f) else None)
             hits = index.search(q, top_k=n, pooling=cfg.pooling) if len(f) else []
-            order = [int(h.image_id) for h in hits]
-            seen = set(order)
-            ranks.append(np.array(order + [i for i in range(n) if i not in seen], dtype=np.int64))
+            ranks.append(_full_ranking(hits, n))
         q_times.append((time.perf_counter() - tq) * 1e3)
     timings["query_ms_median"] = float(np.median(q_times)) if q_times else 0.0
 
@@ -613,8 +662,9 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         result = evaluate.compute_map(ranks, gnd)
     timings["search_s"] = time.perf_counter() - t4
     regions_per_image = float(np.mean(n_regions)) if n_regions else 1.0
+    scored = score_variants(variants, index, kept, cb, q_aggs, agg_times, ds.gnd[: len(q_paths)], cfg.pooling, progress=report) if variants else None
     out = result.to_dict()
-    regional = region_source in ("detector", "shuffled") and kind not in ("asmk_star", "asmk", "vlad")
+    regional = region_source in ("detector", *BOX_CONTROLS) and kind not in ("asmk_star", "asmk", "vlad")
     return {
         "dataset": str(ds.root),
         "options": {
@@ -638,6 +688,7 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
         "index_bytes_per_image": index_bytes / max(n, 1),
         "timings": timings,
         "table": result.table(),
+        **({"variants": scored} if scored is not None else {}),
         "_codebook": cb,  # for sweeps that reuse it (benchmarks/bench_features.py); not in the JSON
         "_rankings": ranks,  # every query's full ranking of the database (positions in imlist), before verification
         "_verified": per_protocol,  # with verification: protocol -> each query's re-ranked list (junk removed)
@@ -650,6 +701,94 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
             "ap_medium": [None if np.isnan(v) else float(v) for v in result.protocols["medium"].aps],
         },
     }
+
+
+def _full_ranking(hits, n: int) -> np.ndarray:
+    """Positions in imlist of the hits, then every other image in imlist order."""
+    order = [int(h.image_id) for h in hits]
+    seen = set(order)
+    return np.array(order + [i for i in range(n) if i not in seen], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A scoring variant of a search over one aggregated database: the selectivity
+    (``alpha``, ``tau``; None = the pipeline's), ``normalize`` (``Index.search(normalize=...)``)
+    and query expansion (``expand`` images, weights ``expand_alpha``; 0 = off).
+
+    alpha and tau enter only the similarity (docs/algorithm.md section 4): the stored codes
+    are the same, so a variant rebuilds the inverted file from the kept aggregations, it does
+    not aggregate again. A bundle stores them in its index header: changing them there means
+    rebuilding the index from the same aggregations.
+    """
+
+    alpha: float | None = None
+    tau: float | None = None
+    normalize: bool = False
+    expand: int = 0
+    expand_alpha: float = 3.0
+
+    def label(self, cfg: EngineConfig | None = None) -> str:
+        a = self.alpha if self.alpha is not None else (cfg.alpha if cfg else None)
+        t = self.tau if self.tau is not None else (cfg.tau if cfg else None)
+        out = f"alpha {a:g}, tau {t:g}" + (", normalised" if self.normalize else "")
+        if self.expand:
+            out += f", QE n={self.expand} a={self.expand_alpha:g}"
+        return out
+
+
+def _check_variants(variants, exp: Experiment, kind: str):
+    if not variants:
+        return None
+    if kind not in ENGINE_KINDS:
+        raise InputError(f"variants: scoring variants apply to the Engine's kinds ({', '.join(ENGINE_KINDS)}), not {kind!r}")
+    if exp.verify_top:
+        raise InputError("variants: scoring variants rank without verification (verify_top=0)")
+    out = []
+    for v in variants:
+        if isinstance(v, dict):
+            try:
+                v = Scoring(**v)
+            except TypeError as exc:
+                raise InputError(f"variants: {exc}") from None
+        if not isinstance(v, Scoring):
+            raise InputError(f"variants: expected Scoring objects or dicts, got {type(v).__name__}")
+        out.append(replace(v, alpha=exp.pipeline.alpha if v.alpha is None else float(v.alpha),
+                           tau=exp.pipeline.tau if v.tau is None else float(v.tau)))
+    return out
+
+
+def score_variants(variants, index: Index, kept, codebook: Codebook, q_aggs, agg_times, gnd, pooling: str, progress=None) -> list:
+    """Rank every query under each :class:`Scoring` variant over the database of ``index``
+    (rebuilt from the kept aggregations ``kept`` when alpha or tau differ from the index's);
+    each entry: the variant's fields, ``map``, ``mp`` and ``query_ms_median`` (the query's
+    aggregation, timed once, plus this variant's search)."""
+    report = progress or (lambda what, done, total: None)
+    n = len(index)
+    indexes = {(index.alpha, index.tau): index}
+    out = []
+    for k, v in enumerate(variants):
+        key = (v.alpha, v.tau)
+        if key not in indexes:
+            idx = Index(codebook, kind=index.kind, alpha=v.alpha, tau=v.tau)
+            for i, aggregated in enumerate(kept):
+                if isinstance(aggregated, list):
+                    idx.add_regions(str(i), aggregated)
+                else:
+                    idx.add(str(i), aggregated)
+            indexes[key] = idx
+        idx = indexes[key]
+        ranks, times = [], []
+        for q, ta in zip(q_aggs, agg_times):
+            ts = time.perf_counter()
+            hits = idx.search(q, top_k=n, normalize=v.normalize, pooling=pooling, expand=v.expand, expand_alpha=v.expand_alpha) if q is not None else []
+            times.append(ta + (time.perf_counter() - ts) * 1e3)
+            ranks.append(_full_ranking(hits, n))
+        res = evaluate.compute_map(ranks, gnd).to_dict()
+        out.append({**asdict(v), "map": res["map"], "mp": {p: res["mp"][p] for p in ("easy", "medium", "hard")},
+                    "query_ms_median": float(np.median(times)) if times else 0.0})
+        report("scoring variants", k + 1, len(variants))
+    return out
 
 
 def _thumb_data_uri(path: str, size=(120, 90)) -> str:

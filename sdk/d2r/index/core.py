@@ -18,6 +18,8 @@ from .postings import BLOCK_SHIFT, IndexParams, check_kind
 from .search import POOLINGS, Searcher, query_words
 
 _IN_MEMORY = "in-memory index"
+# Query expansion merges at most this many top images into the query.
+MAX_EXPAND = 100
 
 
 class Index:
@@ -185,7 +187,8 @@ class Index:
         return out
 
     # -- search -----------------------------------------------------------------------------------
-    def search(self, query: Aggregation, top_k: int = 100, normalize: bool | None = None, pooling: str = "max") -> list[Hit]:
+    def search(self, query: Aggregation, top_k: int = 100, normalize: bool | None = None, pooling: str = "max",
+               expand: int = 0, expand_alpha: float = 3.0) -> list[Hit]:
         """The ``top_k`` best live images for ``query``, best first.
 
         The score of an item is ``d2r.similarity(query, item, alpha, tau, normalize)`` exactly
@@ -193,6 +196,13 @@ class Index:
         the mean (``"avg"``: sequential sum over its items in insertion order, divided by their
         number) over its items. Ties rank the image added first first. ``normalize=None`` uses
         the index's default.
+
+        Query expansion (off with ``expand=0``, the default): search once, merge the query
+        with the best item of each of its ``expand`` best images (a vote per visual word, hit
+        i weighted ``(s_i / s_1) ** expand_alpha`` by its normalised similarity s_i, the query
+        by 1: ``Searcher.expanded``), and rank with the merged query. It costs two searches
+        and a lookup of the hits' entries (binary searches, no scan of the file). docs/algorithm.md
+        section 4; benchmarks/RESULTS.md measures it.
 
         Threads: queries whose posting lists hold at least ``d2r.index.search.PARALLEL_MIN_ENTRIES``
         entries are split over numba's threads (``numba.set_num_threads``); where other work
@@ -203,8 +213,13 @@ class Index:
         if pooling not in POOLINGS:
             raise InputError(f"pooling: expected 'max' or 'avg', got {pooling!r}")
         normalize = self._params.normalize if normalize is None else bool(normalize)
+        if isinstance(expand, bool) or not isinstance(expand, (int, np.integer)) or not 0 <= int(expand) <= MAX_EXPAND:
+            raise InputError(f"expand: expected an integer from 0 (off) to {MAX_EXPAND} (images merged into the query), got {expand!r}")
+        expand_alpha = real_number(expand_alpha, "expand_alpha")
+        if not 0.0 <= expand_alpha <= 100.0:
+            raise InputError(f"expand_alpha: expected a weight exponent in [0, 100], got {expand_alpha!r}")
         self._check_open()
-        return self._searcher.top_k(self._store, query, qwords, top_k, normalize, pooling)
+        return self._searcher.top_k(self._store, query, qwords, top_k, normalize, pooling, int(expand), expand_alpha)
 
     # -- compaction and persistence ---------------------------------------------------------------
     def compact(self) -> None:

@@ -56,10 +56,98 @@ class Searcher:
         self._no_vecs = np.zeros((0, 1), np.float32)
 
     def top_k(self, store: IndexStore, query: Aggregation, qwords: np.ndarray, top_k: int, normalize: bool,
-              pooling: str) -> list[Hit]:
+              pooling: str, expand: int = 0, expand_alpha: float = 3.0) -> list[Hit]:
         """The ``top_k`` best live images, best first (see ``Index.search``)."""
+        if expand:
+            query = self.expanded(store, query, qwords, normalize, pooling, expand, expand_alpha)
+            qwords = np.ascontiguousarray(query.words, dtype=np.uint32)
         images, values = self.top_k_images(store, query, qwords, top_k, normalize, pooling)
         return [Hit(store.image_id(int(i)), float(s), store.metadata(int(i))) for i, s in zip(images, values)]
+
+    def expanded(self, store: IndexStore, query: Aggregation, qwords: np.ndarray, normalize: bool, pooling: str, n: int,
+                 alpha: float) -> Aggregation:
+        """Query expansion (``Index.search(expand=n)``): the query merged with the best item of
+        each of its ``n`` best live images.
+
+        Per visual word of the query or of a hit, a weighted vote: the query counts 1, hit i
+        counts ``(s_i / s_1) ** alpha``, where s_i is the normalised similarity
+        (:func:`d2r.similarity`) of the query with the hit's best item and s_1 that of the first
+        hit (hits with s_i <= 0 do not vote). Binary codes vote with their signs (+-1) and the
+        expanded code is the sign of the sum (a zero sum keeps the first voter's bit); float
+        residuals are summed and re-normalised (words whose sum has norm <= 1e-6 are dropped).
+        The sums run in a fixed order (query, then hits best first): the same on every CPU.
+        """
+        from ..aggregate import similarity
+
+        p = self.params
+        if not qwords.size or not store.n_items:
+            return query
+        images, _ = self.top_k_images(store, query, qwords, int(n), normalize, pooling)
+        if not len(images):
+            return query
+        item_start = store.all_item_start()
+        chosen, sims = [], []
+        for img in images:
+            a, b = int(item_start[img]), int(item_start[img + 1])
+            items = self._items(store, np.arange(a, b, dtype=np.int64))
+            scores = [similarity(query, self._aggregation(query.kind, w, v), alpha=p.alpha, tau=p.tau, normalize=True) if len(w) else -1.0
+                      for w, v in items]
+            best = int(np.argmax(scores))  # the first of equal items
+            if scores[best] > 0.0:
+                chosen.append(items[best])
+                sims.append(float(scores[best]))
+        if not chosen:
+            return query
+        weights = [1.0] + [(s / sims[0]) ** float(alpha) for s in sims]
+        voters = [(np.asarray(query.words, dtype=np.int64), self._signed(query)), *chosen]
+        words = np.unique(np.concatenate([w for w, _ in voters]))
+        acc = np.zeros((words.shape[0], p.dim))
+        first = np.zeros((words.shape[0], p.dim))
+        seen = np.zeros(words.shape[0], dtype=np.bool_)
+        for (w, v), weight in zip(voters, weights):
+            pos = np.searchsorted(words, w)
+            acc[pos] += weight * v
+            new = pos[~seen[pos]]
+            first[new] = v[~seen[pos]]
+            seen[pos] = True
+        if p.family == "binary":
+            signs = np.where(acc == 0.0, first, acc)
+            return Aggregation(query.kind, p.dim, words.astype(np.uint32), codes=np.packbits(signs > 0.0, axis=1))
+        norms = np.sqrt(np.einsum("ij,ij->i", acc, acc))
+        keep = norms > 1e-6
+        vecs = (acc[keep] / norms[keep, None]).astype(np.float32)
+        return Aggregation(query.kind, p.dim, words[keep].astype(np.uint32), vectors=vecs)
+
+    def _aggregation(self, kind: str, words: np.ndarray, values: np.ndarray) -> Aggregation:
+        """A stored item as an :class:`Aggregation` (from :meth:`_items`' words and signs or residuals)."""
+        w = words.astype(np.uint32)
+        if self.params.family == "binary":
+            return Aggregation(kind, self.params.dim, w, codes=np.packbits(values > 0.0, axis=1))
+        return Aggregation(kind, self.params.dim, w, vectors=values.astype(np.float32))
+
+    def _signed(self, agg: Aggregation) -> np.ndarray:
+        """float64 [n, D]: +-1 per bit of binary codes, or the float residuals."""
+        if self.params.family == "binary":
+            bits = np.unpackbits(np.asarray(agg.codes, dtype=np.uint8), axis=1, count=self.params.dim)
+            return bits.astype(np.float64) * 2.0 - 1.0
+        return np.asarray(agg.vectors, dtype=np.float64)
+
+    def _items(self, store: IndexStore, items: np.ndarray) -> list:
+        """(int64 words, float64 [n, D] signs or residuals) of each stored item, in the order given."""
+        p = self.params
+        store.check_words(np.arange(p.k, dtype=np.uint32))
+        out = []
+        for item in items:
+            seg, num = (store.base, item) if item < store.base_items else (store.delta, item)
+            entries = kernels.ivf_item_entries(seg.offsets, seg.n_blocks, seg.shift, seg.low, np.array([num], np.int64), p.k)[:, 0]
+            words = np.flatnonzero(entries >= 0)
+            codes = np.asarray(seg.codes[entries[words]])
+            if p.family == "binary":
+                v = np.unpackbits(codes, axis=1, count=p.dim).astype(np.float64) * 2.0 - 1.0
+            else:
+                v = codes.view("<f4").reshape(-1, p.dim).astype(np.float64)
+            out.append((words.astype(np.int64), v))
+        return out
 
     def top_k_images(self, store: IndexStore, query: Aggregation, qwords: np.ndarray, top_k: int, normalize: bool,
                      pooling: str, threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:

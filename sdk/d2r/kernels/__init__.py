@@ -24,7 +24,7 @@ residual sums are accumulated in float64 so that binarisation (``value > 0``) an
 from .aggregation import normalize_words, pack_signs, residual_sums
 from .clustering import ASSIGN_RTOL, accumulate_clusters, kmeanspp_seed, row_sqnorms, update_nearest
 from .keypoints import bilinear_sample, cell_heatmap, local_maxima
-from .postings import group_by_word, ivf_check_entries, merge_ivf_words
+from .postings import group_by_word, ivf_check_entries, ivf_item_entries, merge_ivf_words
 from .similarity import asmk_similarity, asmk_star_similarity, hamming_similarity, ivf_top_k, ivf_top_k_parallel, selectivity, selectivity_table
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "ivf_check_entries",
     "ivf_top_k",
     "ivf_top_k_parallel",
+    "ivf_item_entries",
     "kmeanspp_seed",
     "local_maxima",
     "merge_ivf_words",

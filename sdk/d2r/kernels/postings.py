@@ -89,3 +89,38 @@ def ivf_check_entries(offsets, n_blocks, shift, low, n_items, item_words):
         if counts[i] != item_words[i]:
             return 3
     return 0
+
+
+@njit(cache=True, nogil=True)
+def ivf_item_entries(offsets, n_blocks, shift, low, items, n_words):
+    """Where the entries of a few items lie in an inverted file: int64 [n_words, len(items)],
+    entry (w, j) is the index of item ``items[j]``'s entry for word w, or -1 if it has none.
+
+    ``items`` are the inverted file's own item numbers (block << shift | low). One binary search
+    per (word, item) in the run (w, block): O(n_words * len(items) * log(run length)), without
+    a scan of the file (query expansion reads its top hits through this).
+    """
+    n_sel = items.shape[0]
+    out = np.full((n_words, n_sel), -1, dtype=np.int64)
+    if n_blocks == 0:
+        return out
+    mask = (np.int64(1) << shift) - 1
+    for j in range(n_sel):
+        item = np.int64(items[j])
+        blk = item >> shift
+        if blk >= n_blocks:
+            continue
+        key = item & mask
+        for w in range(n_words):
+            run = np.int64(w) * n_blocks + blk
+            a = np.int64(offsets[run])
+            b = np.int64(offsets[run + 1])
+            while a < b:  # first entry with low >= key
+                mid = (a + b) >> 1
+                if np.int64(low[mid]) < key:
+                    a = mid + 1
+                else:
+                    b = mid
+            if a < np.int64(offsets[run + 1]) and np.int64(low[a]) == key:
+                out[w, j] = a
+    return out

@@ -104,7 +104,8 @@ def register(sub) -> None:
     e.add_argument("--kind", choices=list(EVAL_KINDS), help="aggregation (default rasmk_star, as d2r build)")
     e.add_argument("--pooling", choices=["max", "avg"], help="regional search (d2r_asmk_star): max or mean over regions")
     e.add_argument("--regions", help="none | detector:NAME@THRESH (default detector:landmark@0.1, as d2r build) | rmac:L | "
-                                     "shuffled:NAME@THRESH (control: another image's boxes); or how boxes get features: crop | pack | pool")
+                                     "shuffled:NAME@THRESH (control: another image's boxes) | centred:NAME@THRESH (control: its own boxes moved to "
+                                     "the centre); or how boxes get features: crop | pack | pool")
     e.add_argument("--max-regions", type=int, help=f"detector regions: the best N boxes above the threshold per image (default 8, as "
                                                    f"d2r build; at most {MAX_REGIONS})")
     e.add_argument("--verify", action="store_true", help="spatial verification of the top 100")

@@ -44,10 +44,9 @@ def test_a_tie_keeps_the_query_bit_and_weights_follow_the_similarity():
     store = idx._store
     store.flush()
     qwords = q.words.astype(np.uint32)
-    scores = s.item_scores(store, q, qwords, False)
-    one = s.expanded(store, q, qwords, scores, False, "max", 1, 0.0)
+    one = s.expanded(store, q, qwords, False, "max", 1, 0.0)
     assert one.codes[:, 0].tolist() == [0xFF, 0xFF, 0xFF]
-    two = s.expanded(store, q, qwords, scores, False, "max", 2, 0.0)
+    two = s.expanded(store, q, qwords, False, "max", 2, 0.0)
     assert two.codes[:, 0].tolist() == [0x00, 0xFF, 0xFF]
 
 

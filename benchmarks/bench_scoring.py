@@ -50,7 +50,6 @@ def load(path: Path) -> list:
 
 
 def run_sweep(args) -> None:
-    from d2r.codebook import Codebook
     from d2r_lab.evaluation import run
 
     results_path = Path(args.results)

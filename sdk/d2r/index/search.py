@@ -169,9 +169,8 @@ class Searcher:
         binary = p.family == "binary"
         qcodes, qvecs, table = self._no_codes, self._no_vecs, np.zeros(1)
         if binary:
-            if self._table is None:
-                self._table = kernels.selectivity_table(p.dim, p.alpha, p.tau)
-            table = self._table
+            table = self._table if self._table is not None else kernels.selectivity_table(p.dim, p.alpha, p.tau)
+            self._table = table
             qcodes = np.ascontiguousarray(query.codes, dtype=np.uint8)
             if p.payload % 8 == 0:
                 qcodes = qcodes.view(np.uint64)

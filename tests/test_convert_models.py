@@ -45,11 +45,17 @@ def test_files_match_manifest_sha256_and_fit_the_budget(manifest):
         m.verify()
         assert m.path.stat().st_size == m.size_bytes
     total = sum(p.stat().st_size for p in MODELS.rglob("*") if p.is_file())
-    assert total < 66e6, total  # 60 MB before ALIKED (n16 + t16: TFLite fp16 + ONNX fp32 + head: 5.7 MB)
+    # 60 MB before ALIKED (n16 + t16: TFLite fp16 + ONNX fp32 + head: 5.7 MB); LightGlue for
+    # ALIKED-n16, TFLite fp16 only (its fp32 and ONNX files are measured, not shipped): 24 MB
+    assert total < 91e6, total
 
 
 def test_entries_carry_the_runtime_contract(manifest):
     for m in manifest.models:
+        if m.task == "matcher":  # LightGlue's pieces: keypoint tensors, not images (tests/test_lightglue.py runs them)
+            assert m.input.layout == "NC" and m.input.shape[0] == 1 and m.format == "tflite" and m.precision == "fp16"
+            assert m.licence and m.source.get("version") and m.sha256
+            continue
         assert m.input.layout == "NHWC" and m.input.range == (0.0, 255.0) and m.input.shape[0] == 1
         assert m.licence and m.source.get("version") and m.sha256
         assert m.defaults.get("score_threshold") is not None
@@ -70,7 +76,7 @@ def test_entries_carry_the_runtime_contract(manifest):
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_shipped_models_run_with_manifest_shapes(manifest, fmt):
-    for m in (e for e in manifest.models if e.format == fmt):
+    for m in (e for e in manifest.models if e.format == fmt and e.task != "matcher"):  # matchers: tests/test_lightglue.py
         x = _photo(m.input.shape)
         if fmt == "tflite":
             from ai_edge_litert.interpreter import Interpreter

@@ -33,7 +33,7 @@ from .._checks import descriptors_array, positive_int, real_number
 from ..errors import InputError, ModelError
 from .features import _features
 from .ransac import CONFIDENCE, MAX_TRIALS, RESIDUAL_THRESHOLD, _ransac_checked, _ransac_params
-from .reranking import TOP_R, Reranked
+from .reranking import TOP_R, Reranked, rerank_by
 
 NAME = "lightglue_aliked"
 LAYERS = 9
@@ -282,19 +282,8 @@ class LightGlue:
         the top ``top_r`` of ``candidates`` (``(id, score, features)`` best first) sorted by
         (inliers, initial score), then the others with ``inliers = -1``."""
         q = _features(query, "query")
-        top_r = positive_int(top_r, "top_r")
         rp = _ransac_params(threshold, max_trials, seed, confidence, False)
-        items = []
-        for k, cand in enumerate(candidates):
-            if not isinstance(cand, (tuple, list)) or len(cand) != 3:
-                raise InputError(f"candidates[{k}]: expected an (id, score, features) triple, got {type(cand).__name__}")
-            items.append((cand[0], real_number(cand[1], f"candidates[{k}] score"), cand[2]))
-        verified = []
-        for k, (cid, score, feats) in enumerate(items[:top_r]):
-            c = _features(feats, f"candidates[{k}] features")
-            verified.append(Reranked(cid, score, self._verify(q, c, rp).inliers))
-        verified.sort(key=lambda r: (-r.inliers, -r.score))
-        return verified + [Reranked(cid, score, -1) for cid, score, _ in items[top_r:]]
+        return rerank_by(candidates, top_r, lambda c, name: self._verify(q, c, rp).inliers)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

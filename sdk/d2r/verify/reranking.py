@@ -3,7 +3,7 @@ the top R of an initial ranking by inliers (:func:`rerank`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,11 +115,23 @@ def rerank(
         inliers for the images it did not verify.
     """
     q = _features(query, "query")
-    top_r = positive_int(top_r, "top_r")
     mp = _match_params(max_distance, ratio, mutual)
     rp = _ransac_params(threshold, max_trials, seed, confidence, refit)
     use_words = _flag(use_words, "use_words")
     side = _query_side(q, _precision(precision))
+
+    def inliers(c: LocalFeatures, name: str) -> int:
+        _same_dim(q, c, name)
+        return _ransac_checked(q.locations, c.locations, _match_features(q, c, side, mp, use_words), rp).inliers
+
+    return rerank_by(candidates, top_r, inliers)
+
+
+def rerank_by(candidates: Sequence, top_r: int, inliers: Callable[[LocalFeatures, str], int]) -> list[Reranked]:
+    """The re-ranking of :func:`rerank` with any matcher: ``inliers(features, name)`` gives a
+    candidate's inlier count (``name`` for its errors). The top ``top_r`` candidates sorted by
+    (inliers, initial score), then the others in their order with ``inliers = -1``."""
+    top_r = positive_int(top_r, "top_r")
     items = []
     for k, cand in enumerate(candidates):
         if not isinstance(cand, (tuple, list)) or len(cand) != 3:
@@ -127,10 +139,8 @@ def rerank(
         items.append((cand[0], real_number(cand[1], f"candidates[{k}] score"), cand[2]))
     verified = []
     for k, (cid, score, feats) in enumerate(items[:top_r]):
-        c = _features(feats, f"candidates[{k}] features")
-        _same_dim(q, c, f"candidates[{k}] features")
-        matches = _match_features(q, c, side, mp, use_words)
-        verified.append(Reranked(cid, score, _ransac_checked(q.locations, c.locations, matches, rp).inliers))
+        name = f"candidates[{k}] features"
+        verified.append(Reranked(cid, score, inliers(_features(feats, name), name)))
     # Python's sort is stable: equal (inliers, score) keep the initial order.
     verified.sort(key=lambda r: (-r.inliers, -r.score))
     return verified + [Reranked(cid, score, -1) for cid, score, _ in items[top_r:]]

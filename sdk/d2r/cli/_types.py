@@ -48,3 +48,18 @@ def detector_spec(value: str) -> tuple[str | None, float | None]:
     if not 0.0 <= t <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a threshold in [0, 1] after @, got {value!r}")
     return name, t
+
+
+def add_ray_arguments(parser, verb: str, title: str, shards: str) -> None:
+    """The flags of a distributed ``d2r build`` / ``d2r add`` (``--ray``, ``--ray-workers``,
+    ``--shards``, ``--resume``) as one group; ``verb``: what the command does ("build", "add"),
+    ``shards``: what the shard folder holds."""
+    r = parser.add_argument_group(f"{title} (needs the 'ray' extra: pip install 'd2r[ray]')")
+    r.add_argument("--ray", metavar="auto|ADDRESS",
+                   help=f"{verb} on a Ray cluster: 'auto' starts one on this machine, ADDRESS (host:port, as `ray start --head` "
+                        f"prints) joins a running one; the bundle is byte for byte the one written without --ray")
+    r.add_argument("--ray-workers", type=positive_int, metavar="N", help="workers to start (default: one per CPU of the cluster)")
+    r.add_argument("--shards", metavar="DIR",
+                   help=f"folder for {shards}, on a file system every node sees (default beside the bundle, "
+                        "NAME.shards; removed when the bundle is written)")
+    r.add_argument("--resume", action="store_true", help=f"continue a --ray {verb} that was killed, from its shards")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ._types import positive_int
+from ._types import add_ray_arguments
 
 
 def run(args) -> int:
@@ -82,13 +82,5 @@ def register(sub) -> None:
     a.add_argument("--strict", action="store_true",
                    help="stop at the first photo that cannot be read, the bundle unchanged (default: skip it, list it at the end "
                         "and in bundle.json)")
-    r = a.add_argument_group("on a Ray cluster (needs the 'ray' extra: pip install 'd2r[ray]')")
-    r.add_argument("--ray", metavar="auto|ADDRESS",
-                   help="add on a Ray cluster: 'auto' starts one on this machine, ADDRESS (host:port) joins a running one; "
-                        "the bundle is byte for byte the one written without --ray")
-    r.add_argument("--ray-workers", type=positive_int, metavar="N", help="workers to start (default: one per CPU of the cluster)")
-    r.add_argument("--shards", metavar="DIR",
-                   help="folder for the workers' aggregations and a copy of the bundle's models, on a file system every node sees "
-                        "(default BUNDLE.shards beside the bundle; removed when the bundle is written)")
-    r.add_argument("--resume", action="store_true", help="continue a --ray add that was killed, from its shards")
+    add_ray_arguments(a, "add", "on a Ray cluster", "the workers' aggregations and a copy of the bundle's models")
     a.set_defaults(func=run)

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import BUILD_VERIFICATION_FEATURES, EngineConfig
 from ..errors import InputError
 from ..manifest import ALIASES, DEFAULT_FEATURES
-from ._types import codebook_size, detector_spec, non_negative_int, positive_int
+from ._types import add_ray_arguments, codebook_size, detector_spec, non_negative_int
 
 
 def config_from_args(args) -> EngineConfig:
@@ -115,13 +115,5 @@ def register(sub) -> None:
                                      "(a temporary folder of d2r's own inside it, removed at the end; default: the system's temporary folder)")
     b.add_argument("--strict", action="store_true",
                    help="stop at the first photo that cannot be read (default: skip it, list it at the end and in bundle.json)")
-    r = b.add_argument_group("distributed build (needs the 'ray' extra: pip install 'd2r[ray]')")
-    r.add_argument("--ray", metavar="auto|ADDRESS",
-                   help="build on a Ray cluster: 'auto' starts one on this machine, ADDRESS (host:port, as `ray start --head` prints) "
-                        "joins a running one; the index is byte for byte the one built without --ray")
-    r.add_argument("--ray-workers", type=positive_int, metavar="N", help="workers to start (default: one per CPU of the cluster)")
-    r.add_argument("--shards", metavar="DIR",
-                   help="folder for the features, regions and aggregations of the workers, on a file system every node sees "
-                        "(default OUTPUT.shards beside the bundle; removed when the bundle is written)")
-    r.add_argument("--resume", action="store_true", help="continue a --ray build that was killed, from its shards")
+    add_ray_arguments(b, "build", "distributed build", "the features, regions and aggregations of the workers")
     b.set_defaults(func=run)

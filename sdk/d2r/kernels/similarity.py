@@ -284,22 +284,28 @@ def _heap_push(heap_s, heap_i, size, s, img):
         heap_i[p] = img
         return size + 1
     if _worse(heap_s[0], heap_i[0], s, img):
-        p = 0
-        while True:
-            c = 2 * p + 1
-            if c >= size:
-                break
-            if c + 1 < size and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
-                c += 1
-            if _worse(heap_s[c], heap_i[c], s, img):
-                heap_s[p] = heap_s[c]
-                heap_i[p] = heap_i[c]
-                p = c
-            else:
-                break
-        heap_s[p] = s
-        heap_i[p] = img
+        _sift_down(heap_s, heap_i, size, s, img)
     return size
+
+
+@njit(cache=True, nogil=True)
+def _sift_down(heap_s, heap_i, size, s, img):
+    """Put (s, img) in place of the root of the min-heap heap_[:size], moving it down."""
+    p = 0
+    while True:
+        c = 2 * p + 1
+        if c >= size:
+            break
+        if c + 1 < size and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
+            c += 1
+        if _worse(heap_s[c], heap_i[c], s, img):
+            heap_s[p] = heap_s[c]
+            heap_i[p] = heap_i[c]
+            p = c
+        else:
+            break
+    heap_s[p] = s
+    heap_i[p] = img
 
 
 @njit(cache=True, nogil=True)
@@ -421,23 +427,7 @@ def _merge_parts(n_parts, seg_lo, seg_hi, chunk, item_start, dead, use_mean, edg
     for r in range(size - 1, -1, -1):
         out_i[r] = heap_i[0]
         out_s[r] = heap_s[0]
-        last_s = heap_s[r]
-        last_i = heap_i[r]
-        p = 0
-        while True:
-            c = 2 * p + 1
-            if c >= r:
-                break
-            if c + 1 < r and _worse(heap_s[c + 1], heap_i[c + 1], heap_s[c], heap_i[c]):
-                c += 1
-            if _worse(heap_s[c], heap_i[c], last_s, last_i):
-                heap_s[p] = heap_s[c]
-                heap_i[p] = heap_i[c]
-                p = c
-            else:
-                break
-        heap_s[p] = last_s
-        heap_i[p] = last_i
+        _sift_down(heap_s, heap_i, r, heap_s[r], heap_i[r])
     return out_i, out_s
 
 

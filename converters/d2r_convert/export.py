@@ -86,12 +86,18 @@ def to_tflite(model, input_shape, precision: str = "fp32", calibration: Sequence
 
 def to_onnx(model, input_shape, opset: int = ONNX_OPSET) -> bytes:
     """Convert to ONNX (standard opset ``opset``) through tf2onnx; fp32."""
-    tf2onnx = require("tf2onnx")
     serve, spec = serving_function(model, input_shape)
+    return function_to_onnx(serve, spec, model.name, opset)
+
+
+def function_to_onnx(fn, spec, name: str, opset: int = ONNX_OPSET) -> bytes:
+    """A ``tf.function`` with its input signature ``spec`` as ONNX bytes (tf2onnx, fp32);
+    :class:`ModelError` naming ``name`` when the conversion fails."""
+    tf2onnx = require("tf2onnx")
     try:
-        proto, _ = tf2onnx.convert.from_function(serve, input_signature=spec, opset=opset)
+        proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset)
     except Exception as exc:
-        raise ModelError(f"ONNX conversion of {model.name} failed: {exc}") from exc
+        raise ModelError(f"ONNX conversion of {name} failed: {exc}") from exc
     proto.producer_name = "d2r_convert"
     return proto.SerializeToString()
 

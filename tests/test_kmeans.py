@@ -172,3 +172,29 @@ def test_training_with_our_backend_does_not_load_faiss():
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[-1] == "False"
+
+
+@pytest.mark.parametrize("seeding", ["kmeans++", "random"])
+def test_the_bounded_assignment_skips_work_and_changes_nothing(seeding, monkeypatch):
+    """From the second iteration on, most descriptors are compared only with the centroids
+    that moved most; some of them are captured by one; the codebook is Lloyd's bit for bit."""
+    monkeypatch.setattr(kmeans, "_MOVED_SHARE", 4)  # a quarter of K checked directly: more captures to check
+    x = mixture(4, n=6000, d=16, centres=60)
+    init = kmeans.seed_centroids(x, 96, np.random.default_rng(5), seeding)
+    stats = []
+    got = kmeans._d2r_lloyd(x, init.copy(), 12, 2, None, stats)
+    np.testing.assert_array_equal(got, ref.lloyd(x, init, 12))
+    assert stats[0] == (len(x), 0, 0)  # the first iteration compares every descriptor with every centroid
+    assert all(full + bounded == len(x) for full, bounded, _ in stats)
+    assert sum(b for _, b, _ in stats[1:]) > 0.5 * len(x) * (len(stats) - 1), stats
+    assert sum(c for _, _, c in stats) > 0, stats  # the bounded path did move descriptors to other words
+
+
+def test_the_bounded_assignment_handles_ties_and_duplicates():
+    """Duplicate descriptors and centroids (exact ties, broken to the lower id) and a codebook of
+    two words: the same as the oracle."""
+    x = np.repeat(mixture(6, n=300, d=8, centres=5), 3, axis=0)
+    for k in (2, 24):
+        init = kmeans.seed_centroids(x, k, np.random.default_rng(1), "random")
+        init[1] = init[0]  # two equal centroids
+        np.testing.assert_array_equal(kmeans._d2r_lloyd(x, init.copy(), 8, 1, None), ref.lloyd(x, init, 8))

@@ -6,7 +6,10 @@ Two backends run the same algorithm from the same seeds for the same number of i
   re-scoring, ties to the lowest id, as :meth:`Codebook.assign`) on row blocks spread over
   ``threads`` worker threads, each calling a one-thread BLAS; float64 cluster sums in a fixed
   order. The result is bit-identical for any number of threads and any block split, and stops
-  early when no descriptor changes word.
+  early when no descriptor changes word. From the second iteration on, the assignment is
+  bounded (:class:`_BoundedAssign`): a descriptor is compared with every centroid only when
+  the centroids' moves could have changed its word; otherwise only with the few centroids that
+  moved most. The labels, and so the codebook, are the same bit for bit as a full assignment.
 - ``"faiss"`` (the ``kmeans`` extra, ``faiss-cpu``): the assignment of each iteration is the
   search of a ``faiss.IndexFlatL2`` (the engine of ``faiss.Kmeans``: BLAS GEMM and a fused
   argmin, on ``threads`` OpenMP threads); the update, the empty-cluster re-seeding and the early
@@ -103,11 +106,18 @@ def nearest_centroid(x: np.ndarray, c: np.ndarray, threads: int = 1, pool: Threa
     squared distances), ties to the lowest id. Rows are split in fixed tasks of
     _ROWS_PER_TASK over ``pool`` (or run here when it is None); each row's answer is exact, so
     neither the split nor the thread count changes it."""
+    ids, d = nearest_centroids(x, c, 1, threads, pool)
+    return ids[:, 0], d[:, 0]
+
+
+def nearest_centroids(x: np.ndarray, c: np.ndarray, m: int, threads: int = 1, pool: ThreadPoolExecutor | None = None):
+    """The ``m`` exact nearest centroids of each row of ``x``, nearest first: (int32 [N, m],
+    float64 [N, m]); as :func:`nearest_centroid`."""
     n = x.shape[0]
     cnorm = kernels.row_sqnorms(c).astype(np.float32)
     cmax = float(cnorm.max())
-    best_d = np.full((n, 1), np.inf)
-    best_k = np.full((n, 1), -1, dtype=np.int32)
+    best_d = np.full((n, m), np.inf)
+    best_k = np.full((n, m), -1, dtype=np.int32)
 
     def task(r0: int) -> None:
         for a in range(r0, min(r0 + _ROWS_PER_TASK, n), _ROW_BLOCK):
@@ -125,7 +135,7 @@ def nearest_centroid(x: np.ndarray, c: np.ndarray, threads: int = 1, pool: Threa
             task(r0)
     else:
         list(pool.map(task, starts))  # list(): re-raises a worker's exception here
-    return best_k[:, 0], best_d[:, 0]
+    return best_k, best_d
 
 
 def _one_thread_blas():
@@ -163,12 +173,96 @@ def _lloyd(x, centroids, iterations, progress, assign):
     return centroids
 
 
-def _d2r_lloyd(x, centroids, iterations, threads, progress):
+class _BoundedAssign:
+    """Exact assignment for Lloyd iterations that skips work the centroids' moves make
+    unnecessary (in the manner of Hamerly's k-means, 2010), with the same labels and distances,
+    bit for bit, as :func:`nearest_centroid` on every iteration.
+
+    Each descriptor keeps ``lower``: a lower bound of its distance (not squared) to every
+    centroid but its own. After an update, every centroid j has moved by ``drift[j]``; the
+    ``moved`` centroids that moved most (at most K / _MOVED_SHARE) are checked directly, and
+    every other centroid is still at least ``lower - (their largest drift)`` away. A descriptor
+    whose exact distance to its own (moved) centroid is below that, by a margin for rounding,
+    can only have been captured by a ``moved`` centroid: it is compared with those alone.
+    The others are compared with every centroid. ``stats``, per iteration: (descriptors compared
+    with every centroid, with the moved ones only, of which captured by a moved centroid)."""
+
+    def __init__(self, x, threads, pool):
+        self.x, self.threads, self.pool = x, threads, pool
+        self.prev = self.labels = self.lower = None
+        self.stats: list = []
+
+    def __call__(self, c):
+        n, k = self.x.shape[0], c.shape[0]
+        if self.prev is None or k < 2:
+            ids, d = nearest_centroids(self.x, c, min(k, 2), self.threads, self.pool)
+            labels, dist = ids[:, 0].copy(), d[:, 0].copy()
+            self.lower = np.sqrt(d[:, 1]) if k >= 2 else None
+            self.stats.append((n, 0, 0))
+        else:
+            labels, dist = self._bounded(c)
+        self.prev, self.labels = c.copy(), labels
+        return labels.copy(), dist
+
+    def _bounded(self, c):
+        x, labels, lower = self.x, self.labels, self.lower
+        k = c.shape[0]
+        drift = np.sqrt(kernels.sqdist_to_rows(c, self.prev, np.arange(k)))
+        order = np.argsort(-drift, kind="stable")
+        n_moved = min(max(1, k // _MOVED_SHARE), int(np.count_nonzero(drift > 0)))
+        moved = np.sort(order[:n_moved]).astype(np.int32)
+        rest = float(drift[order[n_moved]]) if n_moved < k else 0.0
+        dist = kernels.sqdist_to_rows(x, c, labels)  # exact, to each descriptor's own centroid
+        u = np.sqrt(dist)
+        bound = lower - rest
+        # The margin covers the rounding of the float64 distances and drifts (about 1e-16 of
+        # their size per operation); any descriptor within it is compared with every centroid.
+        safe = u + 1e-9 * (u + np.abs(lower) + rest) + 1e-300 < bound
+        labels = labels.copy()
+        lower = np.minimum(lower, bound)  # stays valid for the descriptors whose word cannot change
+        near = np.flatnonzero(safe)
+        captured = 0
+        if near.size and n_moved:
+            m = min(2, n_moved)
+            ids, d = nearest_centroids(x[near], c[moved], m, self.threads, self.pool)
+            ids = moved[ids]
+            # Candidates: the moved centroids' best (and second) and the descriptor's own word;
+            # every other centroid is farther than the bound, so the best of these is exact.
+            own = labels[near]
+            cand_k = np.concatenate([ids, own[:, None]], axis=1)
+            cand_d = np.concatenate([d, dist[near, None]], axis=1)
+            dup = (ids == own[:, None]).any(axis=1)
+            cand_d[dup, m] = np.inf  # the own word is among the moved ones' results already
+            pick = np.lexsort((cand_k, cand_d), axis=1)  # distance, then the lower id (as a full pass)
+            first = np.take_along_axis(cand_k, pick[:, :1], axis=1)[:, 0]
+            d_sorted = np.take_along_axis(cand_d, pick, axis=1)
+            captured = int(np.count_nonzero(first != own))
+            labels[near] = first
+            dist[near] = d_sorted[:, 0]
+            lower[near] = np.minimum(bound[near], np.sqrt(d_sorted[:, 1]))
+        far = np.flatnonzero(~safe)
+        if far.size:
+            ids, d = nearest_centroids(x[far], c, 2, self.threads, self.pool)
+            labels[far], dist[far], lower[far] = ids[:, 0], d[:, 0], np.sqrt(d[:, 1])
+        self.lower = lower
+        self.stats.append((int(far.size), int(near.size), captured))
+        return labels, dist
+
+
+# The bounded assignment checks at most K / _MOVED_SHARE centroids (those that moved most)
+# for the descriptors it does not compare with every centroid.
+_MOVED_SHARE = 32
+
+
+def _d2r_lloyd(x, centroids, iterations, threads, progress, stats=None):
     pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    assign = _BoundedAssign(x, threads, pool)
     try:
         with _one_thread_blas():
-            return _lloyd(x, centroids, iterations, progress, lambda c: nearest_centroid(x, c, threads, pool))
+            return _lloyd(x, centroids, iterations, progress, assign)
     finally:
+        if stats is not None:
+            stats.extend(assign.stats)
         if pool is not None:
             pool.shutdown()
 

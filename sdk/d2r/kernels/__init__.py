@@ -22,7 +22,7 @@ residual sums are accumulated in float64 so that binarisation (``value > 0``) an
 """
 
 from .aggregation import normalize_words, pack_signs, residual_sums
-from .clustering import ASSIGN_RTOL, accumulate_clusters, kmeanspp_seed, row_sqnorms, update_nearest
+from .clustering import ASSIGN_RTOL, accumulate_clusters, kmeanspp_seed, row_sqnorms, sqdist_to_rows, update_nearest
 from .keypoints import bilinear_sample, cell_heatmap, local_maxima
 from .postings import group_by_word, ivf_check_entries, ivf_item_entries, merge_ivf_words
 from .similarity import asmk_similarity, asmk_star_similarity, hamming_similarity, ivf_top_k, ivf_top_k_parallel, selectivity, selectivity_table
@@ -49,5 +49,6 @@ __all__ = [
     "row_sqnorms",
     "selectivity",
     "selectivity_table",
+    "sqdist_to_rows",
     "update_nearest",
 ]

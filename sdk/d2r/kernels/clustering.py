@@ -111,6 +111,16 @@ def update_nearest(gram, cnorm, k0, x, xnorm, c, cmax, best_d, best_k):
 
 
 @njit(cache=True, nogil=True)
+def sqdist_to_rows(x, c, rows):
+    """float64 [N]: the exact squared distance of x[i] to c[rows[i]], by the same arithmetic as
+    the assignment's re-scoring (so a distance computed here equals the one it would return)."""
+    out = np.empty(x.shape[0])
+    for i in range(x.shape[0]):
+        out[i] = _exact_sqdist(x[i], c[rows[i]])
+    return out
+
+
+@njit(cache=True, nogil=True)
 def row_sqnorms(a):
     """float64 [N] squared L2 norms of the rows of a float32 [N, D] array."""
     out = np.empty(a.shape[0])

@@ -135,31 +135,44 @@ def selectivity_table(dim, alpha, tau):
 
 
 @njit(cache=True, nogil=True)
-def _run_bounds(offsets, low, run, block, shift, item_lo, item_hi):
-    """Entries [a, b) of run ``run`` (word, block) whose items lie in [item_lo, item_hi)
-    (binary searches only where the range cuts the block)."""
+def _first_at_least(low, a, b, key):
+    """The first entry e in [a, b) with low[e] >= key (b if none; low ascending), searched
+    outward from a (galloping, then binary): it reads only entries near a, which the scan
+    that follows reads anyway, instead of probing the whole run (a cache miss per probe)."""
+    if a >= b or np.int64(low[a]) >= key:
+        return a
+    prev = a  # low[prev] < key
+    step = np.int64(1)
+    cur = a + 1
+    while cur < b and np.int64(low[cur]) < key:
+        prev = cur
+        step <<= 1
+        cur = a + step
+    lo = prev + 1
+    hi = min(cur, b)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if np.int64(low[mid]) < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@njit(cache=True, nogil=True)
+def _run_bounds(offsets, low, run, block, shift, item_lo, item_hi, start):
+    """Entries [a, b) of run ``run`` (word, block) whose items lie in [item_lo, item_hi).
+    ``start`` >= 0: the entry where the previous, adjacent range of the same block ended (its
+    b), so the first entry is known; otherwise it is searched where the range cuts the block."""
     a = np.int64(offsets[run])
     b = np.int64(offsets[run + 1])
     base = np.int64(block) << shift
-    if item_lo > base:
-        lo_key = item_lo - base
-        hi = b
-        while a < hi:  # first entry with low >= lo_key
-            mid = (a + hi) >> 1
-            if np.int64(low[mid]) < lo_key:
-                a = mid + 1
-            else:
-                hi = mid
-    end = base + (np.int64(1) << shift)
-    if item_hi < end:
-        hi_key = item_hi - base
-        lo = a
-        while lo < b:  # first entry with low >= hi_key
-            mid = (lo + b) >> 1
-            if np.int64(low[mid]) < hi_key:
-                lo = mid + 1
-            else:
-                b = mid
+    if start >= 0:
+        a = start
+    elif item_lo > base:
+        a = _first_at_least(low, a, b, item_lo - base)
+    if item_hi < base + (np.int64(1) << shift):
+        b = _first_at_least(low, a, b, item_hi - base)
     return a, b
 
 
@@ -220,14 +233,17 @@ def _scan_float(q, vecs, alpha, tau, low, a, b, off, acc, n):
 
 @njit(cache=True, nogil=True)
 def _score_chunk(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, lo, hi, seg_hi,
-                 acc):
+                 acc, cursor, prev_hi):
     """acc[i - lo] = the un-normalised similarity of the query with item i, for i in [lo, hi)
     (acc may be longer). Returns False if an entry names an item beyond seg_hi, the end of the
     segment (a corrupt file; such entries are skipped).
 
-    A run needs a binary search only where the chunk cuts its block: not at all when chunks are
-    whole stored blocks, as by default (the last chunk of the segment takes its block's runs
-    whole: an entry beyond seg_hi is corrupt and is caught by the range check)."""
+    A run is searched only where the chunk cuts its block: not at all when chunks are whole
+    stored blocks, as by default (the last chunk of the segment takes its block's runs whole:
+    an entry beyond seg_hi is corrupt and is caught by the range check). cursor: int64 [q],
+    where each word's run ended in the previous chunk of the same thread, which ended at item
+    ``prev_hi``; when that chunk ends where this one starts inside a block, the runs start
+    there, and only their ends are searched (near their starts)."""
     ok = True
     span = hi - lo
     acc[:span] = 0.0
@@ -238,9 +254,12 @@ def _score_chunk(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, c
     for blk in range(b_first, b_last + 1):  # items of different blocks are distinct: any order
         base = np.int64(blk) << shift
         top = hi if hi < seg_hi else base + (np.int64(1) << shift)
+        resume = blk == b_first and prev_hi == lo and lo > base  # the previous chunk ended inside this block
         for qi in range(qwords.shape[0]):  # ascending words: the merge-join's order
             w = np.int64(qwords[qi])
-            a, b = _run_bounds(offsets, low, w * n_blocks + blk, blk, shift, lo, top)
+            a, b = _run_bounds(offsets, low, w * n_blocks + blk, blk, shift, lo, top, cursor[qi] if resume else -1)
+            if blk == b_last:
+                cursor[qi] = b
             if b > a:
                 if binary:
                     ok &= _scan_binary(qcodes[qi], codes, table, low, a, b, base - lo, acc, span)
@@ -331,11 +350,11 @@ def _better_than_root(heap_s, heap_i, size, s, img):
 
 @njit(cache=True, nogil=True)
 def _chunk_top_k(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, lo, hi, seg_hi,
-                 acc, item_start, item_words, dead, normalize, use_mean, edge, seg_lo, heap_s, heap_i, size):
+                 acc, item_start, item_words, dead, normalize, use_mean, edge, seg_lo, heap_s, heap_i, size, cursor, prev_hi):
     """Score items [lo, hi), offer the live images wholly inside to the heap, and store the
     final scores of the other items in edge[item - seg_lo]. Returns (ok, new heap size)."""
     ok = _score_chunk(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau, lo, hi, seg_hi,
-                      acc)
+                      acc, cursor, prev_hi)
     nq = qwords.shape[0]
     span = hi - lo
     m = dead.shape[0]
@@ -390,12 +409,15 @@ def _part(p, n_parts, binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, l
     n_chunks = (seg_hi - seg_lo + chunk - 1) // chunk
     size = 0
     ok = True
+    cursor = np.empty(qwords.shape[0], dtype=np.int64)
+    prev_hi = np.int64(-1)
     for c in range(p * n_chunks // n_parts, (p + 1) * n_chunks // n_parts):
         lo = seg_lo + c * chunk
         hi = min(lo + chunk, seg_hi)
         good, size = _chunk_top_k(binary, qwords, qcodes, qvecs, offsets, n_blocks, shift, low, codes, vecs, table, alpha, tau,
                                   lo, hi, seg_hi, acc, item_start, item_words, dead, normalize, use_mean, edge, seg_lo,
-                                  heaps_s[p], heaps_i[p], size)
+                                  heaps_s[p], heaps_i[p], size, cursor, prev_hi)
+        prev_hi = hi
         ok &= good
     sizes[p] = size
     oks[p] = ok

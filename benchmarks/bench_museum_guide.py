@@ -9,7 +9,7 @@ setting's guide (examples/museum_guide/guide.py, default thresholds, 2 threads) 
 
 - exhibits: the 8 held-back visitor photos untouched, cropped to their central 60 % (``crop``),
   rotated 25 degrees (``rotate``), and as tests/test_examples.py's hard photo (part of the
-  exhibit, tilted 12 degrees, pasted among clutter; two seeds: ``hard``, ``hard2``);
+  exhibit, tilted 12 degrees, pasted among clutter; two seeds: ``clutter``, ``clutter2``);
 - others: the 24 photos of UKBench objects 8-13 (tests/data/ukbench-56, ``ukbench``, not in
   the collection) and the tests' two synthetic images (blobs, noise).
 
@@ -18,8 +18,9 @@ the best photo (others), the runner-up (best photo of another exhibit), and what
 with its thresholds (right / declined / wrong). The time table gives the median over the photos
 of the query's wall time (Engine timings ``total``) and of the process's CPU time (both threads;
 the machine is shared, so CPU time is the steadier estimate), with the medians of the feature
-extraction and verification stages, and its CPU-time ratio to the fast setting in the same process. The first query of each setting (it loads the models; LightGlue's ten
-files on the first ``verify="lightglue"``) is timed apart.
+extraction and verification stages, and its CPU-time ratio to the fast setting in the same
+process. The first query of each setting (it loads the models; LightGlue's ten files on the
+first ``verify="lightglue"``) is timed apart.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def photos(hard_photo):
         out += [("untouched", src.name, img, title),
                 ("crop", src.name, img.crop((int(w * 0.2), int(h * 0.2), int(w * 0.8), int(h * 0.8))), title),
                 ("rotate", src.name, img.rotate(25, expand=True, resample=Image.BILINEAR, fillcolor=(200, 200, 190)), title),
-                ("hard", src.name, hard_photo(src, i), title),
-                ("hard2", src.name, hard_photo(src, i + 8), title)]
+                ("clutter", src.name, hard_photo(src, i), title),
+                ("clutter2", src.name, hard_photo(src, i + 8), title)]
     out += [("ukbench", name, Image.open(UKBENCH / name).convert("RGB"), None) for name in OTHERS]
     out += [("synthetic", name, img, None) for name, img in synthetic()]
     return out

@@ -1,6 +1,7 @@
 """The examples run and do their job: the museum guide, the kiosk loop and the mobile reader.
 
-One museum bundle (the 24 sample collection photos, about 35 s to build) serves every test.
+One museum bundle (the 24 sample collection photos, about 35 s to build) serves every test but
+the accurate setting's, which share one ALIKED-n16 bundle of the same photos (about 80 s).
 Hard visitor photos (cropped, tilted, in clutter) are made here with Pillow from the held-back
 sample photos.
 """

@@ -154,7 +154,8 @@ def main(argv=None) -> int:
                 elif a.title is None:
                     print(f"{photo}: not recognised (best match {a.image_id}, {a.inliers} inliers)")
                 else:
-                    print(f"{photo}: {a.title}\n    {a.description}\n    ({a.image_id}, {a.inliers} inliers, {a.ms:.0f} ms)")
+                    matcher = ", LightGlue" if a.matcher == "lightglue" else ""
+                    print(f"{photo}: {a.title}\n    {a.description}\n    ({a.image_id}, {a.inliers} inliers{matcher}, {a.ms:.0f} ms)")
     except d2r.D2RError as exc:
         print(f"guide.py: error: {exc}", file=sys.stderr)
         return 2

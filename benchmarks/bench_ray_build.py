@@ -22,8 +22,11 @@ Projection to 1M photos on C cores (one worker per core), a model, not a measure
 r1: photos per second of one worker (features + aggregation steps, 1-worker build); e: the
 efficiency measured from 1 to 2 workers (photos/s at 2 workers / (2 * r1)), assumed to hold at C
 cores (it does only if the workers share nothing: here they share 2 cores with the driver and the
-machine's other load, so e is pessimistic); the driver's per-photo costs from the 1-worker build;
-k-means from Lloyd iterations timed here on random unit vectors (the cost is the assignment GEMM,
+machine's other load, so e is pessimistic); the driver's per-photo costs: the merge's from the
+1-worker build, the codebook sample's read as a 1M-photo build does it (one descriptor a photo,
+ceil(CODEBOOK_SAMPLE / 1M)), timed on that build's feature shards (kept for it; the small builds
+themselves read every descriptor of each photo and run their k-means in the same step, which
+is why their codebook step is not projected); k-means from Lloyd iterations timed here on random unit vectors (the cost is the assignment GEMM,
 N x K x D, whatever the data) at --kmeans-n x --kmeans-k and scaled by N x K to the 500k-descriptor
 sample a 1M-photo build draws (pipeline.CODEBOOK_SAMPLE) and K = 8192 (random seeding above
 K = 4096: no k-means++ pass).
@@ -82,12 +85,37 @@ def single(photos, out, config, threads) -> float:
     return time.perf_counter() - t
 
 
-def on_ray(photos, out, config, workers):
-    from d2r_build import build
+def on_ray(photos, out, config, workers, keep_shards=None):
+    """(seconds, report) of a Ray build; keep_shards: a folder that receives the build's feature
+    shards instead of their removal (for the driver's sample timing below)."""
+    from d2r_build import build, shards
 
+    remove = shards.ShardFolder.remove
+    if keep_shards is not None:
+        shards.ShardFolder.remove = lambda self: os.replace(self.root, keep_shards)
     t = time.perf_counter()
-    report = build(photos, out, config, workers=workers, codebook_size=16, batch_size=4, threads=1, progress=False)
+    try:
+        report = build(photos, out, config, workers=workers, codebook_size=16, batch_size=4, threads=1, progress=False)
+    finally:
+        shards.ShardFolder.remove = remove
     return time.perf_counter() - t, report
+
+
+def sample_seconds_per_photo(folder: Path, n_photos: int, rounds: int = 5) -> float:
+    """The driver's codebook-sample read per photo as a build of ``n_photos`` photos does it
+    (ceil(CODEBOOK_SAMPLE / n_photos) descriptors a photo: 1 at 1M), over the kept feature
+    shards: the fastest of ``rounds`` passes, divided by the photos read."""
+    from d2r.pipeline import DescriptorSample
+    from d2r_build.shards import ShardFolder
+
+    sf = ShardFolder(folder)
+    batches = sorted(sf.done("features"))
+    best = float("inf")
+    for _ in range(rounds):
+        t = time.perf_counter()
+        seen, _ = sf.sample_into(DescriptorSample(n_photos, CODEBOOK_SAMPLE, 0), batches)
+        best = min(best, time.perf_counter() - t)
+    return best / seen
 
 
 def kmeans_seconds_per_iteration(n: int, k: int, dim: int, iterations: int = 3) -> float:
@@ -139,9 +167,10 @@ def main():
         dim = Codebook.load(ref / "codebook.d2rcb").dim
         rows = [("one machine, 1 thread", base, None)]
         reports = {}
+        kept = tmp / "kept.shards"
         for w in workers:
             out = tmp / f"ray-{w}.d2r"
-            seconds, report = on_ray(photos, out, config, w)
+            seconds, report = on_ray(photos, out, config, w, keep_shards=kept if w == 1 else None)
             if (out / "index.d2ri").read_bytes() != (ref / "index.d2ri").read_bytes():
                 raise SystemExit(f"{out}: index.d2ri differs from the single-machine build's")
             shutil.rmtree(out)
@@ -149,12 +178,15 @@ def main():
             rows.append((f"ray, {w} worker{'s' if w > 1 else ''}", seconds, report))
         end_load = os.getloadavg()
         n = len(photos)
-        print(f"\n{'build':<22} {'seconds':>8} {'photos/s':>9} {'vs one machine':>15}   steps (s): start, features, codebook, aggregation, merge")
+        print(f"\n{'build':<22} {'seconds':>8} {'photos/s':>9} {'vs one machine':>15}   steps (s): start, features, "
+              "codebook (sample read + k-means), aggregation, merge")
         for name, seconds, report in rows:
             steps = ""
             if report is not None:
                 p = report.phases
-                steps = "   " + ", ".join(f"{p.get(k, 0.0):.1f}" for k in ("start", "features", "codebook", "aggregated", "merge"))
+                steps = "   " + ", ".join(f"{p.get(k, 0.0):.1f}" for k in ("start", "features", "codebook")) + \
+                    f" ({p.get('codebook sample', 0.0):.1f} + {p.get('k-means', 0.0):.1f}), " + \
+                    ", ".join(f"{p.get(k, 0.0):.1f}" for k in ("aggregated", "merge"))
             print(f"{name:<22} {seconds:8.1f} {n / seconds:9.2f} {base / seconds:14.2f}x{steps}")
 
         def parallel(report):
@@ -165,10 +197,19 @@ def main():
               ", ".join(f"{w} worker(s) {n / parallel(reports[w]):.2f} photos/s" for w in workers))
         w2 = workers[1]
         eff = (n / parallel(reports[w2])) / (w2 * r1)
-        driver = (reports[1].phases["codebook"] + reports[1].phases["merge"]) / n
+        # The driver's serial part per photo, as a 1M-photo build has it: the sample read with one
+        # descriptor a photo (timed on the kept shards), and the merge (its per-photo time here).
+        # The codebook step of these small builds also holds their k-means and every descriptor of
+        # each photo (the sample is not full yet): projecting it to 1M would count both 1M times.
+        sample_1m = sample_seconds_per_photo(kept, TARGET)
+        sample_here = reports[1].phases["codebook sample"] / n
+        driver = sample_1m + reports[1].phases["merge"] / n
+        print(f"driver per photo: codebook sample read {sample_here * 1e3:.2f} ms in this build "
+              f"({-(-CODEBOOK_SAMPLE // n)} descriptors a photo), {sample_1m * 1e3:.3f} ms at 1M photos (1 a photo); "
+              f"merge {reports[1].phases['merge'] / n * 1e3:.2f} ms")
         it = kmeans_seconds_per_iteration(args.kmeans_n, args.kmeans_k, dim)
         kmeans = it * (CODEBOOK_SAMPLE * TARGET_K) / (args.kmeans_n * args.kmeans_k) * KMEANS_ITERATIONS
-        print(f"efficiency 1 -> {w2} workers: e = {eff:.2f}; driver (codebook sample + merge): {driver * 1e3:.1f} ms per photo; "
+        print(f"efficiency 1 -> {w2} workers: e = {eff:.2f}; driver (codebook sample at 1M + merge): {driver * 1e3:.2f} ms per photo; "
               f"k-means: {it:.2f} s per iteration at {args.kmeans_n} x {args.kmeans_k} (D = {dim}) -> {kmeans / 60:.1f} min "
               f"for {CODEBOOK_SAMPLE} x {TARGET_K}, {KMEANS_ITERATIONS} iterations")
         print(f"load average at the end {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")

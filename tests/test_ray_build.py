@@ -306,3 +306,42 @@ def test_without_ray_installed_the_flag_says_which_extra_to_install(tmp_path, mo
     err = capsys.readouterr().err
     assert "d2r build: error: --ray: a distributed build needs the 'ray' extra: pip install 'd2r[ray]'" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
+def test_the_driver_samples_the_shards_as_a_single_machine_build_samples_the_photos(tmp_path):
+    """ShardFolder.sample_into (the driver's codebook sample) keeps the rows a single-machine
+    build's DescriptorSample keeps, photo by photo in order, skipping the photos not read, for a
+    sample that takes every descriptor and for one that takes one a photo (a 1M-photo build)."""
+    import numpy as np
+
+    from d2r.features import Features
+    from d2r.pipeline import WHOLE_BOX, DescriptorSample, Regions
+    from d2r_build.shards import PhotoShard, ShardFolder
+
+    rng = np.random.default_rng(0)
+
+    def feats(n):
+        return Features(rng.random((n, 2), np.float32), rng.standard_normal((n, 8)).astype(np.float32),
+                        rng.random(n, np.float32), np.ones(n, np.float32))
+
+    folder = ShardFolder(tmp_path / "shards")
+    (folder.root / "features").mkdir(parents=True)
+    wholes = []
+    for b in range(3):
+        photos = []
+        for i in range(4):
+            if (b, i) == (1, 2):
+                photos.append(PhotoShard(f"p{b}{i}", "p12.jpg: cannot identify image file", None))
+                continue
+            whole, crop = feats(int(rng.integers(5, 40))), feats(7)
+            wholes.append(whole.descriptors)
+            photos.append(PhotoShard(f"p{b}{i}", None, Regions([whole, crop], [WHOLE_BOX, np.array([0, 0, 0.5, 0.5], np.float32)])))
+        folder.write_features(b, photos)
+    for n_photos, cap in ((12, 10_000), (1_000_000, 500_000)):
+        want = DescriptorSample(n_photos, cap, seed=3)
+        for d in wholes:
+            want.add(d)
+        got = DescriptorSample(n_photos, cap, seed=3)
+        assert folder.sample_into(got, range(3)) == (12, 8)
+        np.testing.assert_array_equal(got.array(8), want.array(8))
+    assert len(got.array(8)) == len(wholes)  # one descriptor a photo at 1M photos

@@ -408,20 +408,21 @@ class RayBuild:
             return Codebook.load(path)
         codebook = self.codebook
         if codebook is None:
+            t0 = time.perf_counter()
             self.progress.start("codebook sample", 0, len(self.images))
             sample = DescriptorSample(len(self.images), CODEBOOK_SAMPLE, self.seed)
-            dim, n = 0, 0
+            n, dim = 0, 0
             for b in range(self.n_batches):
-                items, desc, first = self.folder.whole_descriptors(b)
-                dim = desc.shape[1] or dim
-                for item, row in zip(items, first):
-                    if item["error"] is None:
-                        sample.add(desc[row : row + item["sizes"][0]])
-                n += len(items)
+                seen, d = self.folder.sample_into(sample, [b])
+                n, dim = n + seen, d or dim
                 self.progress.report(n)
+            t1 = time.perf_counter()
             self.progress.start("k-means", 0, CODEBOOK_ITERATIONS, unit="iterations")
-            codebook = train_codebook(sample.array(dim), self.codebook_size, iterations=CODEBOOK_ITERATIONS, seed=self.seed,
-                                      n_images=len(self.images), progress=lambda it, total, moved: self._kmeans_progress(it))
+            codebook = train_codebook(sample.array(dim), self.codebook_size, iterations=CODEBOOK_ITERATIONS,
+                                      seed=self.seed, n_images=len(self.images),
+                                      progress=lambda it, total, moved: self._kmeans_progress(it))
+            self.report.phases["codebook sample"] = t1 - t0
+            self.report.phases["k-means"] = time.perf_counter() - t1
         tmp = path.with_name(f".{path.name}.tmp")
         codebook.save(tmp)
         os.replace(tmp, path)

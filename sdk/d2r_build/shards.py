@@ -188,6 +188,21 @@ class ShardFolder:
             row += sum(item["sizes"])
         return items, desc, first
 
+    def sample_into(self, sample, batches) -> int:
+        """Add the whole-photo descriptors of every read photo of ``batches`` (in order) to
+        ``sample`` (a :class:`d2r.pipeline.DescriptorSample`), as a single-machine build adds
+        them; only the rows it keeps are read. Returns (photos seen, descriptor dimension or 0
+        when no photo of them was read)."""
+        n, dim = 0, 0
+        for b in batches:
+            items, desc, first = self.whole_descriptors(b)
+            dim = desc.shape[1] or dim
+            for item, row in zip(items, first):
+                if item["error"] is None:
+                    sample.add(desc[row : row + item["sizes"][0]])
+            n += len(items)
+        return n, dim
+
     def read_features(self, batch: int) -> list[PhotoShard]:
         folder = self.root / "features" / batch_name(batch)
         items = self.photos(batch)

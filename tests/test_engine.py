@@ -237,6 +237,14 @@ def test_cli_build_and_query(images, tmp_path):
     res = json.loads(out.stdout)[str(images[4])]
     assert res["hits"][0]["image_id"] == images[4].name
     assert res["hits"][0]["metadata"] == {"title": "Object 1"}
+    # query expansion from the command line: the same photo first, the other photos of its object next
+    out = subprocess.run([sys.executable, "-m", "d2r.cli", "query", str(bundle), str(images[4]), "--top-k", "4", "--expand", "2", "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    hits = json.loads(out.stdout)[str(images[4])]["hits"]
+    assert hits[0]["image_id"] == images[4].name and len(hits) == 4
+    bad = subprocess.run([sys.executable, "-m", "d2r.cli", "query", str(bundle), str(images[4]), "--expand", "-1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--expand" in bad.stderr
     bad = subprocess.run([sys.executable, "-m", "d2r.cli", "query", str(tmp_path / "none.d2r"), str(images[0])], capture_output=True, text=True)
     assert bad.returncode == 1 and "none.d2r" in bad.stderr
     for size in ("many", "0"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from ._types import positive_int
+from ._types import non_negative_int, positive_int
 
 
 def run(args) -> int:
@@ -16,7 +16,7 @@ def run(args) -> int:
     with Engine.open(args.bundle, threads=args.threads) as engine:
         for image in args.images:
             try:
-                res = engine.query(image, top_k=args.top_k, verify=args.verify or False, verify_top=args.verify_top)
+                res = engine.query(image, top_k=args.top_k, verify=args.verify or False, verify_top=args.verify_top, expand=args.expand)
             except ImageError as exc:  # one bad photo: say so, answer the others
                 failed[str(image)] = str(exc)
                 print(f"d2r query: error: {exc}", file=sys.stderr)
@@ -48,6 +48,8 @@ def register(sub) -> None:
                    help="re-rank the top hits by spatial verification (RANSAC inliers) with putative matches by nearest "
                         "neighbours (nn, the default) or by LightGlue (lightglue: ALIKED-n16 bundles, about 1 s per verified photo)")
     q.add_argument("--verify-top", type=positive_int, default=100, help="hits re-ranked by --verify (default 100)")
+    q.add_argument("--expand", type=non_negative_int, default=0,
+                   help="query expansion: merge the query with its N best photos and search again (default 0: off)")
     q.add_argument("--json", action="store_true", help="print results as JSON")
     q.add_argument("--threads", type=int)
     q.set_defaults(func=run)

@@ -39,7 +39,7 @@ DEFAULT_EXPAND = ((3, 3.0), (5, 0.0), (5, 3.0), (10, 0.0), (10, 3.0), (20, 3.0))
 def variants(alphas, taus, expand):
     from d2r_lab.evaluation import Scoring
 
-    out = [Scoring(alpha=a, tau=t, normalize=nm) for nm in (False, True) for a in alphas for t in taus]
+    out = [Scoring(alpha=a, tau=t, normalize=nm, expand=0) for nm in (False, True) for a in alphas for t in taus]
     out += [Scoring(expand=n, expand_alpha=ea) for n, ea in expand]
     out += [Scoring(normalize=True, expand=n, expand_alpha=ea) for n, ea in expand if n == 10]
     return out

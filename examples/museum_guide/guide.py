@@ -106,7 +106,10 @@ class Guide:
 
     def query(self, photo) -> "d2r.QueryResult":
         """The verified ranking the guide decides on (top 10, the setting's matcher and top N verified)."""
-        return self.engine.query(photo, top_k=10, verify=self.matcher, verify_top=self.verify_top)
+        # No query expansion: the guide decides on the inliers of its verified top photos, and
+        # its thresholds were set on the un-expanded top (in a collection of a few photos per
+        # exhibit, the expanded query also brings other exhibits' photos into the verified set).
+        return self.engine.query(photo, top_k=10, verify=self.matcher, verify_top=self.verify_top, expand=0)
 
     def answer(self, photo, res) -> Answer:
         """The guide's decision on a photo's :meth:`query` result."""

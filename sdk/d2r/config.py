@@ -10,6 +10,11 @@ from .manifest import DEFAULT_FEATURES
 
 ENGINE_KINDS = ("asmk_star", "rasmk_star", "d2r_asmk_star")
 REGION_MODES = ("crop", "pack", "pool")
+# Query expansion a query gets unless told otherwise (Engine.query, d2r query, d2r eval): merge it
+# with its 3 best hits, weighted by their similarity cubed. It gained on roxford5k-mini (R-ASMK*,
+# ASMK*; ALIKED-t16 and XFeat) and on UKBench-56 (4 photos per object); expanding with 10 hits
+# lost on UKBench-56 (benchmarks/DECISIONS.md, 2026-12-03).
+QUERY_EXPAND = 3
 # `d2r build` keeps this many whole-photo features per photo for `d2r query --verify`.
 BUILD_VERIFICATION_FEATURES = 1000
 

@@ -34,7 +34,7 @@ from ._version import __version__
 from .bundle import folder as _bundle
 from .bundle.folder import BUNDLE_FORMAT, BUNDLE_VERSION, check_bundle_target, read_bundle_info  # noqa: F401  (re-exported)
 from .codebook import Codebook, train_codebook
-from .config import ENGINE_KINDS, REGION_MODES, EngineConfig  # noqa: F401  (re-exported)
+from .config import ENGINE_KINDS, QUERY_EXPAND, REGION_MODES, EngineConfig  # noqa: F401  (re-exported)
 from .errors import BundleError, D2RError, ImageError, InputError, ModelError
 from .features import Features
 from .image import load_image
@@ -351,11 +351,11 @@ class Engine:
         return None
 
     def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool | str = False, verify_top: int = 100,
-              expand: int = 0, expand_alpha: float = 3.0) -> QueryResult:
+              expand: int = QUERY_EXPAND, expand_alpha: float = 3.0) -> QueryResult:
         """Rank the indexed images for a query photo (whole image, no detector: docs/algorithm.md).
 
-        expand: query expansion, off (0) by default: merge the query with its ``expand`` best
-        images and search again (:meth:`d2r.Index.search`; benchmarks/RESULTS.md measures it).
+        expand: query expansion (:meth:`d2r.Index.search`): the query merged with its ``expand``
+        best images (default 3, ``d2r.config.QUERY_EXPAND``; 0: off), searched again.
 
         verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
         (docs/algorithm.md section 6); needs an engine built with ``verification_features > 0``.

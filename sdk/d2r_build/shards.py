@@ -188,7 +188,7 @@ class ShardFolder:
             row += sum(item["sizes"])
         return items, desc, first
 
-    def sample_into(self, sample, batches) -> int:
+    def sample_into(self, sample, batches) -> tuple[int, int]:
         """Add the whole-photo descriptors of every read photo of ``batches`` (in order) to
         ``sample`` (a :class:`d2r.pipeline.DescriptorSample`), as a single-machine build adds
         them; only the rows it keeps are read. Returns (photos seen, descriptor dimension or 0

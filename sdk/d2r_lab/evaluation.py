@@ -27,7 +27,7 @@ import numpy as np
 from d2r import verify
 from d2r.aggregate import aggregate
 from d2r.codebook import Codebook, train_codebook
-from d2r.config import BUILD_VERIFICATION_FEATURES, ENGINE_KINDS, EngineConfig
+from d2r.config import BUILD_VERIFICATION_FEATURES, ENGINE_KINDS, QUERY_EXPAND, EngineConfig
 from d2r.errors import InputError
 from d2r.features import Features
 from d2r.image import load_image
@@ -258,6 +258,7 @@ class Experiment:
     feature_source: str | None = None
     region_source: str | None = None
     kind: str | None = None
+    expand: int = QUERY_EXPAND  # the query expansion of Engine.query (0: off)
 
     def check(self) -> "Experiment":
         self.pipeline.check()
@@ -276,6 +277,8 @@ class Experiment:
             raise InputError(f"region_source: the {self.region_source} control moves the detector's boxes; the pipeline has no detector")
         if not 0 <= int(self.pipeline.max_regions) <= MAX_REGIONS:
             raise InputError(f"max_regions: expected 0 to {MAX_REGIONS} (the detector's own cap), got {self.pipeline.max_regions!r}")
+        if isinstance(self.expand, bool) or not isinstance(self.expand, int) or self.expand < 0:
+            raise InputError(f"expand: expected the number of hits to expand with, 0 or more, got {self.expand!r}")
         if self.verify_precision not in verify.PRECISIONS:
             raise InputError(f"verify_precision: expected one of {', '.join(verify.PRECISIONS)}, got {self.verify_precision!r}")
         if self.verify_top and not self.pipeline.verification_features:
@@ -637,7 +640,7 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
             q = agg_stage.query(f) if kind in ENGINE_KINDS else aggregate(f.descriptors, cb, kind="asmk")
             agg_times.append((time.perf_counter() - tq) * 1e3)
             q_aggs.append(q if len(f) else None)
-            hits = index.search(q, top_k=n, pooling=cfg.pooling) if len(f) else []
+            hits = index.search(q, top_k=n, pooling=cfg.pooling, expand=exp.expand) if len(f) else []
             ranks.append(_full_ranking(hits, n))
         q_times.append((time.perf_counter() - tq) * 1e3)
     timings["query_ms_median"] = float(np.median(q_times)) if q_times else 0.0
@@ -679,7 +682,7 @@ def _run(ds, exp: Experiment, pipeline: Pipeline, ex, kind: str, region_source: 
             "features": exp.feature_source or cfg.features, "precision": cfg.precision, "backend": cfg.backend, "codebook": codebook_source,
             "codebook_size": cb.size, "kind": kind, "pooling": cfg.pooling, "regions": exp.regions_label(),
             "region_mode": cfg.regions, "max_regions": int(cfg.max_regions) if regional else None,
-            "verify": bool(exp.verify_top), "verify_words": int(cfg.verification_words) if exp.verify_top else None,
+            "expand": exp.expand, "verify": bool(exp.verify_top), "verify_words": int(cfg.verification_words) if exp.verify_top else None,
             "verify_precision": exp.verify_precision if exp.verify_top else None,
             "max_features": ex.max_features, "scales": list(ex.scales), "score_threshold": ex.score_threshold,
             "fit": getattr(ex, "fit", None),
@@ -722,7 +725,8 @@ def _full_ranking(hits, n: int) -> np.ndarray:
 class Scoring:
     """A scoring variant of a search over one aggregated database: the selectivity
     (``alpha``, ``tau``; None = the pipeline's), ``normalize`` (``Index.search(normalize=...)``)
-    and query expansion (``expand`` images, weights ``expand_alpha``; 0 = off).
+    and query expansion (``expand`` images, weights ``expand_alpha``; default: what
+    ``Engine.query`` does, ``QUERY_EXPAND``; 0 = off).
 
     alpha and tau enter only the similarity (docs/algorithm.md section 4): the stored codes
     are the same, so a variant rebuilds the inverted file from the kept aggregations, it does
@@ -733,7 +737,7 @@ class Scoring:
     alpha: float | None = None
     tau: float | None = None
     normalize: bool = False
-    expand: int = 0
+    expand: int = QUERY_EXPAND
     expand_alpha: float = 3.0
 
     def label(self, cfg: EngineConfig | None = None) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from ..config import QUERY_EXPAND
 from ._types import non_negative_int, positive_int
 
 
@@ -48,8 +49,8 @@ def register(sub) -> None:
                    help="re-rank the top hits by spatial verification (RANSAC inliers) with putative matches by nearest "
                         "neighbours (nn, the default) or by LightGlue (lightglue: ALIKED-n16 bundles, about 1 s per verified photo)")
     q.add_argument("--verify-top", type=positive_int, default=100, help="hits re-ranked by --verify (default 100)")
-    q.add_argument("--expand", type=non_negative_int, default=0,
-                   help="query expansion: merge the query with its N best photos and search again (default 0: off)")
+    q.add_argument("--expand", type=non_negative_int, default=QUERY_EXPAND,
+                   help=f"query expansion: merge the query with its N best photos and search again (default {QUERY_EXPAND}; 0: off)")
     q.add_argument("--json", action="store_true", help="print results as JSON")
     q.add_argument("--threads", type=int)
     q.set_defaults(func=run)

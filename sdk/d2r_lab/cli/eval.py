@@ -26,6 +26,7 @@ def experiment_from_args(args, seed: int) -> Experiment:
         kind=args.kind, pooling=args.pooling, regions=args.regions, region_mode=None, max_regions=args.max_regions,
         verify_top=100 if args.verify else None, verify_words=args.verify_words, verify_precision=args.verify_precision,
         max_features=args.max_features, scales=args.scales, score_threshold=args.score_threshold, fit=args.fit, seed=seed,
+        expand=args.expand,
     )
     changes.pop("region_mode")
     if args.codebook:
@@ -108,6 +109,7 @@ def register(sub) -> None:
                                      "the centre); or how boxes get features: crop | pack | pool")
     e.add_argument("--max-regions", type=int, help=f"detector regions: the best N boxes above the threshold per image (default 8, as "
                                                    f"d2r build; at most {MAX_REGIONS})")
+    e.add_argument("--expand", type=int, help="query expansion with the N best hits (default 3, as d2r query; 0: off)")
     e.add_argument("--verify", action="store_true", help="spatial verification of the top 100")
     e.add_argument("--verify-words", type=int, metavar="M",
                    help="verification matches a query feature only with features of its M nearest visual words (default 0: exhaustive; faster, loses inliers)")

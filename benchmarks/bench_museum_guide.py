@@ -8,10 +8,10 @@ accurate (``--accurate``: ALIKED-n16, LightGlue's matches, top 5 verified), then
 setting's guide (examples/museum_guide/guide.py, default thresholds, 2 threads) about:
 
 - exhibits: the 8 held-back visitor photos untouched, cropped to their central 60 % (``crop``),
-  rotated 25 degrees (``rotate``), and as tests/test_examples.py's hard photo (part of the
-  exhibit, tilted 12 degrees, pasted among clutter; two seeds: ``clutter``, ``clutter2``);
+  rotated 25 degrees (``rotate``), and as the tests' hard photo (tests/example_photos.py: part of
+  the exhibit, tilted 12 degrees, pasted among clutter; two seeds: ``clutter``, ``clutter2``);
 - others: the 24 photos of UKBench objects 8-13 (tests/data/ukbench-56, ``ukbench``, not in
-  the collection) and the tests' two synthetic images (blobs, noise).
+  the collection) and the tests' two images of nothing (tests/example_photos.py: blobs, noise).
 
 Per group, the table gives the inliers of the best photo of the *true* exhibit (exhibits) or of
 the best photo (others), the runner-up (best photo of another exhibit), and what the guide said
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import platform
 import statistics
@@ -36,39 +35,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from example_photos import hard_photo, load_script, nothing_images  # noqa: E402
+
 EXAMPLES = ROOT / "examples"
 SAMPLE = EXAMPLES / "sample"
 UKBENCH = ROOT / "tests" / "data" / "ukbench-56" / "images"
 OTHERS = [f"ukbench{n:05d}.jpg" for n in range(32, 56)]
 
 
-def load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(path.parent))
-    return mod
-
-
-def synthetic():
-    """tests/test_examples.py's images of nothing in the collection: coloured blobs and noise."""
-    rng = np.random.default_rng(0)
-    blobs = Image.new("RGB", (320, 240), (120, 130, 140))
-    draw = ImageDraw.Draw(blobs)
-    for _ in range(40):
-        x, y, s = (int(v) for v in rng.integers(0, 300, 3))
-        draw.ellipse([x, y, x + s % 80 + 10, y + s % 50 + 10], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    return [("blobs", blobs), ("noise", Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)))]
-
-
-def photos(hard_photo):
+def photos():
     """(group, name, image, true title or None)."""
     titles = {r["image_id"]: r["title"] for r in csv.DictReader(open(EXAMPLES / "museum_guide" / "exhibits.csv", encoding="utf-8"))}
     out = []
@@ -83,7 +63,7 @@ def photos(hard_photo):
                 ("clutter", src.name, hard_photo(src, i), title),
                 ("clutter2", src.name, hard_photo(src, i + 8), title)]
     out += [("ukbench", name, Image.open(UKBENCH / name).convert("RGB"), None) for name in OTHERS]
-    out += [("synthetic", name, img, None) for name, img in synthetic()]
+    out += [("synthetic", name, img, None) for name, img in nothing_images()]
     return out
 
 
@@ -123,10 +103,9 @@ def main() -> None:
     ap.add_argument("--settings", default="fast,accurate")
     ap.add_argument("--out", help="write every photo's row as JSON here")
     args = ap.parse_args()
-    build = load(EXAMPLES / "museum_guide" / "build.py", "museum_build")
-    guide_mod = load(EXAMPLES / "museum_guide" / "guide.py", "museum_guide")
-    tests = load(ROOT / "tests" / "test_examples.py", "museum_tests")
-    items = photos(tests.hard_photo)
+    build = load_script(EXAMPLES / "museum_guide" / "build.py", "museum_build")
+    guide_mod = load_script(EXAMPLES / "museum_guide" / "guide.py", "museum_guide")
+    items = photos()
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()}, {__import__('os').cpu_count()} cores, "
           f"load average {' '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}")
     results = {}

@@ -6,16 +6,15 @@ Hard visitor photos (cropped, tilted, in clutter) are made here with Pillow from
 sample photos.
 """
 
-import importlib.util
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from example_photos import hard_photo, load_script, nothing_images
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -39,32 +38,7 @@ WEAK = {"ukbench00015.jpg"}
 
 def load_example(relpath: str):
     path = EXAMPLES / relpath
-    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    sys.path.insert(0, str(path.parent))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(path.parent))
-    return mod
-
-
-def hard_photo(src: Path, seed: int) -> Image.Image:
-    """A visitor's photo as it comes: a part of the exhibit, tilted 12 degrees, among clutter."""
-    rng = random.Random(seed)
-    img = Image.open(src).convert("RGB")
-    w, h = img.size
-    part = img.crop((int(w * 0.12), int(h * 0.10), int(w * 0.90), int(h * 0.92)))
-    part = part.rotate(12 if seed % 2 else -12, expand=True, resample=Image.BILINEAR, fillcolor=(200, 200, 190))
-    canvas = Image.new("RGB", (int(part.width * 1.5), int(part.height * 1.4)), (180, 170, 150))
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(25):
-        x, y, s = rng.randrange(canvas.width), rng.randrange(canvas.height), rng.randrange(10, 60)
-        colour = tuple(rng.randrange(256) for _ in range(3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x, y, x + s, y + s * 0.7], fill=colour)
-    canvas.paste(part, (rng.randrange(canvas.width - part.width), rng.randrange(canvas.height - part.height)))
-    return canvas
+    return load_script(path, f"example_{path.stem}")
 
 
 @pytest.fixture(scope="module")
@@ -102,14 +76,8 @@ def test_guide_names_the_exhibit_of_cluttered_partial_tilted_photos(guide, tmp_p
 
 @pytest.mark.slow
 def test_guide_declines_a_photo_of_something_else(guide):
-    rng = np.random.default_rng(0)
-    blobs = Image.new("RGB", (320, 240), (120, 130, 140))
-    draw = ImageDraw.Draw(blobs)
-    for _ in range(40):
-        x, y, s = (int(v) for v in rng.integers(0, 300, 3))
-        draw.ellipse([x, y, x + s % 80 + 10, y + s % 50 + 10], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    for img in (blobs, Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))):
-        assert guide.ask(np.asarray(img)).title is None
+    for _, img in nothing_images():
+        assert guide.ask(img).title is None
 
 
 @pytest.mark.slow
@@ -160,14 +128,8 @@ def test_accurate_guide_names_the_exhibit_with_lightglue(accurate_guide):
 def test_accurate_guide_declines_a_photo_of_something_else(accurate_guide):
     """Synthetic images and two real photos of objects that are not in the collection (UKBench
     objects 9 and 12; the first is the one with most LightGlue inliers in the calibration)."""
-    rng = np.random.default_rng(0)
-    blobs = Image.new("RGB", (320, 240), (120, 130, 140))
-    draw = ImageDraw.Draw(blobs)
-    for _ in range(40):
-        x, y, s = (int(v) for v in rng.integers(0, 300, 3))
-        draw.ellipse([x, y, x + s % 80 + 10, y + s % 50 + 10], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
     others = [REPO / "tests" / "data" / "ukbench-56" / "images" / f"ukbench000{n}.jpg" for n in (37, 49)]
-    for img in [np.asarray(blobs), rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)] + others:
+    for img in [img for _, img in nothing_images()] + others:
         answer = accurate_guide.ask(img)
         assert answer.title is None and answer.inliers < accurate_guide.min_inliers, answer
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=sdk python benchmarks/bench_scoring.py --dataset ../shared/data/roxford5k-mini \
         --cache /work/evalcache --results /tmp/scoring.json [--preset default] [--seeds 0,1,2] \
-        [--kinds rasmk_star,asmk_star] [--codebook-size auto] [--table-only] [--markdown]
+        [--kinds rasmk_star,asmk_star] [--codebook-size auto] [--regions centred:landmark@0.1] [--max-features N] [--table-only] [--markdown]
 
 Per seed, one codebook is trained on the database (``d2r eval``'s k-means, the seed picks the
 sample and the start) and saved beside --results, then reused by every kind. Per seed and kind,
@@ -41,7 +41,7 @@ def variants(alphas, taus, expand):
 
     out = [Scoring(alpha=a, tau=t, normalize=nm, expand=0) for nm in (False, True) for a in alphas for t in taus]
     out += [Scoring(expand=n, expand_alpha=ea) for n, ea in expand]
-    out += [Scoring(normalize=True, expand=n, expand_alpha=ea) for n, ea in expand if n == 10]
+    out += [Scoring(normalize=True, expand=n, expand_alpha=ea) for n, ea in expand if n in (3, 10)]
     return out
 
 
@@ -63,12 +63,14 @@ def run_sweep(args) -> None:
             codebook = str(cb_path) if cb_path.is_file() else None
             t0 = time.perf_counter()
             res = run(args.dataset, args.preset, cache_dir=args.cache, threads=args.threads, progress=not args.quiet, variants=vs,
-                      kind=kind, seed=seed, codebook=codebook, codebook_size=None if codebook else args.codebook_size)
+                      kind=kind, seed=seed, codebook=codebook, codebook_size=None if codebook else args.codebook_size,
+                      regions=args.regions, max_features=args.max_features)
             if codebook is None:
                 res["_codebook"].save(cb_path)
             row = {
                 "seed": seed, "kind": kind, "preset": args.preset, "codebook": res["options"]["codebook"],
                 "codebook_size": res["options"]["codebook_size"], "features": res["options"]["features"],
+                "max_features": res["options"]["max_features"],
                 "regions": res["options"]["regions"], "max_regions": res["options"]["max_regions"],
                 "regions_per_image": res["regions_per_image"], "index_bytes_per_image": res["index_bytes_per_image"],
                 "n_queries": res["n_queries"], "n_images": res["n_images"], "timings": res["timings"],
@@ -140,6 +142,8 @@ def main(argv=None) -> None:
     ap.add_argument("--taus", default=",".join(f"{t:g}" for t in DEFAULT_TAUS))
     ap.add_argument("--expand", default=",".join(f"{n}@{a:g}" for n, a in DEFAULT_EXPAND),
                     help="query-expansion settings N@ALPHA, comma-separated")
+    ap.add_argument("--regions", help="d2r eval --regions (e.g. the zoom control centred, or shuffled); default: the preset's")
+    ap.add_argument("--max-features", type=int, help="features per photo (default: the preset's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--markdown", action="store_true")
@@ -156,7 +160,7 @@ def main(argv=None) -> None:
         run_sweep(args)
     rows = load(Path(args.results))
     if rows:
-        print(f"# {rows[0]['features']}, regions {rows[0]['regions']}, K = {rows[0]['codebook_size']}, "
+        print(f"# {rows[0]['features']} (up to {rows[0].get('max_features', '?')} features), regions {rows[0]['regions']}, K = {rows[0]['codebook_size']}, "
               f"{rows[0]['n_queries']} queries, {rows[0]['n_images']} images; {rows[-1]['machine']}, {rows[-1]['date']}")
         print(table(rows, args.markdown))
 

@@ -5,7 +5,8 @@ matcher, for N = 10, 20, 50, 100 verified photos, through the shipped stages.
         [--dataset ../shared/data/roxford5k-mini] [--cache /work/evalcache] [--tops 10,20,50,100] [--seeds 0,1,2] [--out FILE.json]
 
 Initial ranking: ALIKED-n16 (TFLite fp16, 2000 features), no detector, ASMK* (the "asmk" preset
-with features=aliked_n16; codebook trained on the dataset by the evaluation, one per seed). Verification
+with features=aliked_n16; K = 8192 ("auto") trained on the dataset by the evaluation, one per seed;
+the default query expansion, n = 3). Verification
 features: the top 1000 whole-photo features of each photo (what `d2r build` keeps). Re-ranking, per
 protocol after removing junk: the top N by (RANSAC inliers, initial rank), affine RANSAC 10 px;
 "nn": d2r.verify.rerank (nearest neighbour, cosine > 0.6, int8; the pipeline's VerificationStage);

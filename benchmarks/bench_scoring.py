@@ -98,34 +98,43 @@ def _label(key) -> str:
     return out + (f", QE n = {n}, weights^{ea:g}" if n else "")
 
 
-def table(rows: list, markdown: bool = False) -> str:
-    """One line per (kind, variant) with every seed: mean +- std of mAP Medium / Hard."""
-    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+def _group(r) -> tuple:
+    return (r["kind"], r.get("regions"), r.get("max_features"))
+
+
+def table(rows: list, markdown: bool = False, summary: bool = False) -> str:
+    """One line per (kind, regions, features, variant) with every seed: mean +- std of mAP
+    Medium / Hard. summary: only alpha 3, tau 0 with or without normalisation and QE n = 3."""
+    groups = list(dict.fromkeys(_group(r) for r in rows))
+    # name the regions and features only where the rows differ in them
+    show_regions = len({g[1] for g in groups}) > 1
+    show_features = len({g[2] for g in groups}) > 1
     lines = []
     head = ("kind", "scoring", "seeds", "Medium", "Hard", "regions/img", "KiB/img", "query ms")
     if markdown:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     else:
         lines.append(f"{head[0]:<12} {head[1]:<46} {head[2]:>5} {head[3]:>12} {head[4]:>12} {head[5]:>11} {head[6]:>8} {head[7]:>8}")
-    for kind in kinds:
-        mine = [r for r in rows if r["kind"] == kind]
+    for group in groups:
+        kind, regions, features = group
+        name = kind + (f", {regions}" if show_regions else "") + (f", {features} features" if show_features else "")
+        mine = [r for r in rows if _group(r) == group]
         keys = list(dict.fromkeys(_key(v) for r in mine for v in r["variants"]))
-        base = None
+        if summary:
+            keys = [k for k in keys if k[0] == 3.0 and k[1] == 0.0 and k[3] in (0, 3) and k[4] == 3.0]
         for key in keys:
             vals = [(v, r) for r in mine for v in r["variants"] if _key(v) == key]
             med = np.array([v["map"]["medium"] for v, _ in vals])
             hard = np.array([v["map"]["hard"] for v, _ in vals])
-            if base is None:
-                base = (med.mean(), hard.mean())
             rpi = np.mean([r["regions_per_image"] for _, r in vals])
             kib = np.mean([r["index_bytes_per_image"] for _, r in vals]) / 1024
             qms = np.mean([v["query_ms_median"] for v, _ in vals])
             m = f"{med.mean():.2f} ± {med.std():.2f}"
             h = f"{hard.mean():.2f} ± {hard.std():.2f}"
             if markdown:
-                lines.append(f"| {kind} | {_label(key)} | {len(vals)} | {m} | {h} | {rpi:.1f} | {kib:.1f} | {qms:.1f} |")
+                lines.append(f"| {name} | {_label(key)} | {len(vals)} | {m} | {h} | {rpi:.1f} | {kib:.1f} | {qms:.1f} |")
             else:
-                lines.append(f"{kind:<12} {_label(key):<46} {len(vals):>5} {m:>12} {h:>12} {rpi:>11.1f} {kib:>8.1f} {qms:>8.1f}")
+                lines.append(f"{name:<12} {_label(key):<46} {len(vals):>5} {m:>12} {h:>12} {rpi:>11.1f} {kib:>8.1f} {qms:>8.1f}")
     return "\n".join(lines)
 
 
@@ -133,7 +142,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default=str(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "roxford5k-mini"))
     ap.add_argument("--cache", help="d2r eval's feature cache folder")
-    ap.add_argument("--results", required=True, help="JSON file of finished (seed, kind) runs; appended to")
+    ap.add_argument("--results", required=True,
+                    help="JSON file of finished (seed, kind) runs; appended to. With --table-only: several, comma-separated")
     ap.add_argument("--preset", default="default", help="d2r eval preset the runs start from (default: what d2r build ships)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--kinds", default="rasmk_star,asmk_star")
@@ -147,6 +157,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--summary", action="store_true", help="table: only alpha 3, tau 0, normalised or not, QE n = 3 or none")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
@@ -157,12 +168,15 @@ def main(argv=None) -> None:
     if args.codebook_size != "auto":
         args.codebook_size = int(args.codebook_size)
     if not args.table_only:
+        if "," in args.results:
+            ap.error("--results: one file for a sweep (several only with --table-only)")
         run_sweep(args)
-    rows = load(Path(args.results))
+    rows = [r for f in args.results.split(",") for r in load(Path(f))]
     if rows:
-        print(f"# {rows[0]['features']} (up to {rows[0].get('max_features', '?')} features), regions {rows[0]['regions']}, K = {rows[0]['codebook_size']}, "
+        feats = f" (up to {rows[0]['max_features']} features)" if rows[0].get("max_features") else ""
+        print(f"# {rows[0]['features']}{feats}, regions {rows[0]['regions']}, K = {rows[0]['codebook_size']}, "
               f"{rows[0]['n_queries']} queries, {rows[0]['n_images']} images; {rows[-1]['machine']}, {rows[-1]['date']}")
-        print(table(rows, args.markdown))
+        print(table(rows, args.markdown, args.summary))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ def variants(alphas, taus, expand):
     from d2r_lab.evaluation import Scoring
 
     out = [Scoring(alpha=a, tau=t, normalize=nm, expand=0) for nm in (False, True) for a in alphas for t in taus]
-    out += [Scoring(expand=n, expand_alpha=ea) for n, ea in expand]
+    out += [Scoring(normalize=False, expand=n, expand_alpha=ea) for n, ea in expand]
     out += [Scoring(normalize=True, expand=n, expand_alpha=ea) for n, ea in expand if n in (3, 10)]
     return out
 

@@ -156,6 +156,35 @@ def test_bundle_round_trip(built, images, tmp_path):
         assert images[0].name not in again.index and len(again.index) == len(images) - 1
 
 
+def test_normalised_scoring_is_the_bundles_setting(built, images, tmp_path, monkeypatch):
+    """Engine builds normalised indexes (d2r.config.NORMALIZE) and Engine.query follows the
+    index's own header: a bundle saved before (un-normalised header) keeps its scoring."""
+    import d2r.pipeline
+    from d2r.config import NORMALIZE
+
+    engine, path = built
+    assert NORMALIZE is True and engine.index.normalize is True
+    with Engine.open(path) as opened:
+        assert opened.index.normalize is True
+    p = images[5]
+    default = [(h.image_id, h.score) for h in engine.query(p, top_k=8).hits]
+    assert default == [(h.image_id, h.score) for h in engine.query(p, top_k=8, normalize=True).hits]
+    raw = [(h.image_id, h.score) for h in engine.query(p, top_k=8, normalize=False).hits]
+    assert [s for _, s in raw] != [s for _, s in default]
+    # An index built with the old default: the header says un-normalised, and the query obeys it.
+    monkeypatch.setattr(d2r.pipeline, "NORMALIZE", False)
+    with Engine.create(features="xfeat", detector="ssd", codebook=engine.codebook, kind="rasmk_star", backend="tflite",
+                       precision="int8", threads=2) as old:
+        old.add_images(images[:12], progress=False)
+        old.save(tmp_path / "old.d2r")
+    with Engine.open(tmp_path / "old.d2r") as reopened:
+        assert reopened.index.normalize is False
+        hits = reopened.query(p, top_k=4).hits
+        want = reopened.query(p, top_k=4, normalize=False).hits
+        assert [(h.image_id, h.score) for h in hits] == [(h.image_id, h.score) for h in want]
+        assert [h.score for h in hits] != [h.score for h in reopened.query(p, top_k=4, normalize=True).hits]
+
+
 def test_bundle_errors(built, tmp_path):
     _, path = built
 

@@ -111,7 +111,7 @@ def test_centred_boxes():
 
 
 def test_centred_control_and_scoring_variants(dataset, tmp_path):
-    from d2r.config import QUERY_EXPAND
+    from d2r.config import NORMALIZE, QUERY_EXPAND
     from d2r_lab.evaluation import Scoring
 
     cache = tmp_path / "cache"
@@ -119,7 +119,7 @@ def test_centred_control_and_scoring_variants(dataset, tmp_path):
     kw = dict(features="xfeat", kind="rasmk_star", cache_dir=cache, progress=False)
     det = run(dataset, regions="detector:landmark@0.1", codebook_size=64, **kw)
     det["_codebook"].save(cb_path)
-    vs = [Scoring(), Scoring(alpha=2.0), Scoring(tau=0.2), Scoring(normalize=True), Scoring(expand=0)]
+    vs = [Scoring(), Scoring(alpha=2.0), Scoring(tau=0.2), Scoring(normalize=not NORMALIZE), Scoring(expand=0)]
     ctl = run(dataset, regions="centred:landmark@0.1", codebook=cb_path, variants=vs, **kw)
     # the image's own boxes, moved to the centre: as many regions, not the same ones
     assert ctl["regions_per_image"] == pytest.approx(det["regions_per_image"])
@@ -129,12 +129,12 @@ def test_centred_control_and_scoring_variants(dataset, tmp_path):
     # expansion) is the run's result, and another alpha or tau is what a run configured with it
     # gives (aggregated again); expand=0 is what a run with expand=0 gives.
     got = {(v["alpha"], v["tau"], v["normalize"], v["expand"]): v for v in ctl["variants"]}
-    assert len(got) == 5 and got[(3.0, 0.0, False, QUERY_EXPAND)]["map"] == ctl["map"]
+    assert len(got) == 5 and got[(3.0, 0.0, NORMALIZE, QUERY_EXPAND)]["map"] == ctl["map"]
     for alpha, tau in ((2.0, 0.0), (3.0, 0.2)):
         own = run(dataset, regions="centred:landmark@0.1", codebook=cb_path, alpha=alpha, tau=tau, **kw)
-        assert got[(alpha, tau, False, QUERY_EXPAND)]["map"] == own["map"]
+        assert got[(alpha, tau, NORMALIZE, QUERY_EXPAND)]["map"] == own["map"]
     plain = run(dataset, regions="centred:landmark@0.1", codebook=cb_path, expand=0, **kw)
-    assert got[(3.0, 0.0, False, 0)]["map"] == plain["map"] and plain["options"]["expand"] == 0
+    assert got[(3.0, 0.0, NORMALIZE, 0)]["map"] == plain["map"] and plain["options"]["expand"] == 0
     assert all(v["query_ms_median"] > 0 for v in ctl["variants"])
     with pytest.raises(d2r.InputError, match="variants"):
         run(dataset, regions="centred:landmark@0.1", codebook=cb_path, variants=[{"alpha": 2, "gamma": 1}], **kw)

@@ -224,8 +224,8 @@ class Kiosk:
 
     def step(self, name: str, frame):
         """Recognise one frame; returns an :class:`Announcement` or None."""
-        # expand=0: decided on the verified top's inliers, as the museum guide (see its query()).
-        res = self.engine.query(frame, top_k=self.verify_top, verify=True, verify_top=self.verify_top, expand=0)
+        # expand=0, normalize=False: decided on the verified top's inliers, as the museum guide (see its query()).
+        res = self.engine.query(frame, top_k=self.verify_top, verify=True, verify_top=self.verify_top, expand=0, normalize=False)
         label = recognise(res, self.min_inliers, self.margin)
         said = self.debouncer.update(label)
         if said is None:

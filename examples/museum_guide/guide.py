@@ -109,7 +109,8 @@ class Guide:
         # No query expansion: the guide decides on the inliers of its verified top photos, and
         # its thresholds were set on the un-expanded top (in a collection of a few photos per
         # exhibit, the expanded query also brings other exhibits' photos into the verified set).
-        return self.engine.query(photo, top_k=10, verify=self.matcher, verify_top=self.verify_top, expand=0)
+        # Un-normalised scores for the same reason: the thresholds were set on that ranking.
+        return self.engine.query(photo, top_k=10, verify=self.matcher, verify_top=self.verify_top, expand=0, normalize=False)
 
     def answer(self, photo, res) -> Answer:
         """The guide's decision on a photo's :meth:`query` result."""

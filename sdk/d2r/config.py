@@ -15,6 +15,12 @@ REGION_MODES = ("crop", "pack", "pool")
 # ASMK*; ALIKED-t16 and XFeat) and on UKBench-56 (4 photos per object); expanding with 10 hits
 # lost on UKBench-56 (benchmarks/DECISIONS.md, 2026-12-03).
 QUERY_EXPAND = 3
+# The normalised similarity (docs/algorithm.md section 4) for the indexes that Engine builds: their
+# header's default, which Engine.query and d2r query use. With query expansion it gained on
+# roxford5k-mini for all three kinds (ALIKED-t16, 3 seeds: R-ASMK* +3.4 / +2.5 Medium / Hard over
+# expansion alone) and on UKBench-56 (benchmarks/DECISIONS.md, 2026-12-03, session 9). Indexes
+# built before keep their own header's setting (un-normalised).
+NORMALIZE = True
 # `d2r build` keeps this many whole-photo features per photo for `d2r query --verify`.
 BUILD_VERIFICATION_FEATURES = 1000
 

@@ -350,12 +350,14 @@ class Engine:
             return self._vfile[self._vfile_ids[image_id]]
         return None
 
-    def query(self, image, top_k: int = 10, normalize: bool = False, verify: bool | str = False, verify_top: int = 100,
+    def query(self, image, top_k: int = 10, normalize: bool | None = None, verify: bool | str = False, verify_top: int = 100,
               expand: int = QUERY_EXPAND, expand_alpha: float = 3.0) -> QueryResult:
         """Rank the indexed images for a query photo (whole image, no detector: docs/algorithm.md).
 
         expand: query expansion (:meth:`d2r.Index.search`): the query merged with its ``expand``
         best images (default 3, ``d2r.config.QUERY_EXPAND``; 0: off), searched again.
+        normalize: the normalised similarity; None (default): the index's own setting, which
+        is on for the indexes Engine builds (``d2r.config.NORMALIZE``) and off for older ones.
 
         verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
         (docs/algorithm.md section 6); needs an engine built with ``verification_features > 0``.

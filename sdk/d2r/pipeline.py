@@ -23,7 +23,7 @@ import numpy as np
 from .aggregate import Aggregation, aggregate
 from .backends import load_model
 from .codebook import Codebook
-from .config import EngineConfig
+from .config import NORMALIZE, EngineConfig
 from .errors import InputError, ModelError
 from .features import Features, LocalFeatureExtractor
 from .features.core import box_pixels
@@ -188,7 +188,7 @@ class AggregationStage:
 
     def new_index(self) -> Index:
         index_kind = "asmk_star" if self.kind == "d2r_asmk_star" else self.kind
-        return Index(self.codebook, kind=index_kind, alpha=self.alpha, tau=self.tau)
+        return Index(self.codebook, kind=index_kind, alpha=self.alpha, tau=self.tau, normalize=NORMALIZE)
 
     def database(self, regions: Regions):
         """An :class:`Aggregation` (or, for d2r_asmk_star, one per region)."""

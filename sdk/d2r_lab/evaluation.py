@@ -27,7 +27,7 @@ import numpy as np
 from d2r import verify
 from d2r.aggregate import aggregate
 from d2r.codebook import Codebook, train_codebook
-from d2r.config import BUILD_VERIFICATION_FEATURES, ENGINE_KINDS, QUERY_EXPAND, EngineConfig
+from d2r.config import BUILD_VERIFICATION_FEATURES, ENGINE_KINDS, NORMALIZE, QUERY_EXPAND, EngineConfig
 from d2r.errors import InputError
 from d2r.features import Features
 from d2r.image import load_image
@@ -724,8 +724,8 @@ def _full_ranking(hits, n: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Scoring:
     """A scoring variant of a search over one aggregated database: the selectivity
-    (``alpha``, ``tau``; None = the pipeline's), ``normalize`` (``Index.search(normalize=...)``)
-    and query expansion (``expand`` images, weights ``expand_alpha``; default: what
+    (``alpha``, ``tau``; None = the pipeline's), ``normalize`` (``Index.search(normalize=...)``;
+    default: what the indexes Engine builds do, ``NORMALIZE``) and query expansion (``expand`` images, weights ``expand_alpha``; default: what
     ``Engine.query`` does, ``QUERY_EXPAND``; 0 = off).
 
     alpha and tau enter only the similarity (docs/algorithm.md section 4): the stored codes
@@ -736,7 +736,7 @@ class Scoring:
 
     alpha: float | None = None
     tau: float | None = None
-    normalize: bool = False
+    normalize: bool = NORMALIZE
     expand: int = QUERY_EXPAND
     expand_alpha: float = 3.0
 

@@ -81,6 +81,11 @@ class Index:
         return self._params.tau
 
     @property
+    def normalize(self) -> bool:
+        """The default of :meth:`search`'s ``normalize`` (stored in the file's header)."""
+        return self._params.normalize
+
+    @property
     def path(self) -> Path | None:
         """The file the base was read from, or None for an index built in memory."""
         return self._path

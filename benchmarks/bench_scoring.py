@@ -123,7 +123,8 @@ def table(rows: list, markdown: bool = False, summary: bool = False) -> str:
         if summary:
             keys = [k for k in keys if k[0] == 3.0 and k[1] == 0.0 and k[3] in (0, 3) and k[4] == 3.0]
         for key in keys:
-            vals = [(v, r) for r in mine for v in r["variants"] if _key(v) == key]
+            # one value per seed: a variant that two files both hold (a rerun) counts once
+            vals = list({r["seed"]: (v, r) for r in reversed(mine) for v in r["variants"] if _key(v) == key}.values())
             med = np.array([v["map"]["medium"] for v, _ in vals])
             hard = np.array([v["map"]["hard"] for v, _ in vals])
             rpi = np.mean([r["regions_per_image"] for _, r in vals])

@@ -355,10 +355,8 @@ class Engine:
         """Rank the indexed images for a query photo (whole image, no detector: docs/algorithm.md).
 
         expand: query expansion (:meth:`d2r.Index.search`): the query merged with its ``expand``
-        best images (default 3, ``d2r.config.QUERY_EXPAND``; 0: off), searched again.
-        normalize: the normalised similarity; None (default): the index's own setting, which
-        is on for the indexes Engine builds (``d2r.config.NORMALIZE``) and off for older ones.
-
+        best images (default 3, ``d2r.config.QUERY_EXPAND``; 0: off), searched again. normalize:
+        None = the index header's (``d2r.config.NORMALIZE`` for built ones, off for older).
         verify: re-rank the top ``verify_top`` by RANSAC inliers, then initial score
         (docs/algorithm.md section 6); needs an engine built with ``verification_features > 0``.
         True or ``"nn"``: putative matches by nearest neighbours (the default matcher);

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from d2r.engine import Engine  # noqa: E402
+
 from shared_data import ukbench_groups, ukbench_images  # noqa: E402
 
 SCORINGS = (("plain", False, 0), ("QE n = 3", False, 3), ("normalised", True, 0), ("normalised + QE n = 3", True, 3))

@@ -194,3 +194,31 @@ def test_deform_conv2d_reference():
     mid = deform_conv2d(x, half, w, b, padding=(1, 1))
     both = (deform_conv2d(x, zero, w, b, padding=(1, 1)) + deform_conv2d(x, shift, w, b, padding=(1, 1))) / 2
     torch.testing.assert_close(mid[:, :, 1:-1], both[:, :, 1:-1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_full_disk_leaves_no_partial_cache_entry(tmp_path, monkeypatch, capsys):
+    """A cache entry that cannot be written (ENOSPC) is not left half-written, and the run goes
+    on with the computed arrays, uncached, after one warning."""
+    import errno
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"not really a photo, only bytes to hash")
+    cache = FeatureCache(tmp_path / "cache", "k")
+    real_savez = np.savez
+
+    def full_disk(file, **arrays):
+        real_savez(file, **arrays)  # bytes reach the disk, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    calls = []
+    for _ in range(2):
+        got = cache.get(image, "t", lambda: calls.append(1) or {"x": np.arange(3)})
+        np.testing.assert_array_equal(got["x"], np.arange(3))
+    assert len(calls) == 2  # nothing was stored, so it was computed again
+    assert list(cache.dir.iterdir()) == []  # no temporary or partial entry left behind
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1 and "No space left on device" in err
+    monkeypatch.setattr(np, "savez", real_savez)
+    cache.get(image, "t", lambda: {"x": np.arange(3)})
+    assert [p.suffix for p in cache.dir.iterdir()] == [".npz"]

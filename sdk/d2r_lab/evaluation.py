@@ -147,6 +147,7 @@ class FeatureCache:
         self.dir = Path(root) / key
         self.dir.mkdir(parents=True, exist_ok=True)
         self._digests: dict = {}  # (path, size, mtime_ns) -> sha256 of the bytes, per process
+        self._write_failed = False  # warned once that an entry could not be written
 
     def _digest(self, image: Path) -> str:
         st = image.stat()
@@ -173,8 +174,15 @@ class FeatureCache:
                 pass  # a damaged cache entry is recomputed
         value = compute()
         tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **value)
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, **value)
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk: keep the result, leave no partial file, go on uncached
+            tmp.unlink(missing_ok=True)
+            if not self._write_failed:
+                print(f"warning: feature cache {self.dir}: cannot write {path.name} ({e.strerror or e}); "
+                      "going on without caching", file=sys.stderr)
+            self._write_failed = True
         return value
 
 
